@@ -1,0 +1,120 @@
+"""The one seam between a server actor and the protocol it speaks.
+
+Like httpx's transport interface, this cut exists so nothing above it knows
+whether a server is native Ollama, an OpenAI-compatible endpoint or llama.cpp
+running in-process: the server actor holds a `Backend`, the balancer and
+specialists only ever see `ChatRequest` / `ChatResponse` and the typed errors
+in `teamorch.errors`.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from typing import Any
+
+import httpx
+
+from teamorch.config import ServerConfig
+from teamorch.errors import MalformedResponse, ModelNotFound, ServerBusy, ServerError, ServerUnreachable
+from teamorch.messages import ChatRequest, ChatResponse
+
+
+class Backend(ABC):
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.name = config.name
+
+    @abstractmethod
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        """One completion; raises a `teamorch.errors.ServerError` subclass on failure."""
+
+    @abstractmethod
+    async def models(self) -> tuple[list[str] | None, list[str] | None]:
+        """(present, loaded) model names; None where the protocol cannot tell."""
+
+    async def aclose(self) -> None:
+        return None
+
+
+class HttpBackend(Backend):
+    """Shared by the network protocols: one pooled client per server actor.
+
+    The pool is sized to `slots` because the balancer never sends more
+    concurrent requests than that; read timeouts are left to the task
+    deadline, since a cold model load can legitimately take minutes.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(config)
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        # Created lazily so it binds to the actor's own event loop.
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                base_url=self.config.url or "",
+                headers=self.config.headers,
+                timeout=httpx.Timeout(None, connect=self.config.connect_timeout),
+                limits=httpx.Limits(
+                    max_connections=self.config.slots + 4, max_keepalive_connections=self.config.slots + 4
+                ),
+            )
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    def unreachable(self, exc: Exception) -> ServerUnreachable:
+        detail = str(exc) or type(exc).__name__
+        return ServerUnreachable(self.name, f"{detail} ({self.config.url})")
+
+    def error_for(self, status: int, body: bytes, model: str) -> ServerError:
+        """Map an HTTP error to the error kind that decides retry and failover."""
+        message = _error_message(body) or f"HTTP {status}"
+        if status == 404:
+            return ModelNotFound(self.name, f"model {model!r} not found: {message}", status)
+        if status in (429, 503):
+            return ServerBusy(self.name, message, status)
+        return ServerError(self.name, message, status)
+
+    async def get_json(self, path: str) -> Any:
+        try:
+            response = await self.client.get(path)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        if response.status_code != 200:
+            raise self.error_for(response.status_code, response.content, "")
+        try:
+            return response.json()
+        except json.JSONDecodeError as exc:
+            raise MalformedResponse(self.name, f"{path} returned invalid JSON") from exc
+
+
+def _error_message(body: bytes) -> str | None:
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        text = body.decode("utf-8", "replace").strip()
+        return text[:300] or None
+    err = data.get("error") if isinstance(data, dict) else None
+    if isinstance(err, dict):
+        return str(err.get("message") or err)
+    return str(err) if err else None
+
+
+def make_backend(config: ServerConfig) -> Backend:
+    if config.protocol == "ollama":
+        from actors.backends.ollama import OllamaBackend
+
+        return OllamaBackend(config)
+    if config.protocol == "openai":
+        from actors.backends.openai import OpenAIBackend
+
+        return OpenAIBackend(config)
+    from actors.backends.embedded import EmbeddedBackend
+
+    return EmbeddedBackend(config)

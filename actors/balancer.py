@@ -1,0 +1,253 @@
+"""The live load table and the lease desk.
+
+Specialists `acquire` a lease before calling a server and `release` it with
+the outcome. The balancer never lets a server have more than its `slots`
+requests in flight; everything else waits here, in priority-then-FIFO order,
+because a loaded Ollama model would queue the excess without bound. Which
+server a request gets is decided by `policies.balancing`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from policies.balancing import choose
+from policies.retry import CircuitBreaker
+from teamorch.config import ServerConfig, TeamConfig
+from teamorch.errors import NoServerAvailable
+from teamorch.messages import LeaseRequest, ServerLoad
+
+EWMA_ALPHA = 0.3
+ERROR_WINDOW = 20
+TICK_SECONDS = 0.25
+
+
+@dataclass
+class _Server:
+    config: ServerConfig
+    breaker: CircuitBreaker
+    in_flight: int = 0
+    healthy: bool = True
+    models_present: list[str] | None = None
+    models_loaded: list[str] | None = None
+    ewma_token_seconds: float | None = None
+    ewma_ttft: float | None = None
+    ewma_latency: float | None = None
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=ERROR_WINDOW))
+    completed: int = 0
+    failed: int = 0
+    busy_until: float = 0.0
+    slot_penalty: int = 0
+    last_check: float | None = None
+    last_error: str | None = None
+
+    def snapshot(self, now: float, waiting: int) -> ServerLoad:
+        if self.busy_until and now >= self.busy_until:
+            self.slot_penalty, self.busy_until = 0, 0.0
+        outcomes = list(self.outcomes)
+        return ServerLoad(
+            name=self.config.name,
+            slots=self.config.slots,
+            effective_slots=max(1, self.config.slots - self.slot_penalty),
+            in_flight=self.in_flight,
+            waiting=waiting,
+            healthy=self.healthy,
+            circuit=self.breaker.state(now),
+            models_present=self.models_present,
+            models_loaded=self.models_loaded,
+            tags=self.config.tags,
+            ewma_token_seconds=self.ewma_token_seconds,
+            ewma_ttft=self.ewma_ttft,
+            ewma_latency=self.ewma_latency,
+            error_rate=(outcomes.count(False) / len(outcomes)) if outcomes else 0.0,
+            completed=self.completed,
+            failed=self.failed,
+            last_check=self.last_check,
+            last_error=self.last_error,
+        )
+
+
+@dataclass
+class _Waiter:
+    req: LeaseRequest
+    capabilities: list[str]
+    seq: int
+    enqueued: float
+    future: asyncio.Future[dict[str, Any]]
+
+
+def _ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new
+
+
+class LoadBalancer:
+    def __init__(self, team: TeamConfig, servers: dict[str, Any] | None = None) -> None:
+        self.team = team
+        self.policy = team.balancer.policy
+        self.servers = {
+            s.name: _Server(
+                config=s,
+                breaker=CircuitBreaker(team.retry.circuit_failures, team.retry.circuit_reset),
+                models_present=list(s.models) if s.models is not None else None,
+            )
+            for s in team.servers
+        }
+        self.handles = servers or {}
+        self.waiters: list[_Waiter] = []
+        self.leases: dict[str, str] = {}
+        self._seq = itertools.count()
+        self._rr = itertools.count()
+        self._rng = random.Random(0)
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        """Start the health/model poll loop and the re-dispatch tick (needs the actor's loop)."""
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._poll_forever()), asyncio.create_task(self._tick_forever())]
+            await self.poll_once()
+
+    # ---- leases -------------------------------------------------------------------------
+
+    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None) -> dict[str, Any]:
+        """Wait for a server with a free slot; returns {"lease_id", "server"}."""
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future())
+        self.waiters.append(waiter)
+        self.waiters.sort(key=lambda w: (-w.req.priority, w.seq))
+        self._dispatch()
+        try:
+            return await waiter.future
+        finally:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
+
+    async def release(
+        self,
+        lease_id: str,
+        ok: bool,
+        kind: str = "ok",
+        latency: float | None = None,
+        ttft: float | None = None,
+        tokens: int = 0,
+        eval_seconds: float | None = None,
+        model: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        name = self.leases.pop(lease_id, None)
+        if name is None:
+            return
+        server = self.servers[name]
+        server.in_flight -= 1
+        now = time.monotonic()
+        if kind != "cancelled":
+            server.breaker.record(ok, kind, now)
+        if ok:
+            server.completed += 1
+            server.outcomes.append(True)
+            if tokens and (eval_seconds or latency):
+                per_token = (eval_seconds if eval_seconds else (latency or 0.0) - (ttft or 0.0)) / tokens
+                server.ewma_token_seconds = _ewma(server.ewma_token_seconds, max(per_token, 1e-6))
+            if ttft is not None:
+                server.ewma_ttft = _ewma(server.ewma_ttft, ttft)
+            if latency is not None:
+                server.ewma_latency = _ewma(server.ewma_latency, latency)
+            if model and server.models_loaded is not None and model not in server.models_loaded:
+                server.models_loaded = [*server.models_loaded, model]
+        elif kind == "busy":
+            # 503: the server's own queue is full (someone else is using it). Back off its slots for a while.
+            server.slot_penalty = min(server.config.slots - 1, server.slot_penalty + 1)
+            server.busy_until = now + self.team.balancer.backoff_seconds
+        elif kind != "cancelled":
+            server.failed += 1
+            server.outcomes.append(False)
+            server.last_error = error
+            if kind == "unreachable":
+                server.healthy = False
+        self._dispatch()
+
+    def _grant(self, waiter: _Waiter, name: str) -> None:
+        lease_id = f"{name}-{next(self._seq)}"
+        self.leases[lease_id] = name
+        server = self.servers[name]
+        server.in_flight += 1
+        server.breaker.on_acquire(time.monotonic())
+        waiter.future.set_result({"lease_id": lease_id, "server": name})
+
+    def _dispatch(self) -> None:
+        """Grant leases in priority-then-arrival order, skipping requests that must wait."""
+        now = time.monotonic()
+        for waiter in list(self.waiters):
+            if waiter.future.done():
+                self.waiters.remove(waiter)
+                continue
+            loads = self.snapshot_now(now)
+            try:
+                name = choose(
+                    self.policy,
+                    loads,
+                    waiter.req,
+                    counter=next(self._rr) if self.policy == "round_robin" else 0,
+                    rng=self._rng,
+                    affinity=self.team.balancer.model_affinity,
+                    capabilities=waiter.capabilities,
+                    waited=now - waiter.enqueued,
+                )
+            except NoServerAvailable as exc:
+                self.waiters.remove(waiter)
+                waiter.future.set_exception(exc)
+                continue
+            if name is not None:
+                self.waiters.remove(waiter)
+                self._grant(waiter, name)
+
+    # ---- observation ----------------------------------------------------------------------
+
+    def snapshot_now(self, now: float | None = None) -> list[ServerLoad]:
+        now = time.monotonic() if now is None else now
+        waiting = len(self.waiters)
+        return [s.snapshot(now, waiting) for s in self.servers.values()]
+
+    async def snapshot(self) -> list[ServerLoad]:
+        return self.snapshot_now()
+
+    async def poll_once(self) -> None:
+        async def one(name: str) -> None:
+            handle = self.handles.get(name)
+            if handle is None:
+                return
+            try:
+                info = await handle.probe.remote()
+            except Exception as exc:  # the server actor itself died
+                info = {"healthy": False, "error": f"server actor lost: {exc}", "checked_at": time.time()}
+            server = self.servers[name]
+            server.healthy = bool(info.get("healthy"))
+            server.last_check = info.get("checked_at")
+            if not server.healthy:
+                server.last_error = info.get("error")
+                return
+            if info.get("models_present") is not None:
+                server.models_present = info["models_present"]
+            if info.get("models_loaded") is not None:
+                server.models_loaded = info["models_loaded"]
+
+        await asyncio.gather(*(one(name) for name in self.servers))
+        self._dispatch()
+
+    async def _poll_forever(self) -> None:
+        interval = min(s.config.poll_interval for s in self.servers.values()) if self.servers else 10.0
+        while True:
+            await asyncio.sleep(interval)
+            await self.poll_once()
+
+    async def _tick_forever(self) -> None:
+        # Circuits turn half-open and waiting requests time out of their preference without any release.
+        while True:
+            await asyncio.sleep(TICK_SECONDS)
+            if self.waiters:
+                self._dispatch()

@@ -1,0 +1,125 @@
+"""Combining what specialists found, judging success, and measuring the run.
+
+Strategies take the finished `TaskResult`s (in plan order) and return a
+JSON-serialisable result; they never call a model themselves — a strategy
+that needs one (a judge) is a task in the plan, so it is balanced, retried
+and reported like every other call.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from teamorch.errors import ConfigError
+from teamorch.messages import Statistics, TaskResult
+
+Strategy = Callable[[Sequence[TaskResult]], Any]
+
+
+def merge_all(results: Sequence[TaskResult]) -> dict[str, Any]:
+    """Every successful output keyed by task id, with who produced it and where."""
+    return {
+        r.task_id: {"specialist": r.specialist, "server": r.server, "output": r.output}
+        for r in results
+        if r.status == "succeeded"
+    }
+
+
+def use_first_result(results: Sequence[TaskResult]) -> dict[str, Any] | None:
+    """The success that finished first (wall clock), with its provenance."""
+    done = [r for r in results if r.status == "succeeded" and r.ended_at is not None]
+    if not done:
+        return None
+    first = min(done, key=lambda r: r.ended_at or 0.0)
+    return {"task_id": first.task_id, "specialist": first.specialist, "server": first.server, "output": first.output}
+
+
+BUILTIN: dict[str, Strategy] = {"merge_all": merge_all, "use_first_result": use_first_result}
+
+
+def resolve_strategy(name: str) -> Strategy:
+    """A built-in name, or a dotted path `package.module:function` to a user's own."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    if ":" not in name:
+        raise ConfigError(
+            f"unknown synthesis_strategy {name!r}; use {', '.join(BUILTIN)} or 'package.module:function'",
+            field="synthesis_strategy",
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        func = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"cannot load custom synthesis {name!r}: {exc}", field="synthesis_strategy") from exc
+    if not callable(func):
+        raise ConfigError(f"custom synthesis {name!r} is not callable", field="synthesis_strategy")
+    return func
+
+
+def meets_criteria(criteria: str, results: Sequence[TaskResult]) -> bool:
+    """`all_tasks_complete`, `majority`, `any` or `at_least: N` over task statuses."""
+    ok = sum(1 for r in results if r.status == "succeeded")
+    total = len(results)
+    if criteria == "all_tasks_complete":
+        return total > 0 and ok == total
+    if criteria == "any":
+        return ok > 0
+    if criteria == "majority":
+        return ok * 2 > total
+    if criteria.startswith("at_least:"):
+        return ok >= int(criteria.split(":", 1)[1])
+    raise ConfigError(f"unknown success_criteria {criteria!r}", field="success_criteria")
+
+
+def _union_length(intervals: list[tuple[float, float]]) -> float:
+    total, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop <= end:
+            continue
+        total += stop - max(start, end)
+        end = stop
+    return total
+
+
+def _peak_overlap(intervals: list[tuple[float, float]]) -> int:
+    events = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals], key=lambda x: (x[0], x[1]))
+    peak = current = 0
+    for _, delta in events:
+        current += delta
+        peak = max(peak, current)
+    return peak
+
+
+def compute_statistics(results: Sequence[TaskResult], wall: float) -> Statistics:
+    """The seed's metrics, from measured task intervals.
+
+    parallel_efficiency = sum of task durations / wall time (the seed's
+    "speedup"); parallelism_factor = peak concurrent tasks / total tasks;
+    server_utilization = fraction of the wall time a server had a request.
+    """
+    ran = [r for r in results if r.started_at is not None and r.ended_at is not None]
+    sequential = sum(r.duration for r in ran)
+    intervals = [(r.started_at or 0.0, r.ended_at or 0.0) for r in ran]
+    per_server: dict[str, list[tuple[float, float]]] = {}
+    for r in ran:
+        for a in r.attempts:
+            if a.server is not None:
+                per_server.setdefault(a.server, []).append((a.started_at, a.ended_at))
+    ok = sum(1 for r in results if r.status == "succeeded")
+    total = len(results)
+    return Statistics(
+        total_tasks=total,
+        successful_tasks=ok,
+        failed_tasks=sum(1 for r in results if r.status == "failed"),
+        success_rate=ok / total if total else 0.0,
+        total_duration=wall,
+        sequential_duration=sequential,
+        parallel_efficiency=sequential / wall if wall > 0 else 0.0,
+        parallelism_factor=_peak_overlap(intervals) / total if total else 0.0,
+        server_utilization={
+            name: min(1.0, _union_length(iv) / wall) if wall > 0 else 0.0 for name, iv in sorted(per_server.items())
+        },
+        tokens=sum(r.tokens for r in results),
+    )

@@ -1,0 +1,134 @@
+"""The Python API: connect to Ray, get a coordinator, run plans.
+
+Agents in other processes share one long-lived coordinator by name
+(`start_coordinator(team, name="teamorch", detached=True)` once, then
+`get_coordinator("teamorch")` anywhere on the cluster). A detached
+coordinator outlives the process that created it: stop it with
+`stop_coordinator(name)`.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from teamorch.config import TeamConfig, check_plan_against_team, parse_plan, split_plan_file
+from teamorch.errors import ConfigError, RunInterrupted
+from teamorch.messages import OrchestrationPlan, RunReport, TaskResult
+
+NAMESPACE = "teamorch"
+DEFAULT_NAME = "teamorch"
+
+
+def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: int | None = None) -> None:
+    """Join a Ray cluster (`address="auto"` for one started with `ray start`), or start a private local one.
+
+    `address=None` always starts a fresh local instance, even if RAY_ADDRESS is set,
+    so a plain `teamorch run` never lands on somebody else's cluster by accident.
+    """
+    if ray.is_initialized():
+        return
+    kwargs: dict[str, Any] = {"namespace": namespace, "log_to_driver": False, "logging_level": "ERROR"}
+    if address is None:
+        kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus or os.cpu_count() or 1)
+    else:
+        kwargs["address"] = address
+    ray.init(**kwargs)
+
+
+def start_coordinator(team: TeamConfig, name: str | None = None, detached: bool = False) -> Any:
+    """Create a coordinator actor for `team` and start its fleet; returns the handle when ready."""
+    from actors.coordinator import Coordinator
+
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000}
+    if name:
+        options.update(name=name, get_if_exists=False)
+    if detached:
+        options["lifetime"] = "detached"
+    handle = ray.remote(Coordinator).options(**options).remote(team)
+    ray.get(handle.start.remote())
+    return handle
+
+
+def get_coordinator(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> Any:
+    """A handle to a named coordinator started elsewhere on the cluster."""
+    return ray.get_actor(name, namespace=namespace)
+
+
+def stop_coordinator(handle_or_name: Any = DEFAULT_NAME) -> None:
+    handle = get_coordinator(handle_or_name) if isinstance(handle_or_name, str) else handle_or_name
+    try:
+        ray.get(handle.shutdown.remote(), timeout=30)
+    finally:
+        ray.kill(handle)
+
+
+def load_plan(path: str | Path, team_path: str | Path | None = None) -> tuple[OrchestrationPlan, TeamConfig]:
+    """Read and fully validate a plan file (and optional team file) without starting anything."""
+    data, team = split_plan_file(path, team_path)
+    _inline_context_files(data, Path(path))
+    plan = parse_plan(data, str(path))
+    resolved = check_plan_against_team(plan, team, str(path))
+    return plan, resolved
+
+
+def _inline_context_files(data: dict[str, Any], plan_path: Path) -> None:
+    """`context_files: {name: relative/path}` puts each file's text into `context[name]`."""
+    files = data.pop("context_files", None) or {}
+    if not isinstance(files, dict):
+        raise ConfigError("expected a mapping of name: path", field="context_files", file=str(plan_path))
+    context = data.setdefault("context", {})
+    for name, rel in files.items():
+        target = (plan_path.parent / str(rel)).resolve()
+        try:
+            context[name] = target.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot read {target}: {exc.strerror}", field=f"context_files.{name}", file=str(plan_path)
+            ) from exc
+
+
+def run_plan(
+    coordinator: Any,
+    plan: OrchestrationPlan,
+    on_result: Callable[[TaskResult], None] | None = None,
+    poll: float = 0.5,
+) -> RunReport:
+    """Run `plan` on `coordinator`, calling `on_result` as each task finishes.
+
+    If the coordinator dies mid-run, raises `RunInterrupted` carrying every
+    result that had finished, so nothing already paid for is lost.
+    """
+    run_id = uuid.uuid4().hex[:12]
+    ref = coordinator.run_plan.remote(plan, run_id)
+    seen: dict[str, TaskResult] = {}
+
+    def drain() -> None:
+        try:
+            for result in ray.get(coordinator.progress.remote(run_id), timeout=30):
+                if result.task_id not in seen:
+                    seen[result.task_id] = result
+                    if on_result:
+                        on_result(result)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass
+
+    while True:
+        ready, _ = ray.wait([ref], timeout=poll)
+        if ready:
+            break
+        drain()
+    try:
+        report: RunReport = ray.get(ref)
+    except ray.exceptions.RayActorError as exc:
+        raise RunInterrupted(f"coordinator died mid-run: {exc}", list(seen.values())) from exc
+    if on_result:
+        for result in report.tasks:
+            if result.task_id not in seen:
+                on_result(result)
+    return report

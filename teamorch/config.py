@@ -1,0 +1,285 @@
+"""Team and plan files: YAML in, validated models out, every error located.
+
+A team is the fleet (`servers`) plus the people (`specialists`). When a team
+names no servers, two embedded llama.cpp servers `ollama01` and `ollama02`
+start with the Gemma 3 270M model shipped on PyPI, so a laptop with no Ollama
+can run every scenario. Secrets stay out of files: any string may use
+`${VAR}` or `${VAR:-default}`, resolved from the environment at load time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from teamorch.errors import ConfigError, PlanError
+from teamorch.messages import OrchestrationPlan
+
+EMBEDDED_MODEL = "gemma3:270m"
+DEFAULT_SERVER_NAMES = ("ollama01", "ollama02")
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerConfig(_Model):
+    """One model server. `slots` must equal the server's OLLAMA_NUM_PARALLEL:
+    the balancer never sends more concurrent requests than that, because a
+    loaded Ollama model queues the excess without bound."""
+
+    name: str = Field(min_length=1)
+    url: str | None = None
+    protocol: Literal["ollama", "openai", "embedded"] = "ollama"
+    slots: int = Field(default=1, ge=1)
+    models: list[str] | None = None
+    tags: list[str] = Field(default_factory=list)
+    headers: dict[str, str] = Field(default_factory=dict)
+    connect_timeout: float = Field(default=5.0, gt=0)
+    poll_interval: float = Field(default=10.0, gt=0)
+    model_path: str | None = None
+    n_threads: int = Field(default=1, ge=1)
+    n_ctx: int = Field(default=2048, ge=256)
+
+    @model_validator(mode="after")
+    def _url_for_network_protocols(self) -> ServerConfig:
+        if self.protocol == "embedded":
+            if self.models is None:
+                self.models = [EMBEDDED_MODEL]
+        elif not self.url:
+            raise ValueError(f"server {self.name!r} uses protocol {self.protocol!r} and needs a url")
+        elif not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"server {self.name!r}: url must start with http:// or https://, got {self.url!r}")
+        if self.url:
+            self.url = self.url.rstrip("/")
+        return self
+
+
+class SpecialistConfig(_Model):
+    """A role: prompt, model and what it is good at (the planner reads `capabilities`)."""
+
+    name: str = Field(min_length=1)
+    model: str | None = None
+    system_prompt: str = ""
+    capabilities: list[str] = Field(default_factory=list)
+    requires: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class BalancerConfig(_Model):
+    policy: Literal["round_robin", "least_loaded", "capability", "peak_ewma"] = "peak_ewma"
+    model_affinity: bool = True
+    backoff_seconds: float = Field(default=5.0, ge=0)
+
+
+class RetryConfig(_Model):
+    base_delay: float = Field(default=0.2, ge=0)
+    max_delay: float = Field(default=5.0, ge=0)
+    circuit_failures: int = Field(default=3, ge=1)
+    circuit_reset: float = Field(default=30.0, gt=0)
+
+
+class TeamConfig(_Model):
+    servers: list[ServerConfig] = Field(default_factory=list)
+    specialists: list[SpecialistConfig] = Field(default_factory=list)
+    default_model: str | None = None
+    balancer: BalancerConfig = Field(default_factory=BalancerConfig)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @field_validator("servers", "specialists")
+    @classmethod
+    def _unique_names(cls, items: list[Any]) -> list[Any]:
+        seen: set[str] = set()
+        for item in items:
+            if item.name in seen:
+                raise ValueError(f"duplicate name {item.name!r}")
+            seen.add(item.name)
+        return items
+
+    @property
+    def embedded_default(self) -> bool:
+        return not self.servers
+
+    def resolved(self) -> TeamConfig:
+        """The team as it will run: default servers filled in, every model named."""
+        servers = self.servers or [ServerConfig(name=n, protocol="embedded") for n in DEFAULT_SERVER_NAMES]
+        default_model = self.default_model or (EMBEDDED_MODEL if not self.servers else None)
+        specialists = []
+        for index, spec in enumerate(self.specialists):
+            model = spec.model or default_model
+            if not model:
+                raise ConfigError(
+                    f"specialist {spec.name!r} has no model and the team sets no default_model",
+                    field=f"specialists[{index}].model",
+                )
+            specialists.append(spec.model_copy(update={"model": model}))
+        return self.model_copy(update={"servers": servers, "specialists": specialists, "default_model": default_model})
+
+    def specialist(self, name: str) -> SpecialistConfig:
+        for spec in self.specialists:
+            if spec.name == name:
+                return spec
+        raise KeyError(name)
+
+    def merged(self, other: TeamConfig) -> TeamConfig:
+        """`other` (a --team file) replaces the fleet and overrides specialists by name.
+
+        This is what lets a scenario that ships its specialists run unchanged on
+        a user's own Ollama boxes: their team file brings servers and a
+        default_model, the scenario keeps its roles.
+        """
+        by_name = {s.name: s for s in self.specialists}
+        by_name.update({s.name: s for s in other.specialists})
+        fields = other.model_fields_set
+        return TeamConfig(
+            servers=other.servers if other.servers else self.servers,
+            specialists=list(by_name.values()),
+            default_model=other.default_model or self.default_model,
+            balancer=other.balancer if "balancer" in fields else self.balancer,
+            retry=other.retry if "retry" in fields else self.retry,
+        )
+
+
+def interpolate(value: Any, path: str = "") -> Any:
+    """Replace `${VAR}` / `${VAR:-default}` in every string; a missing variable is an error at its field."""
+    if isinstance(value, str):
+
+        def sub(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(f"environment variable {name} is not set (use ${{{name}:-default}} for a default)", path)
+
+        return _ENV.sub(sub, value)
+    if isinstance(value, dict):
+        return {k: interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
+    """Turn pydantic's error list into one message that names the field(s)."""
+    errors = exc.errors()
+    lines = []
+    for err in errors:
+        loc = _loc(tuple(err["loc"]))
+        field = ".".join(p for p in (prefix, loc) if p) if not loc.startswith("[") else prefix + loc
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append((field, msg))
+    first_field, first_msg = lines[0]
+    if len(lines) > 1:
+        first_msg += "; also " + "; ".join(f"{f}: {m}" for f, m in lines[1:])
+    return ConfigError(first_msg, field=first_field or None)
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; syntax errors name the line and column."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read file: {exc.strerror}", file=file) from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else None
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(f"invalid YAML: {problem}", field=where, file=file) from exc
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", file=file)
+    try:
+        return interpolate(data)
+    except ConfigError as exc:
+        raise exc.located(file) from None
+
+
+def parse_team(data: dict[str, Any], file: str | None = None, prefix: str = "") -> TeamConfig:
+    try:
+        return TeamConfig.model_validate(data)
+    except ValidationError as exc:
+        err = config_error_from(exc, prefix)
+        raise (err.located(file) if file else err) from None
+
+
+def load_team(path: str | Path) -> TeamConfig:
+    return parse_team(read_yaml(path), str(path))
+
+
+def parse_plan(data: dict[str, Any], file: str | None = None) -> OrchestrationPlan:
+    """Validate a plan mapping (no `team:` key) and locate any error in `file`."""
+    try:
+        return OrchestrationPlan.model_validate(data)
+    except ValidationError as exc:
+        err = config_error_from(exc)
+        raise (err.located(file) if file else err) from None
+    except ConfigError as exc:
+        raise (exc.located(file) if file else exc) from None
+
+
+def split_plan_file(path: str | Path, team_path: str | Path | None = None) -> tuple[dict[str, Any], TeamConfig]:
+    """Read a plan file: its plan mapping, and its team (embedded `team:` merged with `--team`)."""
+    file = str(path)
+    data = read_yaml(path)
+    team_data = data.pop("team", None) or {}
+    if not isinstance(team_data, dict):
+        raise ConfigError("expected a mapping", field="team", file=file)
+    team = parse_team(team_data, file, prefix="team")
+    if team_path is not None:
+        team = team.merged(load_team(team_path))
+    return data, team
+
+
+def check_plan_against_team(plan: OrchestrationPlan, team: TeamConfig, file: str | None = None) -> TeamConfig:
+    """Everything a plan names must exist in the team; returns the resolved team.
+
+    Checked before any actor starts, so a typo costs milliseconds, not a run.
+    """
+    try:
+        resolved = team.resolved()
+    except ConfigError as exc:
+        raise (exc.located(file) if file else exc) from None
+    names = [s.name for s in resolved.specialists]
+    servers = {s.name: s for s in resolved.servers}
+    for index, task in enumerate(plan.tasks):
+        if task.specialist not in names:
+            raise PlanError(
+                f"task {task.task_id!r} names unknown specialist {task.specialist!r}; the team has: {', '.join(names) or 'none'}",
+                field=f"tasks[{index}].specialist",
+                file=file,
+            )
+        if task.server is not None and task.server not in servers:
+            raise PlanError(
+                f"task {task.task_id!r} is pinned to unknown server {task.server!r}; the team has: {', '.join(servers)}",
+                field=f"tasks[{index}].server",
+                file=file,
+            )
+    for index, spec in enumerate(resolved.specialists):
+        known = [s for s in resolved.servers if s.models is not None]
+        if known and len(known) == len(resolved.servers) and not any(spec.model in (s.models or []) for s in known):
+            raise ConfigError(
+                f"specialist {spec.name!r} needs model {spec.model!r} but no server lists it "
+                f"(servers have: {sorted({m for s in known for m in s.models or []})})",
+                field=f"specialists[{index}].model",
+                file=file,
+            )
+    return resolved

@@ -1,0 +1,284 @@
+"""The messages actors exchange and users read: plans in, reports out.
+
+Everything that crosses an actor boundary is one of these pydantic models, so a
+plan is validated once, at the edge (YAML file, Python API or an LLM's JSON), and
+every actor downstream can trust it. Names follow the seed write-up (`Task`,
+`ExecutionWave`, `OrchestrationPlan`) because users come from it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from teamorch.errors import PlanError
+
+TaskStatus = Literal["succeeded", "failed", "cancelled", "skipped"]
+
+_CRITERIA = re.compile(r"^(all_tasks_complete|majority|any|at_least:\s*[1-9]\d*)$")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task(_Model):
+    """One unit of work for one specialist.
+
+    `server` pins the task to a named server (the seed's behaviour); leave it
+    empty to let the balancer choose, which is almost always better.
+    """
+
+    task_id: str = Field(min_length=1)
+    specialist: str = Field(min_length=1)
+    server: str | None = None
+    input_data: dict[str, Any] = Field(default_factory=dict)
+    depends_on: list[str] = Field(default_factory=list)
+    timeout: float = 300.0
+    max_retries: int = Field(default=2, ge=0)
+
+    @field_validator("timeout")
+    @classmethod
+    def _positive_timeout(cls, value: float) -> float:
+        if value <= 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {value}")
+        return value
+
+
+class ExecutionWave(_Model):
+    """Tasks that may run at the same time (a topological level of the plan)."""
+
+    wave_number: int = Field(ge=1)
+    tasks: list[Task]
+
+
+class OrchestrationPlan(_Model):
+    """A problem, the tasks that attack it, and how to combine what they find.
+
+    Give either `waves` (the seed's form: wave N starts after wave N-1; a task
+    without `depends_on` implicitly depends on every task of the previous wave)
+    or a flat `tasks` list with `depends_on` edges, from which waves are derived
+    as topological levels. After validation both fields are filled in and
+    `tasks` carries the complete dependency edges, so the coordinator can start
+    each task the moment its own inputs are ready instead of waiting for a
+    whole wave.
+    """
+
+    problem: str
+    waves: list[ExecutionWave] = Field(default_factory=list)
+    tasks: list[Task] = Field(default_factory=list)
+    synthesis_strategy: str = "merge_all"
+    success_criteria: str = "all_tasks_complete"
+    context: dict[str, Any] = Field(default_factory=dict)
+    pattern: str | None = None
+    plan_source: str = "user"
+
+    @field_validator("success_criteria")
+    @classmethod
+    def _known_criteria(cls, value: str) -> str:
+        if not _CRITERIA.match(value.strip()):
+            raise ValueError(
+                f"unknown success_criteria {value!r}; use all_tasks_complete, majority, any or 'at_least: N'"
+            )
+        return value.strip()
+
+    @model_validator(mode="after")
+    def _normalise(self) -> OrchestrationPlan:
+        if self.waves and self.tasks:
+            raise PlanError("give either 'waves' or 'tasks', not both", field="tasks")
+        if self.waves:
+            self.tasks = _tasks_from_waves(self.waves)
+        if not self.tasks:
+            raise PlanError("the plan has no tasks", field="tasks")
+        self.waves = derive_waves(self.tasks)
+        return self
+
+    def task(self, task_id: str) -> Task:
+        for task in self.tasks:
+            if task.task_id == task_id:
+                return task
+        raise KeyError(task_id)
+
+    def wave_of(self) -> dict[str, int]:
+        return {t.task_id: w.wave_number for w in self.waves for t in w.tasks}
+
+
+def _tasks_from_waves(waves: list[ExecutionWave]) -> list[Task]:
+    """Turn the seed's barrier semantics into explicit edges."""
+    ordered = sorted(waves, key=lambda w: w.wave_number)
+    numbers = [w.wave_number for w in ordered]
+    if len(set(numbers)) != len(numbers):
+        raise PlanError(f"duplicate wave_number in {numbers}", field="waves")
+    tasks: list[Task] = []
+    previous: list[str] = []
+    for wave in ordered:
+        for task in wave.tasks:
+            if not task.depends_on and previous:
+                task = task.model_copy(update={"depends_on": list(previous)})
+            tasks.append(task)
+        previous = [t.task_id for t in wave.tasks]
+    return tasks
+
+
+def derive_waves(tasks: list[Task]) -> list[ExecutionWave]:
+    """Topological levels: wave 1 has no dependencies, wave N depends on < N.
+
+    Raises `PlanError` naming the offending task for duplicate ids, unknown
+    dependencies and cycles (with the cycle spelled out), because those are the
+    mistakes people make when writing plans by hand or when an LLM writes them.
+    """
+    ids: dict[str, Task] = {}
+    for index, task in enumerate(tasks):
+        if task.task_id in ids:
+            raise PlanError(f"duplicate task_id {task.task_id!r}", field=f"tasks[{index}].task_id")
+        ids[task.task_id] = task
+    for index, task in enumerate(tasks):
+        for dep in task.depends_on:
+            if dep not in ids:
+                raise PlanError(
+                    f"task {task.task_id!r} depends on unknown task {dep!r}",
+                    field=f"tasks[{index}].depends_on",
+                )
+            if dep == task.task_id:
+                raise PlanError(f"task {task.task_id!r} depends on itself", field=f"tasks[{index}].depends_on")
+    level: dict[str, int] = {}
+    visiting: list[str] = []
+
+    def visit(task_id: str) -> int:
+        if task_id in level:
+            return level[task_id]
+        if task_id in visiting:
+            cycle = [*visiting[visiting.index(task_id) :], task_id]
+            raise PlanError("dependency cycle: " + " -> ".join(cycle), field="depends_on")
+        visiting.append(task_id)
+        deps = ids[task_id].depends_on
+        value = 1 + max((visit(d) for d in deps), default=0)
+        visiting.pop()
+        level[task_id] = value
+        return value
+
+    for task_id in ids:
+        visit(task_id)
+    count = max(level.values())
+    return [
+        ExecutionWave(wave_number=n, tasks=[t for t in tasks if level[t.task_id] == n]) for n in range(1, count + 1)
+    ]
+
+
+class ChatRequest(_Model):
+    """What a specialist asks a server for; backends translate it per protocol."""
+
+    model: str
+    messages: list[dict[str, str]]
+    options: dict[str, Any] = Field(default_factory=dict)
+    format: dict[str, Any] | str | None = None
+    role: str = ""
+
+
+class ChatResponse(_Model):
+    """Text plus the timing fields Ollama reports (converted to seconds)."""
+
+    text: str
+    model: str
+    server: str
+    prompt_tokens: int = 0
+    tokens: int = 0
+    ttft: float | None = None
+    eval_seconds: float | None = None
+    total_seconds: float = 0.0
+    load_seconds: float | None = None
+
+
+class Attempt(_Model):
+    """One try of a task on one server, kept even when it failed."""
+
+    server: str | None
+    started_at: float
+    ended_at: float
+    outcome: str
+    error: str | None = None
+
+
+class TaskResult(_Model):
+    task_id: str
+    specialist: str
+    server: str | None = None
+    wave: int = 0
+    status: TaskStatus
+    attempts: list[Attempt] = Field(default_factory=list)
+    started_at: float | None = None
+    ended_at: float | None = None
+    duration: float = 0.0
+    output: str | None = None
+    error: str | None = None
+    tokens: int = 0
+
+
+class Synthesis(_Model):
+    strategy: str
+    result: Any = None
+    error: str | None = None
+
+
+class Statistics(_Model):
+    total_tasks: int = 0
+    successful_tasks: int = 0
+    failed_tasks: int = 0
+    success_rate: float = 0.0
+    total_duration: float = 0.0
+    sequential_duration: float = 0.0
+    parallel_efficiency: float = 0.0
+    parallelism_factor: float = 0.0
+    server_utilization: dict[str, float] = Field(default_factory=dict)
+    tokens: int = 0
+
+
+class RunReport(_Model):
+    run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
+    problem: str
+    pattern: str | None = None
+    plan_source: str = "user"
+    success: bool
+    duration: float
+    tasks: list[TaskResult]
+    synthesis: Synthesis
+    statistics: Statistics
+    error: str | None = None
+
+
+class ServerLoad(_Model):
+    """One row of the balancer's live load table (a snapshot, safe to hand to policies)."""
+
+    name: str
+    slots: int
+    effective_slots: int
+    in_flight: int = 0
+    waiting: int = 0
+    healthy: bool = True
+    circuit: Literal["closed", "open", "half_open"] = "closed"
+    models_present: list[str] | None = None
+    models_loaded: list[str] | None = None
+    tags: list[str] = Field(default_factory=list)
+    ewma_token_seconds: float | None = None
+    ewma_ttft: float | None = None
+    ewma_latency: float | None = None
+    error_rate: float = 0.0
+    completed: int = 0
+    failed: int = 0
+    last_check: float | None = None
+    last_error: str | None = None
+
+
+class LeaseRequest(_Model):
+    """What a specialist needs from a server."""
+
+    model: str
+    requires: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+    server: str | None = None
+    priority: int = 0
+    avoid: list[str] = Field(default_factory=list)
+    expected_tokens: int | None = None
