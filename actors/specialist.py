@@ -129,6 +129,7 @@ class Specialist:
                 await asyncio.sleep(backoff(failures - 1, self.retry.base_delay, self.retry.max_delay, self._rng))
         ended = time.time()
         ok = response is not None
+        on_server = sum(a.ended_at - a.started_at for a in attempts)
         return TaskResult(
             task_id=task.task_id,
             specialist=self.config.name,
@@ -138,7 +139,8 @@ class Specialist:
             attempts=attempts,
             started_at=started,
             ended_at=ended,
-            duration=ended - started,
+            duration=on_server,
+            waited=max(0.0, ended - started - on_server),
             output=response.text if response else None,
             error=None if ok else error,
             tokens=response.tokens if response else 0,

@@ -203,6 +203,10 @@ class Attempt(_Model):
 
 
 class TaskResult(_Model):
+    """A task's final state. `duration` is time spent on servers (all attempts);
+    `waited` is time queued at the balancer for a free slot. Keeping them apart
+    keeps `sequential_duration` honest: it sums work, not waiting."""
+
     task_id: str
     specialist: str
     server: str | None = None
@@ -212,6 +216,7 @@ class TaskResult(_Model):
     started_at: float | None = None
     ended_at: float | None = None
     duration: float = 0.0
+    waited: float = 0.0
     output: str | None = None
     error: str | None = None
     tokens: int = 0

@@ -119,7 +119,8 @@ def _prompt(messages: Any) -> str:
 def _split(text: str, k: int) -> list[str]:
     """Cut `text` into `k` word-aligned pieces whose concatenation is exactly `text`."""
     words = re.findall(r"\S+\s*|\s+", text) or [""]
-    return ["".join(words[len(words) * j // k : len(words) * (j + 1) // k]) for j in range(k)]
+    cuts = [-(-len(words) * j // k) for j in range(k + 1)]  # ceil: the first piece is never empty
+    return ["".join(words[cuts[j] : cuts[j + 1]]) for j in range(k)]
 
 
 class SimServer:

@@ -1,0 +1,130 @@
+"""A plan through real Ray actors against simulator servers over real loopback HTTP.
+
+The simulator (teamorch.sim) is a real HTTP server speaking the Ollama API; its
+own counters (`/sim/stats`) are the ground truth these tests read.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from teamorch import api
+from teamorch.messages import OrchestrationPlan
+from tests.conftest import sim_team
+
+
+def fan_plan(n: int, specialist: str = "Analyst", **extra) -> OrchestrationPlan:
+    return OrchestrationPlan.model_validate(
+        {"problem": "p", "tasks": [{"task_id": f"t{i}", "specialist": specialist} for i in range(n)], **extra}
+    )
+
+
+def test_work_split_across_servers_never_over_slots(sims, coordinator) -> None:
+    # max_queue=0: any request beyond the simulator's slots is refused with 503 and counted.
+    a = sims(name="a", slots=1, max_queue=0, tokens_per_second=200)
+    b = sims(name="b", slots=2, max_queue=0, tokens_per_second=200)
+    team = sim_team([(a, 1), (b, 2)], [{"name": "Analyst", "options": {"num_predict": 40}}])
+    report = api.run_plan(coordinator(team), fan_plan(9))
+    assert report.success, report
+    stats_a, stats_b = a.stats(), b.stats()
+    assert stats_a["rejected_503"] == 0 and stats_b["rejected_503"] == 0
+    assert stats_a["max_in_flight"] == 1
+    assert stats_b["max_in_flight"] == 2
+    assert stats_a["completed"] >= 1 and stats_b["completed"] >= 1
+    assert stats_a["completed"] + stats_b["completed"] == 9
+    assert {r.server for r in report.tasks} == {"a", "b"}
+    assert report.statistics.successful_tasks == 9
+    assert report.statistics.parallel_efficiency > 1.0
+
+
+def test_upstream_outputs_reach_dependents(sims, coordinator) -> None:
+    echo = sims(name="echo", echo=True)
+    team = sim_team(
+        [(echo, 1)],
+        [{"name": "Finder", "system_prompt": "find"}, {"name": "Architect", "system_prompt": "merge"}],
+    )
+    plan = OrchestrationPlan.model_validate(
+        {
+            "problem": "the bug",
+            "waves": [
+                {"wave_number": 1, "tasks": [{"task_id": "f1", "specialist": "Finder", "input_data": {"instruction": "MARK-ONE"}}]},
+                {"wave_number": 2, "tasks": [{"task_id": "merge", "specialist": "Architect"}]},
+            ],
+        }
+    )
+    report = api.run_plan(coordinator(team), plan)
+    assert report.success
+    f1, merge = report.tasks
+    # The echo simulator answers with the full prompt it received: the architect's prompt held f1's output.
+    assert "MARK-ONE" in f1.output
+    assert "Findings from other specialists" in merge.output
+    assert "### Finder (f1)" in merge.output
+    assert f1.output.strip()[:40] in merge.output
+
+
+def test_error_line_in_stream_fails_over_to_other_server(sims, coordinator) -> None:
+    bad = sims(name="bad", error_line_rate=1.0)
+    good = sims(name="good")
+    team = sim_team([(bad, 1), (good, 1)], [{"name": "Analyst"}], balancer={"policy": "round_robin"})
+    report = api.run_plan(coordinator(team), fan_plan(4))
+    assert report.success
+    assert all(r.server == "good" for r in report.tasks)
+    failed_attempts = [a for r in report.tasks for a in r.attempts if a.outcome != "ok"]
+    assert failed_attempts, "the bad server must have been tried and its error recorded"
+    assert all(a.server == "bad" and "error in stream" in (a.error or "") for a in failed_attempts)
+    assert bad.stats()["failed"] == len(failed_attempts)
+
+
+def test_model_not_found_routes_to_server_that_has_it(sims, coordinator) -> None:
+    other = sims(name="other", models=["llama3:8b"])
+    right = sims(name="right", models=["gemma3:270m"])
+    team = sim_team([(other, 4), (right, 1)], [{"name": "Analyst"}])
+    report = api.run_plan(coordinator(team), fan_plan(3))
+    assert report.success
+    assert {r.server for r in report.tasks} == {"right"}
+    assert other.stats()["requests"] == 0  # known from /api/tags: never even asked
+
+
+def test_unreachable_server_gives_clear_failure_and_keeps_results(sims, coordinator) -> None:
+    good = sims(name="good")
+    team = sim_team([(good, 1)], [{"name": "Analyst"}, {"name": "Remote", "model": "big"}])
+    team.servers.append(team.servers[0].model_copy(update={"name": "gone", "url": "http://127.0.0.1:9", "models": ["big"]}))
+    plan = OrchestrationPlan.model_validate(
+        {
+            "problem": "p",
+            "tasks": [
+                {"task_id": "local", "specialist": "Analyst"},
+                {"task_id": "remote", "specialist": "Remote", "timeout": 20},
+                {"task_id": "after", "specialist": "Analyst", "depends_on": ["remote"]},
+            ],
+        }
+    )
+    report = api.run_plan(coordinator(team), plan)
+    assert not report.success
+    by_id = {r.task_id: r for r in report.tasks}
+    assert by_id["local"].status == "succeeded" and by_id["local"].output
+    assert by_id["remote"].status == "failed"
+    assert "gone" in by_id["remote"].error and "127.0.0.1:9" in by_id["remote"].error
+    assert by_id["after"].status == "skipped" and "remote" in by_id["after"].error
+
+
+def test_server_dying_mid_run_fails_over(sims, coordinator) -> None:
+    mortal = sims(name="mortal", die_after=2, tokens_per_second=100)
+    steady = sims(name="steady", tokens_per_second=100)
+    team = sim_team([(mortal, 1), (steady, 1)], [{"name": "Analyst", "options": {"num_predict": 30}}])
+    report = api.run_plan(coordinator(team), fan_plan(8))
+    assert report.success, [r.error for r in report.tasks]
+    assert sum(1 for r in report.tasks if r.server == "mortal") <= 2
+    assert steady.stats()["completed"] >= 6
+
+
+def test_named_coordinator_reachable_from_anywhere(sims, ray_cluster) -> None:
+    s = sims(name="s")
+    team = sim_team([(s, 1)], [{"name": "Analyst"}])
+    handle = api.start_coordinator(team, name="shared-test", detached=True)
+    try:
+        again = api.get_coordinator("shared-test", namespace=ray.get_runtime_context().namespace)
+        report = api.run_plan(again, fan_plan(2))
+        assert report.success
+    finally:
+        api.stop_coordinator(handle)
