@@ -84,7 +84,7 @@ class Specialist:
         """Run one task to a final status; never raises for server trouble."""
         started = time.time()
         deadline = time.monotonic() + task.timeout
-        opts = {**self.config.options, **(options or {})}
+        opts = {**self.config.options, **task.options, **(options or {})}
         req = ChatRequest(
             model=self.config.model or "",
             messages=build_messages(self.config, task, problem, context or {}, upstream or {}),

@@ -30,6 +30,8 @@ class Task(_Model):
 
     `server` pins the task to a named server (the seed's behaviour); leave it
     empty to let the balancer choose, which is almost always better.
+    `options` override the specialist's generation options for this task
+    only (e.g. a larger `num_predict` for the one long report).
     """
 
     task_id: str = Field(min_length=1)
@@ -37,6 +39,7 @@ class Task(_Model):
     server: str | None = None
     input_data: dict[str, Any] = Field(default_factory=dict)
     depends_on: list[str] = Field(default_factory=list)
+    options: dict[str, Any] = Field(default_factory=dict)
     timeout: float = 300.0
     max_retries: int = Field(default=2, ge=0)
 

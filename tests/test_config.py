@@ -107,7 +107,8 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
     good = write(tmp_path, "good.yaml", PLAN.replace(", model: other", ""))
     assert main(["validate", str(good)]) == 0
     cycle = PLAN.replace(", model: other", "").replace(
-        "  - {task_id: one, specialist: A}", "  - {task_id: one, specialist: A, depends_on: [two]}\n  - {task_id: two, specialist: A, depends_on: [one]}"
+        "  - {task_id: one, specialist: A}",
+        "  - {task_id: one, specialist: A, depends_on: [two]}\n  - {task_id: two, specialist: A, depends_on: [one]}",
     )
     assert main(["validate", str(write(tmp_path, "bad.yaml", cycle))]) == 2
     err = capsys.readouterr().err
@@ -117,5 +118,5 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 def test_shipped_scenarios_validate() -> None:
     for path in sorted(Path(__file__).parents[1].joinpath("scenarios").glob("*.yaml")):
-        plan, team = load_plan(path)
+        plan, _team = load_plan(path)
         assert plan.tasks, path

@@ -47,7 +47,10 @@ def test_upstream_outputs_reach_dependents(sims, coordinator) -> None:
         {
             "problem": "the bug",
             "waves": [
-                {"wave_number": 1, "tasks": [{"task_id": "f1", "specialist": "Finder", "input_data": {"instruction": "MARK-ONE"}}]},
+                {
+                    "wave_number": 1,
+                    "tasks": [{"task_id": "f1", "specialist": "Finder", "input_data": {"instruction": "MARK-ONE"}}],
+                },
                 {"wave_number": 2, "tasks": [{"task_id": "merge", "specialist": "Architect"}]},
             ],
         }
@@ -88,7 +91,9 @@ def test_model_not_found_routes_to_server_that_has_it(sims, coordinator) -> None
 def test_unreachable_server_gives_clear_failure_and_keeps_results(sims, coordinator) -> None:
     good = sims(name="good")
     team = sim_team([(good, 1)], [{"name": "Analyst"}, {"name": "Remote", "model": "big"}])
-    team.servers.append(team.servers[0].model_copy(update={"name": "gone", "url": "http://127.0.0.1:9", "models": ["big"]}))
+    team.servers.append(
+        team.servers[0].model_copy(update={"name": "gone", "url": "http://127.0.0.1:9", "models": ["big"]})
+    )
     plan = OrchestrationPlan.model_validate(
         {
             "problem": "p",

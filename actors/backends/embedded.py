@@ -101,16 +101,23 @@ class EmbeddedBackend(Backend):
     def _generate(
         self, llm: Any, req: ChatRequest, prompt: str, max_tokens: int, cancel: threading.Event
     ) -> ChatResponse:
+        from llama_cpp import StoppingCriteriaList
+
         with self._gen_lock:
             started = time.monotonic()
             tokens = llm.tokenize(prompt.encode("utf-8"))
             room = self.config.n_ctx - max_tokens - 8
             if len(tokens) > room:
                 prompt = llm.detokenize(tokens[:8] + tokens[-(room - 8) :]).decode("utf-8", "replace")
-            ttft: float | None = None
-            count = 0
-            pieces: list[str] = []
-            stream = llm.create_completion(
+            first_token_at: list[float] = []
+
+            def stop_or_note(_ids: Any, _logits: Any) -> bool:
+                # Called once per generated token: note the first one, stop at once if cancelled.
+                if not first_token_at:
+                    first_token_at.append(time.monotonic())
+                return cancel.is_set()
+
+            out = llm.create_completion(
                 prompt,
                 max_tokens=max_tokens,
                 temperature=float(req.options.get("temperature", 0.7)),
@@ -118,25 +125,18 @@ class EmbeddedBackend(Backend):
                 repeat_penalty=float(req.options.get("repeat_penalty", 1.3)),
                 stop=STOP + list(req.options.get("stop") or []),
                 seed=int(req.options.get("seed", 0)),
-                stream=True,
+                stopping_criteria=StoppingCriteriaList([stop_or_note]),
             )
-            first_at = started
-            for chunk in stream:
-                if cancel.is_set():
-                    break
-                if ttft is None:
-                    first_at = time.monotonic()
-                    ttft = first_at - started
-                count += 1
-                pieces.append(chunk["choices"][0]["text"])
             ended = time.monotonic()
+        count = int(out["usage"]["completion_tokens"])
+        first_at = first_token_at[0] if first_token_at else ended
         return ChatResponse(
-            text=(PREFIX + "".join(pieces)).strip(),
+            text=(PREFIX + out["choices"][0]["text"]).strip(),
             model=req.model,
             server=self.name,
             prompt_tokens=len(tokens),
             tokens=count,
-            ttft=ttft,
+            ttft=first_at - started if first_token_at else None,
             eval_seconds=ended - first_at if count else None,
             total_seconds=ended - started,
         )

@@ -1,0 +1,50 @@
+"""End to end on the real embedded model: llama.cpp + Gemma 3 270M from PyPI, no simulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from teamorch import api
+from teamorch.config import TeamConfig
+from teamorch.messages import OrchestrationPlan
+
+pytestmark = pytest.mark.model
+
+
+def test_embedded_default_team_answers_for_real(coordinator) -> None:
+    team = TeamConfig.model_validate(
+        {
+            "specialists": [
+                {
+                    "name": "Syntax Analyst",
+                    "system_prompt": "You find Python syntax errors.",
+                    "options": {"num_predict": 12},
+                },
+                {
+                    "name": "Architect",
+                    "system_prompt": "You merge findings into a plan.",
+                    "options": {"num_predict": 12},
+                },
+            ]
+        }
+    )
+    plan = OrchestrationPlan.model_validate(
+        {
+            "problem": "def f(x)\n    return x",
+            "tasks": [
+                {"task_id": "a", "specialist": "Syntax Analyst"},
+                {"task_id": "b", "specialist": "Syntax Analyst"},
+                {"task_id": "merge", "specialist": "Architect", "depends_on": ["a", "b"]},
+            ],
+        }
+    )
+    report = api.run_plan(coordinator(team), plan)
+    assert report.success, [t.error for t in report.tasks]
+    assert {r.server for r in report.tasks} <= {"ollama01", "ollama02"}
+    # Two servers with one slot each: the two wave-1 tasks ran on different servers at the same time.
+    a, b, merge = report.tasks
+    assert a.server != b.server
+    for r in report.tasks:
+        assert r.output and r.output.startswith("1.")
+        assert 0 < r.tokens <= 12
+    assert len(merge.output) > len("1.")
