@@ -13,7 +13,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from teamorch.messages import LeaseRequest, ServerLoad
 EWMA_ALPHA = 0.3
 ERROR_WINDOW = 20
 TICK_SECONDS = 0.25
+MAX_GROUPS = 1000
 
 
 @dataclass
@@ -101,6 +102,8 @@ class LoadBalancer:
         self.handles = servers or {}
         self.waiters: list[_Waiter] = []
         self.leases: dict[str, str] = {}
+        # Servers already given to each diversity group (e.g. one consensus round), newest groups last.
+        self.groups: OrderedDict[str, set[str]] = OrderedDict()
         self._seq = itertools.count()
         self._rr = itertools.count()
         self._rng = random.Random(0)
@@ -177,7 +180,16 @@ class LoadBalancer:
         server = self.servers[name]
         server.in_flight += 1
         server.breaker.on_acquire(time.monotonic())
+        if waiter.req.group:
+            self.groups.setdefault(waiter.req.group, set()).add(name)
+            self.groups.move_to_end(waiter.req.group)
+            while len(self.groups) > MAX_GROUPS:
+                self.groups.popitem(last=False)
         waiter.future.set_result({"lease_id": lease_id, "server": name})
+
+    def _with_group_avoid(self, req: LeaseRequest) -> LeaseRequest:
+        used = self.groups.get(req.group or "")
+        return req.model_copy(update={"avoid": [*req.avoid, *sorted(used)]}) if used else req
 
     def _dispatch(self) -> None:
         """Grant leases in priority-then-arrival order, skipping requests that must wait."""
@@ -191,7 +203,7 @@ class LoadBalancer:
                 name = choose(
                     self.policy,
                     loads,
-                    waiter.req,
+                    self._with_group_avoid(waiter.req),
                     counter=next(self._rr) if self.policy == "round_robin" else 0,
                     rng=self._rng,
                     affinity=self.team.balancer.model_affinity,

@@ -78,6 +78,7 @@ class Specialist:
         wave: int = 0,
         priority: int = 0,
         avoid: list[str] | None = None,
+        group: str | None = None,
         options: dict[str, Any] | None = None,
         response_format: dict[str, Any] | str | None = None,
     ) -> TaskResult:
@@ -98,6 +99,7 @@ class Specialist:
             server=task.server,
             priority=priority,
             avoid=list(avoid or []),
+            group=group,
             expected_tokens=int(opts["num_predict"]) if opts.get("num_predict") else None,
         )
         attempts: list[Attempt] = []
@@ -144,6 +146,8 @@ class Specialist:
             output=response.text if response else None,
             error=None if ok else error,
             tokens=response.tokens if response else 0,
+            kind=task.kind,
+            round=task.round,
         )
 
     async def _attempt(

@@ -25,7 +25,8 @@ def backoff(attempt: int, base: float, cap: float, rng: random.Random | None = N
     Jitter keeps several specialists that failed together from retrying in lockstep.
     """
     rng = rng or random.Random()
-    return rng.uniform(0.0, min(cap, base * (2**attempt)))
+    # Clamp the exponent: a long run of 503s must not overflow float (2**1024 does).
+    return rng.uniform(0.0, min(cap, base * 2.0 ** min(attempt, 1023)))
 
 
 def exclude_after(kind: str) -> bool:

@@ -9,6 +9,7 @@ and reported like every other call.
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ def resolve_strategy(name: str) -> Strategy:
     module_name, _, attr = name.partition(":")
     try:
         func = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except (ImportError, AttributeError, ValueError, TypeError) as exc:  # ':f' / '.mod:f' raise Value/TypeError
         raise ConfigError(f"cannot load custom synthesis {name!r}: {exc}", field="synthesis_strategy") from exc
     if not callable(func):
         raise ConfigError(f"custom synthesis {name!r} is not callable", field="synthesis_strategy")
@@ -123,3 +124,82 @@ def compute_statistics(results: Sequence[TaskResult], wall: float) -> Statistics
         },
         tokens=sum(r.tokens for r in results),
     )
+
+
+# ---- consensus -------------------------------------------------------------------------------
+
+_ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:\-]\s*(.+?)\s*$")
+_FILLER = {"the", "a", "an", "to", "we", "should", "i", "recommend", "use", "go", "with", "approach", "option", "is"}
+SIMILAR = 0.6
+
+
+def extract_answer(text: str | None) -> str:
+    """The expert's choice: its last 'ANSWER:' line, else its first non-empty line."""
+    if not text:
+        return ""
+    found = _ANSWER_LINE.findall(text)
+    if found:
+        return found[-1][:200]
+    for line in text.splitlines():
+        line = re.sub(r"^\s*(\d+[.)]|[-*])\s*", "", line).strip()
+        if line:
+            return line[:200]
+    return ""
+
+
+def normalize_answer(answer: str) -> str:
+    words = re.findall(r"[a-z0-9]+", answer.lower())
+    return " ".join(w for w in words if w not in _FILLER)
+
+
+def _similar(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    sa, sb = set(a.split()), set(b.split())
+    return bool(sa and sb) and len(sa & sb) / len(sa | sb) >= SIMILAR
+
+
+def vote(results: Sequence[TaskResult]) -> dict[str, Any]:
+    """Cluster normalized answers (exact, then word overlap), majority, agreement score, ties."""
+    clusters: list[dict[str, Any]] = []
+    for r in results:
+        if r.status != "succeeded":
+            continue
+        raw = extract_answer(r.output)
+        norm = normalize_answer(raw)
+        for cluster in clusters:
+            if _similar(cluster["key"], norm):
+                cluster["voters"].append(r.specialist)
+                break
+        else:
+            clusters.append({"key": norm, "answer": raw, "voters": [r.specialist]})
+    voters = sum(len(c["voters"]) for c in clusters)
+    clusters.sort(key=lambda c: -len(c["voters"]))
+    top = len(clusters[0]["voters"]) if clusters else 0
+    tied = [c["answer"] for c in clusters if len(c["voters"]) == top] if clusters else []
+    return {
+        "answer": clusters[0]["answer"] if clusters and len(tied) == 1 else None,
+        "agreement": top / voters if voters else 0.0,
+        "tie": len(tied) > 1,
+        "tied": tied if len(tied) > 1 else [],
+        "votes": {c["answer"]: c["voters"] for c in clusters},
+        "voters": voters,
+    }
+
+
+def consensus(results: Sequence[TaskResult]) -> dict[str, Any]:
+    """Vote of the last round's experts, each round's agreement, and the judge's synthesis if any."""
+    work = [r for r in results if r.kind == "work"]
+    rounds = sorted({r.round for r in work})
+    history = []
+    for n in rounds:
+        v = vote([r for r in work if r.round == n])
+        history.append({"round": n, "agreement": v["agreement"], "answer": v["answer"], "tie": v["tie"]})
+    final = vote([r for r in work if r.round == rounds[-1]]) if rounds else vote([])
+    judges = [r for r in results if r.kind == "synthesis" and r.status == "succeeded"]
+    final["rounds"] = history
+    final["judgement"] = judges[-1].output if judges else None
+    return final
+
+
+BUILTIN["consensus"] = consensus

@@ -17,9 +17,10 @@ from typing import Any
 
 import ray
 
-from teamorch.config import TeamConfig, check_plan_against_team, parse_plan, split_plan_file
+from policies.planning import build_plan
+from teamorch.config import TeamConfig, check_plan_against_team, parse_pattern, parse_plan, split_plan_file
 from teamorch.errors import ConfigError, RunInterrupted
-from teamorch.messages import OrchestrationPlan, RunReport, TaskResult
+from teamorch.messages import AutoSpec, OrchestrationPlan, PatternSpec, RunReport, TaskResult
 
 NAMESPACE = "teamorch"
 DEFAULT_NAME = "teamorch"
@@ -68,13 +69,54 @@ def stop_coordinator(handle_or_name: Any = DEFAULT_NAME) -> None:
         ray.kill(handle)
 
 
-def load_plan(path: str | Path, team_path: str | Path | None = None) -> tuple[OrchestrationPlan, TeamConfig]:
-    """Read and fully validate a plan file (and optional team file) without starting anything."""
+Runnable = OrchestrationPlan | PatternSpec
+
+
+def load_plan(path: str | Path, team_path: str | Path | None = None) -> tuple[Runnable, TeamConfig]:
+    """Read and fully validate a plan file (and optional team file) without starting anything.
+
+    Returns an `OrchestrationPlan` (explicit tasks/waves) or a pattern spec
+    (`pattern:` files), and the resolved team.
+    """
+    file = str(path)
     data, team = split_plan_file(path, team_path)
     _inline_context_files(data, Path(path))
-    plan = parse_plan(data, str(path))
-    resolved = check_plan_against_team(plan, team, str(path))
-    return plan, resolved
+    if "pattern" not in data:
+        plan = parse_plan(data, file)
+        return plan, check_plan_against_team(plan, team, file)
+    _inline_item_files(data, Path(path))
+    spec = parse_pattern(data, file)
+    if isinstance(spec, AutoSpec):
+        return spec, check_plan_against_team(None, team, file)
+    try:
+        shape = build_plan(spec)
+    except ConfigError as exc:
+        raise exc.located(file) from None
+    return spec, check_plan_against_team(shape, team, file)
+
+
+def expand(runnable: Runnable) -> OrchestrationPlan | None:
+    """The plan a runnable stands for (None for `auto`, which the planner writes at run time)."""
+    if isinstance(runnable, OrchestrationPlan):
+        return runnable
+    return None if isinstance(runnable, AutoSpec) else build_plan(runnable)
+
+
+def _inline_item_files(data: dict[str, Any], plan_path: Path) -> None:
+    """`item_files: [glob, ...]` (relative to the plan file) become items {name, content}, sorted by path."""
+    patterns = data.get("item_files") or []
+    if not isinstance(patterns, list):
+        raise ConfigError("expected a list of glob patterns", field="item_files", file=str(plan_path))
+    items = list(data.get("items") or [])
+    for index, pattern in enumerate(patterns):
+        matches = sorted(p for p in plan_path.parent.glob(str(pattern)) if p.is_file())
+        if not matches:
+            raise ConfigError(f"no file matches {pattern!r}", field=f"item_files[{index}]", file=str(plan_path))
+        for match in matches:
+            rel = match.relative_to(plan_path.parent).as_posix()
+            items.append({"name": rel, "content": match.read_text(encoding="utf-8")})
+    if patterns:
+        data["items"] = items
 
 
 def _inline_context_files(data: dict[str, Any], plan_path: Path) -> None:
@@ -95,17 +137,20 @@ def _inline_context_files(data: dict[str, Any], plan_path: Path) -> None:
 
 def run_plan(
     coordinator: Any,
-    plan: OrchestrationPlan,
+    plan: Runnable,
     on_result: Callable[[TaskResult], None] | None = None,
     poll: float = 0.5,
 ) -> RunReport:
-    """Run `plan` on `coordinator`, calling `on_result` as each task finishes.
+    """Run a plan or pattern on `coordinator`, calling `on_result` as each task finishes.
 
     If the coordinator dies mid-run, raises `RunInterrupted` carrying every
     result that had finished, so nothing already paid for is lost.
     """
     run_id = uuid.uuid4().hex[:12]
-    ref = coordinator.run_plan.remote(plan, run_id)
+    if isinstance(plan, OrchestrationPlan):
+        ref = coordinator.run_plan.remote(plan, run_id)
+    else:
+        ref = coordinator.run_pattern.remote(plan, run_id)
     seen: dict[str, TaskResult] = {}
 
     def drain() -> None:

@@ -101,16 +101,30 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
 
 
-def cmd_validate(args: argparse.Namespace) -> int:
-    from teamorch.api import load_plan
+def _describe(runnable: Any) -> str:
+    from teamorch.api import expand
 
-    plan, team = load_plan(args.plan, args.team)
+    plan = expand(runnable)
+    pattern = getattr(runnable, "pattern", None)
+    if plan is None:
+        return "pattern auto: the planner specialist writes the plan at run time"
+    shape = f"{len(plan.tasks)} tasks in {len(plan.waves)} waves"
+    if pattern == "consensus" and getattr(runnable, "rounds", 1) > 1:
+        shape += f" (at most {runnable.rounds} rounds; stops early at {runnable.agreement_threshold:.0%} agreement)"
+    return f"{pattern or 'plan'}: {shape}"
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from teamorch.api import expand, load_plan
+
+    runnable, team = load_plan(args.plan, args.team)
+    embedded = all(s.protocol == "embedded" for s in team.servers)
     print(
-        f"{args.plan}: valid — {len(plan.tasks)} tasks in {len(plan.waves)} waves, "
-        f"{len(team.specialists)} specialists, servers: {', '.join(s.name for s in team.servers)}"
-        + (" (embedded default)" if team.servers and all(s.protocol == "embedded" for s in team.servers) else "")
+        f"{args.plan}: valid — {_describe(runnable)}; {len(team.specialists)} specialists; "
+        f"servers: {', '.join(s.name for s in team.servers)}" + (" (embedded default)" if embedded else "")
     )
-    for wave in plan.waves:
+    plan = expand(runnable)
+    for wave in plan.waves if plan else []:
         print(f"  wave {wave.wave_number}: " + ", ".join(f"{t.task_id} ({t.specialist})" for t in wave.tasks))
     return EXIT_OK
 
@@ -121,7 +135,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan, team = api.load_plan(args.plan, args.team)
     if all(s.protocol == "embedded" for s in team.servers):
         print(EMBEDDED_NOTE)
-    print(f"Plan: {plan.problem.strip().splitlines()[0][:100]}  ({len(plan.tasks)} tasks, {len(plan.waves)} waves)")
+    print(f"Problem: {plan.problem.strip().splitlines()[0][:100]}  ({_describe(plan)})")
     t0 = time.monotonic()
     api.connect(args.address)
     coordinator = api.start_coordinator(team)
@@ -143,6 +157,41 @@ def cmd_run(args: argparse.Namespace) -> int:
     _write_json(args.json, report.model_dump())
     if args.json:
         print(f"report written to {args.json}")
+    return EXIT_OK if report.success else EXIT_FAILED
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Ask the planner for a plan; print it as YAML (save, edit, run) or run it with --run."""
+    import ray
+    import yaml
+
+    from teamorch import api
+    from teamorch.config import load_team
+
+    team = load_team(args.team) if args.team else None
+    context = {"notes": Path(args.context_file).read_text(encoding="utf-8")} if args.context_file else {}
+    if team is None:
+        raise ConfigError("teamorch plan needs --team TEAM.yaml (the roster the planner chooses from)", field="--team")
+    api.connect(args.address)
+    coordinator = api.start_coordinator(team)
+    try:
+        plan = ray.get(coordinator.create_plan.remote(args.problem, context))
+        print(f"# plan_source: {plan.plan_source}")
+        for note in plan.plan_notes:
+            print(f"# {note}")
+        body = plan.model_dump(include={"problem", "pattern", "synthesis_strategy", "success_criteria"})
+        body["tasks"] = [
+            t.model_dump(include={"task_id", "specialist", "input_data", "depends_on"}, exclude_defaults=True)
+            for t in plan.tasks
+        ]
+        print(yaml.safe_dump(body, sort_keys=False))
+        if not args.run:
+            return EXIT_OK
+        report = api.run_plan(coordinator, plan)
+    finally:
+        api.stop_coordinator(coordinator)
+    print_report(report)
+    _write_json(args.json, report.model_dump())
     return EXIT_OK if report.success else EXIT_FAILED
 
 
@@ -253,6 +302,15 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("plan")
     val.add_argument("--team")
     val.set_defaults(func=cmd_validate)
+
+    pln = sub.add_parser("plan", help="let the planner specialist write a plan for a problem")
+    pln.add_argument("problem")
+    pln.add_argument("--team", help="team YAML whose specialists the planner may use")
+    pln.add_argument("--context-file", help="a file whose text is given to the planner as context")
+    pln.add_argument("--run", action="store_true", help="run the plan after printing it")
+    pln.add_argument("--json", help="with --run: write the RunReport as JSON here")
+    pln.add_argument("--address", help="Ray address; default: a private local Ray")
+    pln.set_defaults(func=cmd_plan)
 
     srv = sub.add_parser("servers", help="show the balancer's live load table")
     srv.add_argument("--team", help="start this team's fleet and show it (otherwise attach to --name)")

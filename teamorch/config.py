@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teamorch.errors import ConfigError, PlanError
-from teamorch.messages import OrchestrationPlan
+from teamorch.messages import PATTERN_SPECS, OrchestrationPlan, PatternSpec
 
 EMBEDDED_MODEL = "gemma3:270m"
 DEFAULT_SERVER_NAMES = ("ollama01", "ollama02")
@@ -90,6 +90,7 @@ class TeamConfig(_Model):
     servers: list[ServerConfig] = Field(default_factory=list)
     specialists: list[SpecialistConfig] = Field(default_factory=list)
     default_model: str | None = None
+    planner: str | None = None
     balancer: BalancerConfig = Field(default_factory=BalancerConfig)
     retry: RetryConfig = Field(default_factory=RetryConfig)
 
@@ -120,6 +121,8 @@ class TeamConfig(_Model):
                     field=f"specialists[{index}].model",
                 )
             specialists.append(spec.model_copy(update={"model": model}))
+        if self.planner is not None and self.planner not in {s.name for s in specialists}:
+            raise ConfigError(f"planner {self.planner!r} is not one of the specialists", field="planner")
         return self.model_copy(update={"servers": servers, "specialists": specialists, "default_model": default_model})
 
     def specialist(self, name: str) -> SpecialistConfig:
@@ -142,6 +145,7 @@ class TeamConfig(_Model):
             servers=other.servers if other.servers else self.servers,
             specialists=list(by_name.values()),
             default_model=other.default_model or self.default_model,
+            planner=other.planner or self.planner,
             balancer=other.balancer if "balancer" in fields else self.balancer,
             retry=other.retry if "retry" in fields else self.retry,
         )
@@ -236,6 +240,19 @@ def parse_plan(data: dict[str, Any], file: str | None = None) -> OrchestrationPl
         raise (exc.located(file) if file else exc) from None
 
 
+def parse_pattern(data: dict[str, Any], file: str | None = None) -> PatternSpec:
+    """Validate a `pattern:` plan (parallel_analysis, divide_and_conquer, pipeline, consensus, auto)."""
+    name = data.get("pattern")
+    if name not in PATTERN_SPECS:
+        err = ConfigError(f"unknown pattern {name!r}; use one of {', '.join(PATTERN_SPECS)}", field="pattern")
+        raise (err.located(file) if file else err)
+    try:
+        return PATTERN_SPECS[name].model_validate(data)  # type: ignore[return-value]
+    except ValidationError as exc:
+        err = config_error_from(exc)
+        raise (err.located(file) if file else err) from None
+
+
 def split_plan_file(path: str | Path, team_path: str | Path | None = None) -> tuple[dict[str, Any], TeamConfig]:
     """Read a plan file: its plan mapping, and its team (embedded `team:` merged with `--team`)."""
     file = str(path)
@@ -249,7 +266,7 @@ def split_plan_file(path: str | Path, team_path: str | Path | None = None) -> tu
     return data, team
 
 
-def check_plan_against_team(plan: OrchestrationPlan, team: TeamConfig, file: str | None = None) -> TeamConfig:
+def check_plan_against_team(plan: OrchestrationPlan | None, team: TeamConfig, file: str | None = None) -> TeamConfig:
     """Everything a plan names must exist in the team; returns the resolved team.
 
     Checked before any actor starts, so a typo costs milliseconds, not a run.
@@ -260,7 +277,7 @@ def check_plan_against_team(plan: OrchestrationPlan, team: TeamConfig, file: str
         raise (exc.located(file) if file else exc) from None
     names = [s.name for s in resolved.specialists]
     servers = {s.name: s for s in resolved.servers}
-    for index, task in enumerate(plan.tasks):
+    for index, task in enumerate(plan.tasks if plan else []):
         if task.specialist not in names:
             raise PlanError(
                 f"task {task.task_id!r} names unknown specialist {task.specialist!r}; the team has: {', '.join(names) or 'none'}",

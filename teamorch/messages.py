@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from teamorch.errors import PlanError
 
 TaskStatus = Literal["succeeded", "failed", "cancelled", "skipped"]
+# "work" tasks produce findings; "synthesis" tasks (synthesizer, reducer, judge) combine them.
+TaskKind = Literal["work", "synthesis"]
 
 _CRITERIA = re.compile(r"^(all_tasks_complete|majority|any|at_least:\s*[1-9]\d*)$")
 
@@ -42,6 +44,8 @@ class Task(_Model):
     options: dict[str, Any] = Field(default_factory=dict)
     timeout: float = 300.0
     max_retries: int = Field(default=2, ge=0)
+    kind: TaskKind = "work"
+    round: int = Field(default=1, ge=1)
 
     @field_validator("timeout")
     @classmethod
@@ -78,6 +82,7 @@ class OrchestrationPlan(_Model):
     context: dict[str, Any] = Field(default_factory=dict)
     pattern: str | None = None
     plan_source: str = "user"
+    plan_notes: list[str] = Field(default_factory=list)
 
     @field_validator("success_criteria")
     @classmethod
@@ -90,6 +95,9 @@ class OrchestrationPlan(_Model):
 
     @model_validator(mode="after")
     def _normalise(self) -> OrchestrationPlan:
+        if self.synthesis_strategy == "use_first_result" and "success_criteria" not in self.model_fields_set:
+            # Hedged runs cancel the losers on purpose: one success is the goal.
+            self.success_criteria = "any"
         if self.waves and self.tasks:
             raise PlanError("give either 'waves' or 'tasks', not both", field="tasks")
         if self.waves:
@@ -223,6 +231,8 @@ class TaskResult(_Model):
     output: str | None = None
     error: str | None = None
     tokens: int = 0
+    kind: TaskKind = "work"
+    round: int = 1
 
 
 class Synthesis(_Model):
@@ -249,6 +259,7 @@ class RunReport(_Model):
     problem: str
     pattern: str | None = None
     plan_source: str = "user"
+    plan_notes: list[str] = Field(default_factory=list)
     success: bool
     duration: float
     tasks: list[TaskResult]
@@ -281,7 +292,11 @@ class ServerLoad(_Model):
 
 
 class LeaseRequest(_Model):
-    """What a specialist needs from a server."""
+    """What a specialist needs from a server.
+
+    `group` asks for diversity: requests sharing a group (the experts of one
+    consensus round) are spread over distinct servers when the fleet allows.
+    """
 
     model: str
     requires: list[str] = Field(default_factory=list)
@@ -289,4 +304,99 @@ class LeaseRequest(_Model):
     server: str | None = None
     priority: int = 0
     avoid: list[str] = Field(default_factory=list)
+    group: str | None = None
     expected_tokens: int | None = None
+
+
+# ---- coordination patterns: what users write under `pattern:` -----------------------------
+
+
+class _PatternBase(_Model):
+    problem: str
+    context: dict[str, Any] = Field(default_factory=dict)
+    timeout: float = Field(default=300.0, gt=0)
+    options: dict[str, Any] = Field(default_factory=dict)
+    synthesis_strategy: str | None = None
+    success_criteria: str | None = None
+
+
+class ParallelAnalysisSpec(_PatternBase):
+    """Every specialist looks at the same input at once; an optional synthesizer merges."""
+
+    pattern: Literal["parallel_analysis"] = "parallel_analysis"
+    specialists: list[str] = Field(min_length=1)
+    synthesizer: str | None = None
+    instruction: str | None = None
+
+
+class ChunkRule(_Model):
+    """How one long input is split: by items (as given), lines, paragraphs or characters."""
+
+    by: Literal["items", "lines", "paragraphs", "chars"] = "items"
+    size: int = Field(default=1, ge=1)
+
+
+class DivideAndConquerSpec(_PatternBase):
+    """Split a large input into independent parts, fan out, reduce.
+
+    Parts come from `items` (strings or mappings), from `item_files` (globs
+    relative to the plan file; each file is one item named by its path) or
+    from one long `text` cut by `chunk`. Parts are dealt round-robin to
+    `specialists`; the `reducer` receives every part's findings.
+    """
+
+    pattern: Literal["divide_and_conquer"] = "divide_and_conquer"
+    items: list[Any] = Field(default_factory=list)
+    item_files: list[str] = Field(default_factory=list)
+    text: str | None = None
+    chunk: ChunkRule = Field(default_factory=ChunkRule)
+    specialists: list[str] = Field(min_length=1)
+    reducer: str | None = None
+    instruction: str | None = None
+    reducer_instruction: str | None = None
+
+
+class StageSpec(_Model):
+    name: str
+    specialists: list[str] = Field(min_length=1)
+    instruction: str | None = None
+
+
+class PipelineSpec(_PatternBase):
+    """Sequential stages; a stage may fan out; stage N receives every output of stage N-1."""
+
+    pattern: Literal["pipeline"] = "pipeline"
+    stages: list[StageSpec] = Field(min_length=1)
+
+
+class ConsensusSpec(_PatternBase):
+    """Independent expert answers, a vote, optional debate rounds, optional judge.
+
+    Round 1 experts answer alone. While agreement is below
+    `agreement_threshold` and rounds remain, each expert sees the others'
+    answers and may revise. Experts of a round are spread over distinct
+    servers when the fleet allows (diversity is the point of consensus).
+    """
+
+    pattern: Literal["consensus"] = "consensus"
+    experts: list[str] = Field(min_length=2)
+    synthesizer: str | None = None
+    rounds: int = Field(default=1, ge=1, le=5)
+    agreement_threshold: float = Field(default=0.67, gt=0, le=1)
+    instruction: str | None = None
+
+
+class AutoSpec(_PatternBase):
+    """Let the planner specialist write the plan (LLM-made plan, validated, with fallbacks)."""
+
+    pattern: Literal["auto"] = "auto"
+
+
+PatternSpec = ParallelAnalysisSpec | DivideAndConquerSpec | PipelineSpec | ConsensusSpec | AutoSpec
+PATTERN_SPECS: dict[str, type[_PatternBase]] = {
+    "parallel_analysis": ParallelAnalysisSpec,
+    "divide_and_conquer": DivideAndConquerSpec,
+    "pipeline": PipelineSpec,
+    "consensus": ConsensusSpec,
+    "auto": AutoSpec,
+}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import json
 import threading
 import time
 from pathlib import Path
@@ -57,6 +58,8 @@ def render_prompt(req: ChatRequest, max_chars: int) -> str:
     if len(user) > budget:
         # Keep the start (the problem) and the end (the instruction): the middle is usually data.
         user = user[: budget // 2] + "\n[...]\n" + user[-budget // 2 :]
+    if req.format is not None:
+        return f"{head}\n\nTask: {user}\n\nAnswer as JSON:\n"
     return f"{head}\n\nTask: {user}\n\nReport:\n{PREFIX}"
 
 
@@ -101,7 +104,16 @@ class EmbeddedBackend(Backend):
     def _generate(
         self, llm: Any, req: ChatRequest, prompt: str, max_tokens: int, cancel: threading.Event
     ) -> ChatResponse:
-        from llama_cpp import StoppingCriteriaList
+        from llama_cpp import LlamaGrammar, StoppingCriteriaList
+        from llama_cpp.llama_grammar import JSON_GBNF
+
+        # Ollama's `format` (a JSON schema or "json") becomes a llama.cpp grammar: the output must parse.
+        grammar = None
+        if isinstance(req.format, dict):
+            grammar = LlamaGrammar.from_json_schema(json.dumps(req.format), verbose=False)
+        elif req.format == "json":
+            grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        prefix = "" if req.format is not None else PREFIX
 
         with self._gen_lock:
             started = time.monotonic()
@@ -123,15 +135,16 @@ class EmbeddedBackend(Backend):
                 temperature=float(req.options.get("temperature", 0.7)),
                 top_p=float(req.options.get("top_p", 0.9)),
                 repeat_penalty=float(req.options.get("repeat_penalty", 1.3)),
-                stop=STOP + list(req.options.get("stop") or []),
+                stop=(STOP if grammar is None else []) + list(req.options.get("stop") or []),
                 seed=int(req.options.get("seed", 0)),
+                grammar=grammar,
                 stopping_criteria=StoppingCriteriaList([stop_or_note]),
             )
             ended = time.monotonic()
         count = int(out["usage"]["completion_tokens"])
         first_at = first_token_at[0] if first_token_at else ended
         return ChatResponse(
-            text=(PREFIX + out["choices"][0]["text"]).strip(),
+            text=(prefix + out["choices"][0]["text"]).strip(),
             model=req.model,
             server=self.name,
             prompt_tokens=len(tokens),
