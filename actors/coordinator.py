@@ -302,6 +302,8 @@ class Coordinator:
         planner = self.team.planner or BUILTIN_PLANNER
         roster = [s for s in self.team.specialists if s.name != BUILTIN_PLANNER]
         names = [s.name for s in roster]
+        if not names:
+            raise PlanError("the team has no specialists for the planner to choose from", field="specialists")
         schema = plan_schema(names)
         ask = roster_text([(s.name, s.capabilities, s.system_prompt) for s in roster])
         notes: list[str] = []
