@@ -4,7 +4,15 @@ The public surface is small on purpose; everything else is in modules users
 rarely need to import.
 """
 
-from teamorch.api import connect, get_coordinator, load_plan, run_plan, start_coordinator, stop_coordinator
+from teamorch.api import (
+    TeamOrchestrator,
+    connect,
+    get_coordinator,
+    load_plan,
+    run_plan,
+    start_coordinator,
+    stop_coordinator,
+)
 from teamorch.config import ServerConfig, SpecialistConfig, TeamConfig, load_team
 from teamorch.errors import (
     ConfigError,
@@ -17,14 +25,28 @@ from teamorch.errors import (
     ServerUnreachable,
     TeamorchError,
 )
-from teamorch.messages import ExecutionWave, OrchestrationPlan, RunReport, Task, TaskResult
+from teamorch.messages import (
+    ConsensusSpec,
+    DivideAndConquerSpec,
+    ExecutionWave,
+    OrchestrationPlan,
+    ParallelAnalysisSpec,
+    PipelineSpec,
+    RunReport,
+    Task,
+    TaskResult,
+)
 
 __all__ = [
     "ConfigError",
+    "ConsensusSpec",
+    "DivideAndConquerSpec",
     "ExecutionWave",
     "ModelNotFound",
     "NoServerAvailable",
     "OrchestrationPlan",
+    "ParallelAnalysisSpec",
+    "PipelineSpec",
     "PlanError",
     "RunInterrupted",
     "RunReport",
@@ -36,6 +58,7 @@ __all__ = [
     "Task",
     "TaskResult",
     "TeamConfig",
+    "TeamOrchestrator",
     "TeamorchError",
     "connect",
     "get_coordinator",

@@ -18,9 +18,19 @@ from typing import Any
 import ray
 
 from policies.planning import build_plan
-from teamorch.config import TeamConfig, check_plan_against_team, parse_pattern, parse_plan, split_plan_file
+from teamorch.config import TeamConfig, check_plan_against_team, load_team, parse_pattern, parse_plan, split_plan_file
 from teamorch.errors import ConfigError, RunInterrupted
-from teamorch.messages import AutoSpec, OrchestrationPlan, PatternSpec, RunReport, TaskResult
+from teamorch.messages import (
+    AutoSpec,
+    ConsensusSpec,
+    DivideAndConquerSpec,
+    OrchestrationPlan,
+    ParallelAnalysisSpec,
+    PatternSpec,
+    PipelineSpec,
+    RunReport,
+    TaskResult,
+)
 
 NAMESPACE = "teamorch"
 DEFAULT_NAME = "teamorch"
@@ -42,8 +52,14 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: in
     ray.init(**kwargs)
 
 
-def start_coordinator(team: TeamConfig, name: str | None = None, detached: bool = False) -> Any:
-    """Create a coordinator actor for `team` and start its fleet; returns the handle when ready."""
+def start_coordinator(
+    team: TeamConfig, name: str | None = None, detached: bool = False, max_workers: int | None = None
+) -> Any:
+    """Create a coordinator actor for `team` and start its fleet; returns the handle when ready.
+
+    `max_workers` caps how many tasks of one run are in flight at once (the
+    seed's knob); the balancer's per-server `slots` still apply underneath.
+    """
     from actors.coordinator import Coordinator
 
     options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000}
@@ -51,7 +67,7 @@ def start_coordinator(team: TeamConfig, name: str | None = None, detached: bool 
         options.update(name=name, get_if_exists=False)
     if detached:
         options["lifetime"] = "detached"
-    handle = ray.remote(Coordinator).options(**options).remote(team)
+    handle = ray.remote(Coordinator).options(**options).remote(team, max_workers)
     ray.get(handle.start.remote())
     return handle
 
@@ -177,3 +193,95 @@ def run_plan(
             if result.task_id not in seen:
                 on_result(result)
     return report
+
+
+class TeamOrchestrator:
+    """The seed's API, for code written against it: plan, execute, statistics.
+
+    >>> orch = TeamOrchestrator("team.yaml", max_workers=4)
+    >>> plan = orch.create_orchestration_plan("Fix complex error", {"file": "main.py"})
+    >>> results = orch.execute_plan(plan)
+    >>> results["success"], results["duration"], results["statistics"]["parallel_efficiency"]
+
+    Results are plain dicts shaped like the seed's (a `RunReport` dumped, plus
+    `results`: task_id -> output). `team` may be a TeamConfig, a path to a
+    team YAML, a mapping, or None for the embedded default fleet.
+    """
+
+    def __init__(
+        self,
+        team: TeamConfig | str | Path | dict[str, Any] | None = None,
+        max_workers: int | None = None,
+        *,
+        address: str | None = None,
+        name: str | None = None,
+        logger: Any = None,
+    ) -> None:
+        if isinstance(team, (str, Path)):
+            team = load_team(team)
+        elif isinstance(team, dict):
+            team = TeamConfig.model_validate(team)
+        self.team = (team or TeamConfig()).resolved()
+        self.logger = logger
+        connect(address)
+        self.coordinator = start_coordinator(self.team, name=name, max_workers=max_workers)
+
+    def _log(self, result: TaskResult) -> None:
+        if self.logger is not None:
+            self.logger.info(
+                "task %s (%s) on %s: %s in %.1fs",
+                result.task_id,
+                result.specialist,
+                result.server,
+                result.status,
+                result.duration,
+            )
+
+    def _run(self, runnable: Runnable) -> dict[str, Any]:
+        report = run_plan(self.coordinator, runnable, on_result=self._log)
+        out = report.model_dump()
+        out["results"] = {t.task_id: t.output for t in report.tasks if t.status == "succeeded"}
+        return out
+
+    def create_orchestration_plan(self, problem: str, context: dict[str, Any] | None = None) -> OrchestrationPlan:
+        """Ask the planner specialist (LLM) for a plan; falls back to a heuristic. See `plan.plan_source`."""
+        return ray.get(self.coordinator.create_plan.remote(problem, context or {}))
+
+    def execute_plan(self, plan: OrchestrationPlan, thread: Any = None) -> dict[str, Any]:
+        """Run a plan. `thread` (the seed's conversation object) is passed to specialists as context."""
+        if thread is not None:
+            plan = plan.model_copy(update={"context": {**plan.context, "thread": thread}})
+        return self._run(plan)
+
+    def parallel_analysis(
+        self, problem: str, specialists: list[str], synthesizer: str | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        return self._run(ParallelAnalysisSpec(problem=problem, specialists=specialists, synthesizer=synthesizer, **kw))
+
+    def divide_and_conquer(
+        self, problem: str, items: list[Any], specialists: list[str], reducer: str | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        return self._run(
+            DivideAndConquerSpec(problem=problem, items=items, specialists=specialists, reducer=reducer, **kw)
+        )
+
+    def pipeline(self, problem: str, stages: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+        return self._run(PipelineSpec(problem=problem, stages=stages, **kw))
+
+    def consensus(
+        self, question: str, experts: list[str], synthesizer: str | None = None, rounds: int = 1, **kw: Any
+    ) -> dict[str, Any]:
+        return self._run(ConsensusSpec(problem=question, experts=experts, synthesizer=synthesizer, rounds=rounds, **kw))
+
+    def get_statistics(self) -> dict[str, Any]:
+        """Totals over every run of this orchestrator: tasks, success rate, efficiency, utilization."""
+        return ray.get(self.coordinator.statistics.remote())
+
+    def close(self) -> None:
+        stop_coordinator(self.coordinator)
+
+    def __enter__(self) -> TeamOrchestrator:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
