@@ -50,7 +50,7 @@ def _task_row(r: TaskResult) -> list[str]:
 TASK_HEADER = ["wave", "task", "specialist", "server", "status", "seconds", "attempts", "tokens"]
 
 
-def print_report(report: RunReport, out: Any = sys.stdout) -> None:
+def print_report(report: RunReport, out: Any = None) -> None:
     rows = [_task_row(r) for r in sorted(report.tasks, key=lambda r: (r.wave, r.task_id))]
     print("\n" + _table(rows, TASK_HEADER), file=out)
     for r in report.tasks:

@@ -48,3 +48,31 @@ def test_embedded_default_team_answers_for_real(coordinator) -> None:
         assert r.output and r.output.startswith("1.")
         assert 0 < r.tokens <= 12
     assert len(merge.output) > len("1.")
+
+
+def test_embedded_consensus_pattern_end_to_end(coordinator) -> None:
+    """A coordination pattern on the real model: the vote runs over real (if shallow) answers."""
+    from teamorch.messages import ConsensusSpec
+
+    team = TeamConfig.model_validate(
+        {
+            "specialists": [
+                {"name": "Expert A", "system_prompt": "You are a careful engineer."},
+                {"name": "Expert B", "system_prompt": "You are a pragmatic engineer."},
+                {"name": "Synthesizer", "system_prompt": "You state the consensus."},
+            ]
+        }
+    )
+    spec = ConsensusSpec(
+        problem="Should a 2000-line module be split? Answer yes or no.",
+        experts=["Expert A", "Expert B"],
+        synthesizer="Synthesizer",
+        options={"num_predict": 12},
+    )
+    report = api.run_plan(coordinator(team), spec)
+    assert report.success, [t.error for t in report.tasks]
+    experts = [t for t in report.tasks if t.kind == "work"]
+    assert {t.server for t in experts} == {"ollama01", "ollama02"}  # diversity: one expert per server
+    result = report.synthesis.result
+    assert result["voters"] == 2 and 0.5 <= result["agreement"] <= 1.0
+    assert result["judgement"] and result["judgement"].startswith("1.")
