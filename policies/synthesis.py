@@ -97,12 +97,15 @@ def compute_statistics(results: Sequence[TaskResult], wall: float) -> Statistics
     """The seed's metrics, from measured task intervals.
 
     parallel_efficiency = sum of task durations / wall time (the seed's
-    "speedup"); parallelism_factor = peak concurrent tasks / total tasks;
+    "speedup"); parallelism_factor = peak number of requests running on
+    servers at once / total tasks;
     server_utilization = fraction of the wall time a server had a request.
     """
     ran = [r for r in results if r.started_at is not None and r.ended_at is not None]
     sequential = sum(r.duration for r in ran)
-    intervals = [(r.started_at or 0.0, r.ended_at or 0.0) for r in ran]
+    # Concurrency is counted on servers (attempt intervals), not from dispatch: a task queued at the
+    # balancer for a free slot is not running in parallel with anything.
+    intervals = [(a.started_at, a.ended_at) for r in ran for a in r.attempts if a.server is not None]
     per_server: dict[str, list[tuple[float, float]]] = {}
     for r in ran:
         for a in r.attempts:

@@ -240,3 +240,14 @@ def test_statistics_with_no_results_or_zero_wall_do_not_divide_by_zero() -> None
     zero = compute_statistics([res("a", started_at=0.0, ended_at=0.0, attempts=[att("s", 0.0, 0.0)])], wall=0.0)
     assert zero.parallel_efficiency == 0.0
     assert zero.server_utilization == {"s": 0.0}
+
+
+def test_parallelism_counts_time_on_servers_not_time_queued() -> None:
+    # Both tasks were dispatched at 0, but b waited at the balancer until a finished on the only server.
+    results = [
+        res("a", started_at=0.0, ended_at=2.0, duration=2.0, attempts=[att("s", 0.0, 2.0)]),
+        res("b", started_at=0.0, ended_at=4.0, duration=2.0, attempts=[att("s", 2.0, 4.0)]),
+    ]
+    stats = compute_statistics(results, wall=4.0)
+    assert stats.parallelism_factor == pytest.approx(1 / 2)
+    assert stats.parallel_efficiency == pytest.approx(1.0)
