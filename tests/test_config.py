@@ -117,9 +117,13 @@ def test_cli_validate_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def test_shipped_scenarios_validate() -> None:
-    for path in sorted(Path(__file__).parents[1].joinpath("scenarios").glob("*.yaml")):
-        plan, _team = load_plan(path)
-        assert plan.tasks, path
+    from teamorch.api import expand
+
+    paths = sorted(Path(__file__).parents[1].joinpath("scenarios").glob("*.yaml"))
+    assert len(paths) >= 4
+    for path in paths:
+        runnable, _team = load_plan(path)
+        assert expand(runnable).tasks, path
 
 
 def test_cluster_yaml_is_a_valid_ray_cluster_launcher_config() -> None:
