@@ -39,8 +39,8 @@ def test_find_cycles_on_overlapping_cycles() -> None:
 @pytest.mark.parametrize("path", SCENARIOS, ids=lambda p: p.stem)
 def test_scenario_runs_on_a_team_file(path: Path, sims, coordinator, tmp_path: Path) -> None:
     one, two = (
-        sims(name="ollama01", slots=2, models=["llama3.1:8b"]),
-        sims(name="ollama02", slots=2, models=["llama3.1:8b"]),
+        sims(name="ollama01", slots=2, models=["llama3.1:8b"], tokens_per_second=2000),
+        sims(name="ollama02", slots=2, models=["llama3.1:8b"], tokens_per_second=2000),
     )
     team_file = tmp_path / "team.yaml"
     team_file.write_text(

@@ -1,0 +1,90 @@
+"""The live balancer through real actors against Ollama-API simulators (teamorch.sim, loopback HTTP)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import ray
+
+from teamorch import api
+from teamorch.cli import main
+from teamorch.messages import OrchestrationPlan
+from tests.conftest import sim_team
+
+
+def fan(n: int, tokens: int = 40) -> OrchestrationPlan:
+    return OrchestrationPlan.model_validate(
+        {
+            "problem": "p",
+            "tasks": [{"task_id": f"t{i}", "specialist": "A", "options": {"num_predict": tokens}} for i in range(n)],
+        }
+    )
+
+
+def test_peak_ewma_sends_less_work_to_the_slow_server(sims, coordinator) -> None:
+    fast = sims(name="fast", tokens_per_second=800, ttft=0.01)
+    slow = sims(name="slow", tokens_per_second=80, ttft=0.01)
+    team = sim_team([(fast, 1), (slow, 1)], [{"name": "A"}], balancer={"policy": "peak_ewma"})
+    report = api.run_plan(coordinator(team), fan(24))
+    assert report.success
+    on_fast = sum(1 for t in report.tasks if t.server == "fast")
+    on_slow = sum(1 for t in report.tasks if t.server == "slow")
+    assert on_fast + on_slow == 24
+    assert on_fast >= 3 * on_slow, (on_fast, on_slow)
+
+
+def test_503_is_back_pressure_not_failure(sims, coordinator) -> None:
+    # The team believes 'crowded' has 4 slots; it really has 1 and no queue (someone else is using it).
+    crowded = sims(name="crowded", slots=1, max_queue=0, tokens_per_second=200)
+    spare = sims(name="spare", slots=2, tokens_per_second=200)
+    team = sim_team([(crowded, 4), (spare, 2)], [{"name": "A"}], balancer={"policy": "least_loaded"})
+    handle = coordinator(team)
+    report = api.run_plan(handle, fan(12))
+    assert report.success, [t.error for t in report.tasks]
+    assert crowded.stats()["rejected_503"] > 0
+    busy = [a for t in report.tasks for a in t.attempts if a.outcome == "busy"]
+    assert len(busy) == crowded.stats()["rejected_503"]
+    loads = {s.name: s for s in ray.get(handle.servers_load.remote())}
+    assert loads["crowded"].failed == 0, "a 503 is not counted as a server failure"
+    assert loads["crowded"].circuit == "closed"
+
+
+def test_model_affinity_prefers_the_server_with_the_model_loaded(sims, coordinator) -> None:
+    warm = sims(name="warm", models=["m"], loaded=["m"], slots=2)
+    cold = sims(name="cold", models=["m"], loaded=[], load_time=3.0, slots=2)
+    team = sim_team([(warm, 2), (cold, 2)], [{"name": "A", "model": "m"}], balancer={"policy": "least_loaded"})
+    report = api.run_plan(coordinator(team), fan(2))
+    assert report.success
+    assert {t.server for t in report.tasks} == {"warm"}  # /api/ps says only warm has it loaded
+    assert cold.stats()["requests"] == 0
+
+
+def test_circuit_opens_on_a_broken_server(sims, coordinator) -> None:
+    broken = sims(name="broken", error_rate=1.0)
+    fine = sims(name="fine", slots=2)
+    team = sim_team(
+        [(broken, 1), (fine, 2)], [{"name": "A"}], balancer={"policy": "round_robin"}, retry={"circuit_failures": 2}
+    )
+    handle = coordinator(team)
+    report = api.run_plan(handle, fan(10, tokens=5))
+    assert report.success
+    loads = {s.name: s for s in ray.get(handle.servers_load.remote())}
+    assert loads["broken"].circuit == "open"
+    assert broken.stats()["requests"] == 2  # after two breakages, no more work went there
+
+
+def test_servers_command_prints_the_load_table(
+    sims, ray_cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    s = sims(name="box1", models=["llama3.1:8b", "qwen2:7b"], loaded=["llama3.1:8b"], slots=2)
+    team = tmp_path / "team.yaml"
+    team.write_text(
+        f"servers:\n  - {{name: box1, url: '{s.url}', slots: 2}}\n  - {{name: gone, url: 'http://127.0.0.1:9'}}\n"
+    )
+    assert main(["servers", "--team", str(team), "--address", ray.get_runtime_context().gcs_address]) == 0
+    out = capsys.readouterr().out
+    box1 = next(line for line in out.splitlines() if line.startswith("box1"))
+    assert " up " in box1 and "0/2" in box1 and "llama3.1:8b" in box1
+    gone = next(line for line in out.splitlines() if line.startswith("gone"))
+    assert "DOWN" in gone
