@@ -19,7 +19,7 @@ import ray
 
 from policies.planning import build_plan
 from teamorch.config import TeamConfig, check_plan_against_team, load_team, parse_pattern, parse_plan, split_plan_file
-from teamorch.errors import ConfigError, RunInterrupted
+from teamorch.errors import ConfigError, RunCancelled, RunInterrupted, TeamorchError, unwrap
 from teamorch.messages import (
     AutoSpec,
     ConsensusSpec,
@@ -49,7 +49,11 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: in
         kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus or os.cpu_count() or 1)
     else:
         kwargs["address"] = address
-    ray.init(**kwargs)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = f"join the Ray cluster at {address!r}" if address else "start a local Ray instance"
+        raise TeamorchError(f"cannot {where}: {exc}") from exc
 
 
 def start_coordinator(
@@ -81,6 +85,8 @@ def stop_coordinator(handle_or_name: Any = DEFAULT_NAME) -> None:
     handle = get_coordinator(handle_or_name) if isinstance(handle_or_name, str) else handle_or_name
     try:
         ray.get(handle.shutdown.remote(), timeout=30)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass  # already dead: the actors it created died with it (Ray fate-sharing)
     finally:
         ray.kill(handle)
 
@@ -179,15 +185,25 @@ def run_plan(
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass
 
-    while True:
-        ready, _ = ray.wait([ref], timeout=poll)
-        if ready:
-            break
+    try:
+        while not ray.wait([ref], timeout=poll)[0]:
+            drain()
+    except KeyboardInterrupt:
+        # Cancel the run (every in-flight request is closed), then collect what had finished.
+        ray.cancel(ref)
+        ray.wait([ref], timeout=10)
         drain()
+        raise RunCancelled("run interrupted by the user", list(seen.values())) from None
     try:
         report: RunReport = ray.get(ref)
     except ray.exceptions.RayActorError as exc:
+        drain()
         raise RunInterrupted(f"coordinator died mid-run: {exc}", list(seen.values())) from exc
+    except ray.exceptions.RayTaskError as exc:
+        cause = unwrap(exc)
+        if isinstance(cause, TeamorchError):
+            raise cause from None
+        raise
     if on_result:
         for result in report.tasks:
             if result.task_id not in seen:

@@ -15,10 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from teamorch.errors import ConfigError, RunInterrupted, TeamorchError
+from teamorch.errors import ConfigError, RunCancelled, RunInterrupted, TeamorchError
 from teamorch.messages import RunReport, ServerLoad, TaskResult
 
-EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ERROR = 0, 1, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 EMBEDDED_NOTE = (
     "No servers configured: using the embedded default, two llama.cpp servers (ollama01, ollama02) running\n"
     "Gemma 3 270M — real inference by a tiny base model, so answers are shallow. Point the team at real\n"
@@ -149,8 +149,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         report = api.run_plan(coordinator, plan, on_result=on_result)
     except RunInterrupted as exc:
         print(f"error: {exc}; {len(exc.finished)} finished results kept", file=sys.stderr)
+        for r in exc.finished:
+            print(f"  [{r.status:>9}] {r.task_id} ({r.specialist}) on {r.server or '-'}", file=sys.stderr)
         _write_json(args.json, {"error": str(exc), "tasks": [r.model_dump() for r in exc.finished]})
-        return EXIT_ERROR
+        return EXIT_INTERRUPTED if isinstance(exc, RunCancelled) else EXIT_ERROR
     finally:
         api.stop_coordinator(coordinator)
     print_report(report)
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -51,6 +51,10 @@ class ServerConfig(_Model):
     @model_validator(mode="after")
     def _url_for_network_protocols(self) -> ServerConfig:
         if self.protocol == "embedded":
+            if self.slots != 1:
+                raise ValueError(
+                    f"server {self.name!r}: an embedded server runs one generation at a time; set slots: 1"
+                )
             if self.models is None:
                 self.models = [EMBEDDED_MODEL]
         elif not self.url:

@@ -103,6 +103,10 @@ class RunInterrupted(TeamorchError):
         return self.message
 
 
+class RunCancelled(RunInterrupted):
+    """The user interrupted the run (Ctrl-C); in-flight requests were cancelled."""
+
+
 def unwrap(exc: BaseException) -> BaseException:
     """The exception an actor raised, without Ray's `RayTaskError` wrapper around it."""
     cause = getattr(exc, "cause", None)

@@ -133,3 +133,37 @@ def test_named_coordinator_reachable_from_anywhere(sims, ray_cluster) -> None:
         assert report.success
     finally:
         api.stop_coordinator(handle)
+
+
+def test_coordinator_dying_mid_run_keeps_finished_results(sims, coordinator) -> None:
+    import threading
+
+    from teamorch.errors import RunInterrupted
+
+    quick = sims(name="quick", tokens_per_second=2000)
+    slow = sims(name="slow", tokens_per_second=2)
+    team = sim_team([(quick, 1), (slow, 1)], [{"name": "Analyst", "options": {"num_predict": 20}}])
+    handle = coordinator(team)
+    plan = OrchestrationPlan.model_validate(
+        {
+            "problem": "p",
+            "tasks": [
+                {"task_id": "fast", "specialist": "Analyst", "server": "quick"},
+                {"task_id": "stuck", "specialist": "Analyst", "server": "slow"},
+            ],
+        }
+    )
+    finished: list[str] = []
+
+    def kill_after_first(result) -> None:
+        finished.append(result.task_id)
+        threading.Timer(0.2, ray.kill, args=(handle,)).start()
+
+    try:
+        api.run_plan(handle, plan, on_result=kill_after_first, poll=0.1)
+    except RunInterrupted as exc:
+        assert "coordinator died" in str(exc)
+        assert [r.task_id for r in exc.finished] == ["fast"]
+        assert exc.finished[0].status == "succeeded" and exc.finished[0].output
+    else:
+        raise AssertionError("the run should have been interrupted")

@@ -81,3 +81,41 @@ def test_cli_run_writes_json_and_exit_code(
     failed = {t["task_id"]: t for t in json.loads(out.read_text())["tasks"]}
     assert failed["a"]["status"] == "succeeded" and failed["b"]["status"] == "failed"
     assert "gone" in failed["b"]["error"]
+
+
+def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, tmp_path: Path) -> None:
+    import json
+    import os
+    import signal
+    import time
+
+    import ray
+
+    quick = sims(name="quick", tokens_per_second=2000)
+    slow = sims(name="slow", tokens_per_second=2)
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(
+        f"problem: p\nteam:\n  servers: [{{name: quick, url: '{quick.url}'}}, {{name: slow, url: '{slow.url}'}}]\n"
+        "  default_model: gemma3:270m\n  specialists: [{name: A, options: {num_predict: 40}}]\n"
+        "tasks:\n  - {task_id: done_soon, specialist: A, server: quick}\n  - {task_id: forever, specialist: A, server: slow}\n"
+    )
+    out = tmp_path / "partial.json"
+    cmd = [sys.executable, "-m", "teamorch.cli", "run", str(plan), "--json", str(out)]
+    cmd += ["--address", ray.get_runtime_context().gcs_address]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+    )
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and slow.stats()["in_flight"] == 0:
+        time.sleep(0.1)
+    assert slow.stats()["in_flight"] == 1, (
+        proc.stderr.read() if proc.poll() is not None else "slow request never started"
+    )
+    time.sleep(0.5)
+    os.kill(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    partial = {t["task_id"]: t for t in json.loads(out.read_text())["tasks"]}
+    assert partial["done_soon"]["status"] == "succeeded"
+    assert partial.get("forever", {}).get("status") in (None, "cancelled")
+    assert slow.stats()["cancelled"] == 1 and slow.stats()["completed"] == 0
