@@ -4,7 +4,10 @@ Specialists `acquire` a lease before calling a server and `release` it with
 the outcome. The balancer never lets a server have more than its `slots`
 requests in flight; everything else waits here, in priority-then-FIFO order,
 because a loaded Ollama model would queue the excess without bound. Which
-server a request gets is decided by `policies.balancing`.
+server a request gets, and which waiting request goes first, is decided by
+`policies.balancing.plan_dispatch` over the whole queue at once; this actor
+only keeps the table it needs: per lease, when it started and how long it was
+expected to take, so a busy server's next free slot can be predicted.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.balancing import choose
+from policies.balancing import Queued, expected_seconds, plan_dispatch
 from policies.retry import CircuitBreaker
 from teamorch.config import ServerConfig, TeamConfig
 from teamorch.errors import NoServerAvailable
@@ -75,6 +78,16 @@ class _Server:
 
 
 @dataclass
+class _Lease:
+    """A granted slot. `cold`: the model was not loaded when granted, so this request paid the load."""
+
+    server: str
+    granted: float
+    expected: float
+    cold: bool
+
+
+@dataclass
 class _Waiter:
     req: LeaseRequest
     capabilities: list[str]
@@ -101,7 +114,7 @@ class LoadBalancer:
         }
         self.handles = servers or {}
         self.waiters: list[_Waiter] = []
-        self.leases: dict[str, str] = {}
+        self.leases: dict[str, _Lease] = {}
         # Servers already given to each diversity group (e.g. one consensus round), newest groups last.
         self.groups: OrderedDict[str, set[str]] = OrderedDict()
         self._seq = itertools.count()
@@ -142,10 +155,10 @@ class LoadBalancer:
         model: str | None = None,
         error: str | None = None,
     ) -> None:
-        name = self.leases.pop(lease_id, None)
-        if name is None:
+        lease = self.leases.pop(lease_id, None)
+        if lease is None:
             return
-        server = self.servers[name]
+        server = self.servers[lease.server]
         server.in_flight -= 1
         now = time.monotonic()
         if kind != "cancelled":
@@ -156,8 +169,15 @@ class LoadBalancer:
             if tokens and (eval_seconds or latency):
                 per_token = (eval_seconds if eval_seconds else (latency or 0.0) - (ttft or 0.0)) / tokens
                 server.ewma_token_seconds = _ewma(server.ewma_token_seconds, max(per_token, 1e-6))
-            if ttft is not None:
-                server.ewma_ttft = _ewma(server.ewma_ttft, ttft)
+            # The fixed cost of a request is everything but generating tokens: prompt eval, transport,
+            # Ray hops. latency - eval_seconds measures exactly that; the client-side ttft would also
+            # include the first streamed chunk's tokens. A request that paid a model load is not a
+            # sample of the steady state, so it does not move the estimate.
+            fixed = ttft
+            if latency is not None and eval_seconds:
+                fixed = max(0.0, latency - eval_seconds)
+            if fixed is not None and not lease.cold:
+                server.ewma_ttft = _ewma(server.ewma_ttft, fixed)
             if latency is not None:
                 server.ewma_latency = _ewma(server.ewma_latency, latency)
             if model and server.models_loaded is not None and model not in server.models_loaded:
@@ -174,12 +194,14 @@ class LoadBalancer:
                 server.healthy = False
         self._dispatch()
 
-    def _grant(self, waiter: _Waiter, name: str) -> None:
+    def _grant(self, waiter: _Waiter, name: str, loads: list[ServerLoad], now: float) -> None:
         lease_id = f"{name}-{next(self._seq)}"
-        self.leases[lease_id] = name
         server = self.servers[name]
+        row = next(s for s in loads if s.name == name)
+        cold = server.models_loaded is not None and waiter.req.model not in server.models_loaded
+        self.leases[lease_id] = _Lease(name, now, expected_seconds(row, waiter.req, loads), cold)
         server.in_flight += 1
-        server.breaker.on_acquire(time.monotonic())
+        server.breaker.on_acquire(now)
         if waiter.req.group:
             self.groups.setdefault(waiter.req.group, set()).add(name)
             self.groups.move_to_end(waiter.req.group)
@@ -191,32 +213,61 @@ class LoadBalancer:
         used = self.groups.get(req.group or "")
         return req.model_copy(update={"avoid": [*req.avoid, *sorted(used)]}) if used else req
 
+    def _running(self, now: float) -> dict[str, list[float]]:
+        """Per server, the expected remaining seconds of each request in flight (0 once overdue)."""
+        out: dict[str, list[float]] = {}
+        for lease in self.leases.values():
+            out.setdefault(lease.server, []).append(max(0.0, lease.expected - (now - lease.granted)))
+        return out
+
     def _dispatch(self) -> None:
-        """Grant leases in priority-then-arrival order, skipping requests that must wait."""
+        """Grant, refuse or keep waiting every queued request, as `plan_dispatch` decides.
+
+        The load table is built once per round (not once per waiter): a round
+        runs at every acquire and release, and with hundreds of waiters
+        rebuilding it per waiter made granting a slot cost more than the
+        request it granted.
+        """
         now = time.monotonic()
-        for waiter in list(self.waiters):
-            if waiter.future.done():
-                self.waiters.remove(waiter)
+        for _round in range(len(self.waiters) + 1):
+            self.waiters = [w for w in self.waiters if not w.future.done()]
+            if not self.waiters or not self._dispatch_round(now):
+                return
+
+    def _dispatch_round(self, now: float) -> bool:
+        """One planning round; True if a grant was held back and the queue must be planned again.
+
+        A request of a diversity group (`req.group`) is planned avoiding the
+        servers its group already holds; when two requests of one group are
+        planned onto the same server in the same round, only the first is
+        granted and the round is redone, so the second sees the first.
+        """
+        loads = self.snapshot_now(now)
+        queue = [Queued(self._with_group_avoid(w.req), now - w.enqueued, tuple(w.capabilities)) for w in self.waiters]
+        decisions = plan_dispatch(
+            self.policy,
+            loads,
+            queue,
+            running=self._running(now),
+            counter=self._rr if self.policy == "round_robin" else None,
+            rng=self._rng,
+            affinity=self.team.balancer.model_affinity,
+        )
+        held_back = False
+        granted_groups: set[tuple[str, str]] = set()
+        for index in sorted(decisions):
+            waiter, decision = self.waiters[index], decisions[index]
+            if isinstance(decision, NoServerAvailable):
+                waiter.future.set_exception(NoServerAvailable(decision.message))
                 continue
-            loads = self.snapshot_now(now)
-            try:
-                name = choose(
-                    self.policy,
-                    loads,
-                    self._with_group_avoid(waiter.req),
-                    counter=next(self._rr) if self.policy == "round_robin" else 0,
-                    rng=self._rng,
-                    affinity=self.team.balancer.model_affinity,
-                    capabilities=waiter.capabilities,
-                    waited=now - waiter.enqueued,
-                )
-            except NoServerAvailable as exc:
-                self.waiters.remove(waiter)
-                waiter.future.set_exception(exc)
+            group = waiter.req.group
+            if group and ((group, decision) in granted_groups):
+                held_back = True
                 continue
-            if name is not None:
-                self.waiters.remove(waiter)
-                self._grant(waiter, name)
+            if group:
+                granted_groups.add((group, decision))
+            self._grant(waiter, decision, loads, now)
+        return held_back
 
     # ---- observation ----------------------------------------------------------------------
 

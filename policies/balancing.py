@@ -9,8 +9,10 @@ requests without bound and its 503 arrives too late to help.
 
 from __future__ import annotations
 
+import heapq
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import LeaseRequest, ServerLoad
@@ -23,6 +25,8 @@ PRIOR_TTFT = 0.2
 DEFAULT_EXPECTED_TOKENS = 256
 # A model that is present but not loaded costs a load before the first token.
 LOAD_PENALTY_SECONDS = 5.0
+# A request running past its estimate is expected to end this soon (it must not look like a free slot).
+OVERDUE_SECONDS = 0.05
 # Above this many candidates peak_ewma samples two (power of two choices) instead of scanning all.
 P2C_THRESHOLD = 8
 
@@ -153,3 +157,249 @@ def choose(
             free, key=lambda s: (-len(wanted & set(s.tags)), s.in_flight / max(1, s.effective_slots), s.name)
         ).name
     return min(free, key=lambda s: (s.in_flight / max(1, s.effective_slots), s.in_flight, s.name)).name
+
+
+# ---- the whole queue at once ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Queued:
+    """A request waiting at the balancer, as a planner sees it (no futures, no clocks)."""
+
+    req: LeaseRequest
+    waited: float = 0.0
+    capabilities: tuple[str, ...] = ()
+
+
+Decision = str | NoServerAvailable
+Candidates = Callable[[LeaseRequest], "list[ServerLoad] | NoServerAvailable"]
+
+
+def plan_dispatch(
+    policy: str,
+    loads: Sequence[ServerLoad],
+    queue: Sequence[Queued],
+    *,
+    running: Mapping[str, Sequence[float]] | None = None,
+    counter: Iterator[int] | None = None,
+    rng: random.Random | None = None,
+    affinity: bool = True,
+) -> dict[int, Decision]:
+    """Decide, for every queued request, "start now on server X", "fail" or (absent from the answer) "wait".
+
+    `queue` is in the balancer's order (priority, then arrival); `running` gives,
+    per server, the expected remaining seconds of each request in flight there.
+    Returns {index in queue: server name or NoServerAvailable}.
+
+    For `round_robin`, `least_loaded` and `capability` this is `choose()` applied
+    to each request in turn over a load table updated after every grant. For
+    `peak_ewma` it is list scheduling over the whole queue, because deciding
+    one request at a time cannot see that the request behind it is the one
+    that should take the slow server (see `_plan_peak_ewma`).
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown balancing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    rng = rng or random.Random(0)
+    decisions: dict[int, Decision] = {}
+    cache: dict[tuple[object, ...], list[ServerLoad] | NoServerAvailable] = {}
+
+    def candidates(req: LeaseRequest) -> list[ServerLoad] | NoServerAvailable:
+        key = (req.model, tuple(req.requires), tuple(req.exclude), req.server, tuple(req.avoid))
+        if key not in cache:
+            try:
+                cands = eligible(loads, req)
+                if req.avoid:
+                    cands = _prefer(cands, [s for s in cands if s.name not in req.avoid])
+                cache[key] = cands
+            except NoServerAvailable as exc:
+                cache[key] = exc
+        return cache[key]
+
+    # Ineligible requests fail now even when every slot is busy, so nobody waits for a server that cannot come.
+    live: list[int] = []
+    for index, queued in enumerate(queue):
+        cands = candidates(queued.req)
+        if isinstance(cands, NoServerAvailable):
+            decisions[index] = cands
+        else:
+            live.append(index)
+    if not live or not any(has_capacity(s) for s in loads):
+        return decisions
+
+    if policy == "peak_ewma":
+        plan = _plan_peak_ewma(loads, queue, live, candidates, running or {}, affinity, rng)
+        decisions.update(plan)
+        return decisions
+
+    table = {s.name: s for s in loads}
+    for index in live:
+        current = list(table.values())
+        if not any(has_capacity(s) for s in current):
+            break
+        queued = queue[index]
+        name = choose(
+            policy,
+            current,
+            queued.req,
+            counter=next(counter) if counter is not None else 0,
+            rng=rng,
+            affinity=affinity,
+            capabilities=queued.capabilities,
+            waited=queued.waited,
+        )
+        if name is not None:
+            decisions[index] = name
+            table[name] = table[name].model_copy(update={"in_flight": table[name].in_flight + 1})
+    return decisions
+
+
+@dataclass
+class _Speed:
+    """One server's cost model for this planning round: seconds = (fixed + tokens x per_token) x penalty."""
+
+    fixed: float
+    per_token: float
+    penalty: float
+    measured: bool
+
+
+def _speeds(loads: Sequence[ServerLoad]) -> dict[str, _Speed]:
+    known_tps = [s.ewma_token_seconds for s in loads if s.ewma_token_seconds is not None]
+    known_ttft = [s.ewma_ttft for s in loads if s.ewma_ttft is not None]
+    best_tps = min(known_tps) if known_tps else PRIOR_TOKEN_SECONDS
+    best_ttft = min(known_ttft) if known_ttft else PRIOR_TTFT
+    return {
+        s.name: _Speed(
+            fixed=s.ewma_ttft if s.ewma_ttft is not None else best_ttft,
+            per_token=s.ewma_token_seconds if s.ewma_token_seconds is not None else best_tps,
+            penalty=1.0 + 4.0 * s.error_rate,
+            measured=s.ewma_token_seconds is not None,
+        )
+        for s in loads
+    }
+
+
+def _plan_peak_ewma(
+    loads: Sequence[ServerLoad],
+    queue: Sequence[Queued],
+    live: list[int],
+    candidates: Candidates,
+    running: Mapping[str, Sequence[float]],
+    affinity: bool,
+    rng: random.Random,
+) -> dict[int, Decision]:
+    """Earliest-finish-time list scheduling of the whole queue on a virtual timeline.
+
+    The cost model is peak_ewma's (EWMA time to first token + EWMA seconds per
+    token x expected tokens, x (1 + 4 x recent error rate), + a model load where
+    the model is not loaded). On top of it:
+
+    * Order: within one priority (the plan's critical-path depth), longest
+      expected job first, with seconds already waited added to a job's size.
+      In a batch this is LPT, the classic makespan rule (a long job started
+      last is what makes a tail); with steady arrivals, aging stops short jobs
+      from starving behind a stream of long ones.
+    * Each request, in that order, reserves the server slot where it would
+      *finish* earliest, counting the expected remaining time of requests
+      already running there and of requests reserved ahead of it. It is
+      started now only if that slot is free now; otherwise it waits, and the
+      slot it would have taken on a slow idle server stays open for a request
+      further back that finishes sooner there. This is how a fast busy server
+      beats a slow idle one, and how the slow one still gets the short jobs.
+    * A server never measured (no EWMA yet) gets one request at a time, the
+      shortest waiting, until its first answer: optimistic priors alone would
+      hand an unknown slow box a long job.
+    * The whole fleet is scanned rather than two sampled (power of two
+      choices): P2C protects many balancers with stale views from herding;
+      here one balancer owns an exact table and scanning is O(queue x servers).
+
+    Plans are redone at every acquire, release and tick, so estimation errors
+    cost at most until the next event.
+    """
+    speeds = _speeds(loads)
+
+    def tokens(req: LeaseRequest) -> int:
+        return req.expected_tokens or DEFAULT_EXPECTED_TOKENS
+
+    # Virtual slots: a heap of times (seconds from now) at which each usable slot frees up.
+    slots: dict[str, list[float]] = {}
+    for s in loads:
+        limit = 0
+        if s.healthy:
+            limit = 1 if s.circuit == "half_open" else max(1, s.effective_slots)
+        if not speeds[s.name].measured:
+            limit = min(limit, 1)  # one probe at a time until measured
+        # An overdue request still holds its slot: it frees "very soon", never "now".
+        ends = sorted(max(OVERDUE_SECONDS, r) for r in running.get(s.name, ()))
+        if len(ends) < s.in_flight:  # in flight but no estimate given: assume one more average job
+            guess = speeds[s.name].fixed + speeds[s.name].per_token * DEFAULT_EXPECTED_TOKENS
+            ends += [guess] * (s.in_flight - len(ends))
+        busy = ends[max(0, len(ends) - limit) :] if limit else []
+        heap = busy + [0.0] * max(0, limit - len(busy))
+        heap = heap[:limit] if limit else []
+        heapq.heapify(heap)
+        slots[s.name] = heap
+
+    def load_wait(s: ServerLoad, model: str) -> float:
+        # Until the balancer sees the model loaded, every slot of that server waits for the load.
+        if not affinity or s.models_loaded is None or model in s.models_loaded:
+            return 0.0
+        return LOAD_PENALTY_SECONDS
+
+    def service(s: ServerLoad, req: LeaseRequest) -> float:
+        sp = speeds[s.name]
+        return (sp.fixed + sp.per_token * tokens(req)) * sp.penalty
+
+    best_fixed = min((sp.fixed for sp in speeds.values()), default=PRIOR_TTFT)
+    best_tok = min((sp.per_token for sp in speeds.values()), default=PRIOR_TOKEN_SECONDS)
+
+    def size(index: int) -> float:
+        queued = queue[index]
+        return best_fixed + best_tok * tokens(queued.req) + queued.waited
+
+    order = sorted(live, key=lambda i: (-queue[i].req.priority, -size(i), i))
+    decisions: dict[int, Decision] = {}
+
+    def free_now() -> bool:
+        return any(heap and heap[0] <= 0.0 for heap in slots.values())
+
+    for index in order:
+        if not free_now():
+            break
+        req = queue[index].req
+        cands = candidates(req)
+        if isinstance(cands, NoServerAvailable):
+            continue
+        best: tuple[float, float, float, str] | None = None
+        for s in cands:
+            heap = slots.get(s.name)
+            if not heap or not speeds[s.name].measured:
+                continue
+            start = max(heap[0], load_wait(s, req.model))
+            finish = start + service(s, req)
+            key = (finish, start, rng.random(), s.name)
+            if best is None or key < best:
+                best = key
+        if best is None:
+            continue
+        finish, start, _, name = best
+        slot_free = heapq.heappop(slots[name])
+        heapq.heappush(slots[name], finish)
+        if slot_free <= 0.0:
+            decisions[index] = name
+
+    # Probes: each free unmeasured server takes the shortest request still waiting that it can serve.
+    for name, heap in slots.items():
+        if speeds[name].measured or not heap or heap[0] > 0.0:
+            continue
+        waiting = [i for i in live if i not in decisions]
+        fits = []
+        for i in waiting:
+            cands = candidates(queue[i].req)
+            if isinstance(cands, list) and any(s.name == name for s in cands):
+                fits.append(i)
+        if fits:
+            pick = min(fits, key=lambda i: (-queue[i].req.priority, tokens(queue[i].req), i))
+            decisions[pick] = name
+            heapq.heapreplace(heap, float("inf"))
+    return decisions
