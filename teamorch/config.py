@@ -43,6 +43,7 @@ class ServerConfig(_Model):
     tags: list[str] = Field(default_factory=list)
     headers: dict[str, str] = Field(default_factory=dict)
     connect_timeout: float = Field(default=5.0, gt=0)
+    read_timeout: float = Field(default=120.0, gt=0)
     poll_interval: float = Field(default=10.0, gt=0)
     model_path: str | None = None
     n_threads: int = Field(default=1, ge=1)

@@ -167,3 +167,18 @@ def test_coordinator_dying_mid_run_keeps_finished_results(sims, coordinator) -> 
         assert exc.finished[0].status == "succeeded" and exc.finished[0].output
     else:
         raise AssertionError("the run should have been interrupted")
+
+
+def test_stalled_server_fails_over_before_the_task_deadline(sims, coordinator) -> None:
+    stuck = sims(name="stuck", stall=True)
+    fine = sims(name="fine")
+    team = sim_team([(stuck, 1), (fine, 1)], [{"name": "Analyst"}], balancer={"policy": "round_robin"})
+    team.servers[0].read_timeout = 1.0
+    plan = OrchestrationPlan.model_validate(
+        {"problem": "p", "tasks": [{"task_id": f"t{i}", "specialist": "Analyst", "timeout": 30} for i in range(2)]}
+    )
+    report = api.run_plan(coordinator(team), plan)
+    assert report.success
+    stalled = [a for t in report.tasks for a in t.attempts if a.server == "stuck"]
+    assert stalled and all(a.outcome == "timeout" and "stalled: no data for 1s" in a.error for a in stalled)
+    assert all(t.server == "fine" and t.duration < 10 for t in report.tasks)

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from teamorch.config import ServerConfig
-from teamorch.errors import MalformedResponse, ModelNotFound, ServerBusy, ServerError, ServerUnreachable
+from teamorch.errors import MalformedResponse, ModelNotFound, ServerBusy, ServerError, ServerTimeout, ServerUnreachable
 from teamorch.messages import ChatRequest, ChatResponse
 
 
@@ -41,8 +41,10 @@ class HttpBackend(Backend):
     """Shared by the network protocols: one pooled client per server actor.
 
     The pool is sized to `slots` because the balancer never sends more
-    concurrent requests than that; read timeouts are left to the task
-    deadline, since a cold model load can legitimately take minutes.
+    concurrent requests than that. `read_timeout` bounds the silence between
+    two chunks of a stream (Ollama streams a line per token), so a stalled
+    server fails over long before the task deadline; its default is generous
+    because a cold model load sends nothing for a while.
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -56,7 +58,7 @@ class HttpBackend(Backend):
             self._client = httpx.AsyncClient(
                 base_url=self.config.url or "",
                 headers=self.config.headers,
-                timeout=httpx.Timeout(None, connect=self.config.connect_timeout),
+                timeout=httpx.Timeout(None, connect=self.config.connect_timeout, read=self.config.read_timeout),
                 limits=httpx.Limits(
                     max_connections=self.config.slots + 4, max_keepalive_connections=self.config.slots + 4
                 ),
@@ -68,7 +70,10 @@ class HttpBackend(Backend):
             await self._client.aclose()
             self._client = None
 
-    def unreachable(self, exc: Exception) -> ServerUnreachable:
+    def unreachable(self, exc: Exception) -> ServerError:
+        """A transport failure: a silent stream is a stall (timeout), anything else means the box is gone."""
+        if isinstance(exc, httpx.ReadTimeout):
+            return ServerTimeout(self.name, f"stalled: no data for {self.config.read_timeout:g}s ({self.config.url})")
         detail = str(exc) or type(exc).__name__
         return ServerUnreachable(self.name, f"{detail} ({self.config.url})")
 
