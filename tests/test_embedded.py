@@ -76,3 +76,31 @@ def test_embedded_consensus_pattern_end_to_end(coordinator) -> None:
     result = report.synthesis.result
     assert result["voters"] == 2 and 0.5 <= result["agreement"] <= 1.0
     assert result["judgement"] and result["judgement"].startswith("1.")
+
+
+def test_embedded_json_schema_format_is_enforced_by_grammar() -> None:
+    """Ollama's `format` on the embedded backend: llama.cpp grammar from the JSON schema, so the output parses."""
+    import asyncio
+    import json
+
+    from actors.backends.embedded import EmbeddedBackend
+    from teamorch.config import ServerConfig
+    from teamorch.messages import ChatRequest
+
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
+    backend = EmbeddedBackend(ServerConfig(name="e", protocol="embedded"))
+    req = ChatRequest(
+        model="gemma3:270m",
+        role="Reviewer",
+        messages=[{"role": "user", "content": "Is 2 + 2 = 4? Answer yes or no."}],
+        options={"num_predict": 32},
+        format=schema,
+    )
+
+    async def ask() -> str:
+        try:
+            return (await backend.chat(req)).text
+        finally:
+            await backend.aclose()
+
+    assert json.loads(asyncio.run(ask()))["answer"] in ("yes", "no")
