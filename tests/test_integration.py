@@ -182,3 +182,17 @@ def test_stalled_server_fails_over_before_the_task_deadline(sims, coordinator) -
     stalled = [a for t in report.tasks for a in t.attempts if a.server == "stuck"]
     assert stalled and all(a.outcome == "timeout" and "stalled: no data for 1s" in a.error for a in stalled)
     assert all(t.server == "fine" and t.duration < 10 for t in report.tasks)
+
+
+def test_openai_compatible_protocol(sims, coordinator) -> None:
+    s = sims(name="vllm", slots=2)
+    team = sim_team([(s, 2)], [{"name": "Analyst", "options": {"num_predict": 7}}])
+    team.servers[0].protocol = "openai"
+    handle = coordinator(team)
+    report = api.run_plan(handle, fan_plan(2))
+    assert report.success, [t.error for t in report.tasks]
+    assert all(t.tokens == 7 and t.output.startswith("[vllm]") for t in report.tasks)
+    assert s.stats()["completed"] == 2
+    # Non-streaming /v1/chat/completions reports no time to first token; native /api/chat streaming would.
+    (load,) = ray.get(handle.servers_load.remote())
+    assert load.ewma_latency is not None and load.ewma_ttft is None
