@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.balancing import Queued, expected_seconds, plan_dispatch
+from policies.balancing import Queued, has_capacity, plan_dispatch, planned_seconds
 from policies.retry import CircuitBreaker
 from teamorch.config import ServerConfig, TeamConfig
 from teamorch.errors import NoServerAvailable
@@ -29,6 +29,12 @@ from teamorch.messages import LeaseRequest, ServerLoad
 EWMA_ALPHA = 0.3
 ERROR_WINDOW = 20
 TICK_SECONDS = 0.25
+# peak_ewma plans the whole queue; a wave of a plan reaches the balancer as requests a millisecond or
+# two apart, so an arrival that finds a free slot waits a moment for the rest of its wave instead of
+# taking the slot just because it came first. The wait is capped at a small fraction of the request's
+# expected service time, so it never matters for the request itself.
+COALESCE_SECONDS = 0.005
+COALESCE_FRACTION = 0.01
 MAX_GROUPS = 1000
 
 
@@ -121,6 +127,7 @@ class LoadBalancer:
         self._rr = itertools.count()
         self._rng = random.Random(0)
         self._tasks: list[asyncio.Task[None]] = []
+        self._coalescing: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         """Start the health/model poll loop and the re-dispatch tick (needs the actor's loop)."""
@@ -136,7 +143,7 @@ class LoadBalancer:
         waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future())
         self.waiters.append(waiter)
         self.waiters.sort(key=lambda w: (-w.req.priority, w.seq))
-        self._dispatch()
+        self._dispatch(arrived=waiter)
         try:
             return await waiter.future
         finally:
@@ -199,7 +206,8 @@ class LoadBalancer:
         server = self.servers[name]
         row = next(s for s in loads if s.name == name)
         cold = server.models_loaded is not None and waiter.req.model not in server.models_loaded
-        self.leases[lease_id] = _Lease(name, now, expected_seconds(row, waiter.req, loads), cold)
+        expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity)
+        self.leases[lease_id] = _Lease(name, now, expected, cold)
         server.in_flight += 1
         server.breaker.on_acquire(now)
         if waiter.req.group:
@@ -220,19 +228,40 @@ class LoadBalancer:
             out.setdefault(lease.server, []).append(max(0.0, lease.expected - (now - lease.granted)))
         return out
 
-    def _dispatch(self) -> None:
+    def _dispatch(self, arrived: _Waiter | None = None) -> None:
         """Grant, refuse or keep waiting every queued request, as `plan_dispatch` decides.
 
         The load table is built once per round (not once per waiter): a round
         runs at every acquire and release, and with hundreds of waiters
         rebuilding it per waiter made granting a slot cost more than the
-        request it granted.
+        request it granted. For the same reason a request that `arrived` while
+        every slot is taken is only checked for eligibility: nothing else in
+        the queue can have changed. Under peak_ewma an arrival with slots free
+        is planned a moment later (at most COALESCE_SECONDS, and at most
+        COALESCE_FRACTION of its expected service time), with the rest of its wave.
         """
         now = time.monotonic()
+        loads = self.snapshot_now(now) if arrived is not None else []
+        coalesce = self.policy == "peak_ewma" and COALESCE_SECONDS > 0
+        if arrived is not None and (coalesce or not any(has_capacity(s) for s in loads)):
+            verdict = plan_dispatch(self.policy, loads, [Queued(arrived.req)]).get(0)
+            if isinstance(verdict, NoServerAvailable):
+                arrived.future.set_exception(NoServerAvailable(verdict.message))
+                self.waiters.remove(arrived)
+            elif coalesce and self._coalescing is None and any(has_capacity(s) for s in loads):
+                affinity = self.team.balancer.model_affinity
+                quickest = min(planned_seconds(s, arrived.req, loads, affinity) for s in loads)
+                delay = min(COALESCE_SECONDS, COALESCE_FRACTION * quickest)
+                self._coalescing = asyncio.get_running_loop().call_later(delay, self._coalesced)
+            return
         for _round in range(len(self.waiters) + 1):
             self.waiters = [w for w in self.waiters if not w.future.done()]
             if not self.waiters or not self._dispatch_round(now):
                 return
+
+    def _coalesced(self) -> None:
+        self._coalescing = None
+        self._dispatch()
 
     def _dispatch_round(self, now: float) -> bool:
         """One planning round; True if a grant was held back and the queue must be planned again.

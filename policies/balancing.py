@@ -1,10 +1,20 @@
 """Which server gets the next request: pure functions over a load snapshot.
 
-The balancer actor owns the live table and calls `choose()`; everything here is
-plain Python so each rule can be tested in microseconds with hand-built
-snapshots. `choose()` answers with a server name, or `None` meaning "wait":
-admission control lives here too, because a loaded Ollama model queues excess
-requests without bound and its 503 arrives too late to help.
+The balancer actor owns the live table and calls `plan_dispatch()` with its
+whole queue; everything here is plain Python so each rule can be tested in
+microseconds with hand-built snapshots. `choose()` is the one-request rule:
+it answers with a server name, or `None` meaning "wait". Admission control
+lives here too, because a loaded Ollama model queues excess requests without
+bound and its 503 arrives too late to help.
+
+`plan_dispatch()` applies `choose()` request by request for round_robin,
+least_loaded and capability. For peak_ewma it schedules the whole queue with
+one cost model (`planned_seconds`: EWMA time to first token + EWMA seconds
+per token x expected tokens, error and model-load penalties), because a
+one-request-at-a-time rule cannot tell which waiting request should take a
+slow free server and which should wait for a fast busy one;
+`choose("peak_ewma", ...)` is that scheduler over a queue of one.
+`benchmarks/routing.py` measures the difference against a computed lower bound.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from teamorch.messages import LeaseRequest, ServerLoad
 
 POLICIES = ("round_robin", "least_loaded", "capability", "peak_ewma")
 
-# Priors for a server nobody has measured yet: optimistic, so new servers get tried.
+# Priors used before any server has been measured.
 PRIOR_TOKEN_SECONDS = 0.02
 PRIOR_TTFT = 0.2
 DEFAULT_EXPECTED_TOKENS = 256
@@ -27,8 +37,6 @@ DEFAULT_EXPECTED_TOKENS = 256
 LOAD_PENALTY_SECONDS = 5.0
 # A request running past its estimate is expected to end this soon (it must not look like a free slot).
 OVERDUE_SECONDS = 0.05
-# Above this many candidates peak_ewma samples two (power of two choices) instead of scanning all.
-P2C_THRESHOLD = 8
 
 
 def eligible(loads: Sequence[ServerLoad], req: LeaseRequest) -> list[ServerLoad]:
@@ -64,36 +72,23 @@ def has_capacity(s: ServerLoad) -> bool:
     return s.healthy and s.in_flight < limit
 
 
-def expected_seconds(s: ServerLoad, req: LeaseRequest, fleet: Sequence[ServerLoad] = ()) -> float:
-    """Service time of `req` on `s` alone: time to first token + tokens x seconds/token (+ a model load)."""
-    known_tps = [f.ewma_token_seconds for f in fleet if f.ewma_token_seconds is not None]
-    known_ttft = [f.ewma_ttft for f in fleet if f.ewma_ttft is not None]
-    tps = s.ewma_token_seconds
-    if tps is None:
-        tps = min(known_tps) if known_tps else PRIOR_TOKEN_SECONDS
-    ttft = s.ewma_ttft
-    if ttft is None:
-        ttft = min(known_ttft) if known_ttft else PRIOR_TTFT
-    tokens = req.expected_tokens or DEFAULT_EXPECTED_TOKENS
-    seconds = ttft + tps * tokens
-    if s.models_loaded is not None and req.model not in s.models_loaded:
-        seconds += LOAD_PENALTY_SECONDS
-    return seconds * (1.0 + 4.0 * s.error_rate)
-
-
-def peak_ewma_cost(s: ServerLoad, req: LeaseRequest, fleet: Sequence[ServerLoad] = ()) -> float:
-    """Expected completion time: EWMA latency x (in-flight + 1) / slots.
-
-    A full server still gets a cost, so a fast busy server can beat a slow idle
-    one: the caller then waits for the fast server instead of starting a
-    request that will finish later anyway.
-    """
-    slots = max(1, s.effective_slots)
-    return expected_seconds(s, req, fleet) * max(1.0, (s.in_flight + 1) / slots)
-
-
 def _prefer(cands: list[ServerLoad], keep: list[ServerLoad]) -> list[ServerLoad]:
     return keep if keep else cands
+
+
+def honour_avoid(cands: list[ServerLoad], req: LeaseRequest) -> list[ServerLoad]:
+    """Prefer servers not in `req.avoid` (diversity), but never wait because of it.
+
+    Avoided servers drop out only while a non-avoided one can start the
+    request now, or while nobody can; an avoided server that is the only free
+    one is used rather than leaving the request queued.
+    """
+    if not req.avoid:
+        return cands
+    others = [s for s in cands if s.name not in req.avoid]
+    if any(has_capacity(s) for s in others) or not any(has_capacity(s) for s in cands):
+        return _prefer(cands, others)
+    return cands
 
 
 def choose(
@@ -116,31 +111,18 @@ def choose(
     if policy not in POLICIES:
         raise ValueError(f"unknown balancing policy {policy!r}; choose one of {', '.join(POLICIES)}")
     rng = rng or random.Random(counter)
-    cands = eligible(loads, req)
-    if req.avoid:
-        cands = _prefer(cands, [s for s in cands if s.name not in req.avoid])
+    if policy == "peak_ewma":
+        # One request is a queue of one: the same scheduler the balancer runs over its whole queue.
+        found = plan_dispatch(policy, loads, [Queued(req, waited, tuple(capabilities))], rng=rng, affinity=affinity)
+        decision = found.get(0)
+        if isinstance(decision, NoServerAvailable):
+            raise decision
+        return decision
+    cands = honour_avoid(eligible(loads, req), req)
     free = [s for s in cands if has_capacity(s)]
     if affinity:
         loaded = [s for s in free if s.models_loaded is not None and req.model in s.models_loaded]
         free = _prefer(free, loaded)
-
-    if policy == "peak_ewma":
-        pool = list(cands)
-        if len(pool) > P2C_THRESHOLD:
-            pool = rng.sample(pool, 2) + [s for s in free[:1]]
-        if not pool:
-            return None
-        best = min(pool, key=lambda s: (peak_ewma_cost(s, req, loads), rng.random()))
-        if has_capacity(best):
-            return best.name
-        if free:
-            fallback = min(free, key=lambda s: peak_ewma_cost(s, req, loads))
-            if waited >= peak_ewma_cost(best, req, loads):
-                return fallback.name
-            # An idle server that finishes sooner than the busy favourite is still a win.
-            if expected_seconds(fallback, req, loads) < peak_ewma_cost(best, req, loads):
-                return fallback.name
-        return None
 
     if not free:
         return None
@@ -207,10 +189,7 @@ def plan_dispatch(
         key = (req.model, tuple(req.requires), tuple(req.exclude), req.server, tuple(req.avoid))
         if key not in cache:
             try:
-                cands = eligible(loads, req)
-                if req.avoid:
-                    cands = _prefer(cands, [s for s in cands if s.name not in req.avoid])
-                cache[key] = cands
+                cache[key] = honour_avoid(eligible(loads, req), req)
             except NoServerAvailable as exc:
                 cache[key] = exc
         return cache[key]
@@ -264,19 +243,39 @@ class _Speed:
 
 
 def _speeds(loads: Sequence[ServerLoad]) -> dict[str, _Speed]:
+    """Each server's cost model; a server not yet measured is assumed as slow as the slowest measured one.
+
+    The planner is pessimistic about the unknown: it already limits an unmeasured
+    server to one request at a time, and assuming it is fast would hand it the
+    longest job in the queue. Before anything is measured all servers share
+    the priors.
+    """
     known_tps = [s.ewma_token_seconds for s in loads if s.ewma_token_seconds is not None]
     known_ttft = [s.ewma_ttft for s in loads if s.ewma_ttft is not None]
-    best_tps = min(known_tps) if known_tps else PRIOR_TOKEN_SECONDS
-    best_ttft = min(known_ttft) if known_ttft else PRIOR_TTFT
+    worst_tps = max(known_tps) if known_tps else PRIOR_TOKEN_SECONDS
+    worst_ttft = max(known_ttft) if known_ttft else PRIOR_TTFT
     return {
         s.name: _Speed(
-            fixed=s.ewma_ttft if s.ewma_ttft is not None else best_ttft,
-            per_token=s.ewma_token_seconds if s.ewma_token_seconds is not None else best_tps,
+            fixed=s.ewma_ttft if s.ewma_ttft is not None else worst_ttft,
+            per_token=s.ewma_token_seconds if s.ewma_token_seconds is not None else worst_tps,
             penalty=1.0 + 4.0 * s.error_rate,
             measured=s.ewma_token_seconds is not None,
         )
         for s in loads
     }
+
+
+def planned_seconds(s: ServerLoad, req: LeaseRequest, fleet: Sequence[ServerLoad], affinity: bool = True) -> float:
+    """What `plan_dispatch` (peak_ewma) expects `req` to take on `s`, model load included.
+
+    The balancer records it per lease, so later plans know when a busy slot frees up.
+    """
+    table = list(fleet) if any(f.name == s.name for f in fleet) else [*fleet, s]
+    sp = _speeds(table)[s.name]
+    seconds = (sp.fixed + sp.per_token * (req.expected_tokens or DEFAULT_EXPECTED_TOKENS)) * sp.penalty
+    if affinity and s.models_loaded is not None and req.model not in s.models_loaded:
+        seconds += LOAD_PENALTY_SECONDS
+    return seconds
 
 
 def _plan_peak_ewma(
@@ -306,9 +305,13 @@ def _plan_peak_ewma(
       slot it would have taken on a slow idle server stays open for a request
       further back that finishes sooner there. This is how a fast busy server
       beats a slow idle one, and how the slow one still gets the short jobs.
-    * A server never measured (no EWMA yet) gets one request at a time, the
-      shortest waiting, until its first answer: optimistic priors alone would
-      hand an unknown slow box a long job.
+    * A server never measured (no EWMA yet) gets one request at a time until
+      its first answer, and is assumed as slow as the slowest measured
+      server (see `_speeds`). When nothing at all is measured (a cold start),
+      each server is first sent the shortest waiting request: the cheapest
+      way to learn every server's speed, where guessing would hand an
+      unknown slow box a long job and leave the fast boxes' other slots idle
+      until their first long answer.
     * The whole fleet is scanned rather than two sampled (power of two
       choices): P2C protects many balancers with stale views from herding;
       here one balancer owns an exact table and scanning is O(queue x servers).
@@ -363,7 +366,8 @@ def _plan_peak_ewma(
     def free_now() -> bool:
         return any(heap and heap[0] <= 0.0 for heap in slots.values())
 
-    for index in order:
+    cold_start = not any(sp.measured for sp in speeds.values())
+    for index in [] if cold_start else order:
         if not free_now():
             break
         req = queue[index].req
@@ -373,7 +377,7 @@ def _plan_peak_ewma(
         best: tuple[float, float, float, str] | None = None
         for s in cands:
             heap = slots.get(s.name)
-            if not heap or not speeds[s.name].measured:
+            if not heap:
                 continue
             start = max(heap[0], load_wait(s, req.model))
             finish = start + service(s, req)
@@ -388,9 +392,9 @@ def _plan_peak_ewma(
         if slot_free <= 0.0:
             decisions[index] = name
 
-    # Probes: each free unmeasured server takes the shortest request still waiting that it can serve.
-    for name, heap in slots.items():
-        if speeds[name].measured or not heap or heap[0] > 0.0:
+    # Cold-start probes: each free server takes the shortest request still waiting that it can serve.
+    for name, heap in slots.items() if cold_start else ():
+        if not heap or heap[0] > 0.0:
             continue
         waiting = [i for i in live if i not in decisions]
         fits = []

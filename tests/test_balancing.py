@@ -13,11 +13,12 @@ from policies.balancing import (
     POLICIES,
     PRIOR_TOKEN_SECONDS,
     PRIOR_TTFT,
+    Queued,
     choose,
     eligible,
-    expected_seconds,
     has_capacity,
-    peak_ewma_cost,
+    plan_dispatch,
+    planned_seconds,
 )
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import LeaseRequest, ServerLoad
@@ -96,42 +97,33 @@ def test_peak_ewma_penalises_error_rate() -> None:
     assert choose("peak_ewma", loads, req(expected_tokens=100)) == "b"
 
 
-def test_peak_ewma_counts_a_model_load_for_a_server_without_the_model_loaded() -> None:
+def test_peak_ewma_prefers_a_warm_server_over_a_faster_one_that_must_load_the_model() -> None:
     # "cold" is 10x faster per token but must load the model first (+LOAD_PENALTY_SECONDS).
     loads = [
         srv("cold", ewma_ttft=0.2, ewma_token_seconds=0.001, models_loaded=[]),  # 0.3 + 5
         srv("warm", ewma_ttft=0.2, ewma_token_seconds=0.01, models_loaded=["m"]),  # 1.2
     ]
-    assert choose("peak_ewma", loads, req(expected_tokens=100), affinity=False) == "warm"
+    assert choose("peak_ewma", loads, req(expected_tokens=100)) == "warm"
 
 
-def test_expected_seconds_formula_priors_and_fleet_fallback() -> None:
+def test_planned_seconds_formula_priors_and_pessimism_about_the_unknown() -> None:
     r = req(expected_tokens=100)
     measured = srv("x", ewma_ttft=0.5, ewma_token_seconds=0.02)
-    assert expected_seconds(measured, r) == pytest.approx(0.5 + 0.02 * 100)
-    # unmeasured server, no fleet: optimistic priors and the default token count
+    assert planned_seconds(measured, r, [measured]) == pytest.approx(0.5 + 0.02 * 100)
+    # nothing measured anywhere: the priors and the default token count
     blank = srv("new")
-    assert expected_seconds(blank, req()) == pytest.approx(PRIOR_TTFT + PRIOR_TOKEN_SECONDS * DEFAULT_EXPECTED_TOKENS)
-    # unmeasured server in a measured fleet: the best measured values (optimistic)
-    fleet = [srv("p", ewma_ttft=0.3, ewma_token_seconds=0.05), srv("q", ewma_ttft=0.9, ewma_token_seconds=0.01)]
-    assert expected_seconds(blank, r, fleet) == pytest.approx(0.3 + 0.01 * 100)
+    assert planned_seconds(blank, req(), [blank]) == pytest.approx(
+        PRIOR_TTFT + PRIOR_TOKEN_SECONDS * DEFAULT_EXPECTED_TOKENS
+    )
+    # unmeasured server in a measured fleet: as slow as the slowest measured server
+    fleet = [srv("p", ewma_ttft=0.3, ewma_token_seconds=0.05), srv("q", ewma_ttft=0.9, ewma_token_seconds=0.01), blank]
+    assert planned_seconds(blank, r, fleet) == pytest.approx(0.9 + 0.05 * 100)
     # model present but not loaded costs a load
     cold = srv("cold", ewma_ttft=0.5, ewma_token_seconds=0.02, models_loaded=["other"])
-    assert expected_seconds(cold, r) == pytest.approx(0.5 + 2.0 + LOAD_PENALTY_SECONDS)
+    assert planned_seconds(cold, r, [cold]) == pytest.approx(0.5 + 2.0 + LOAD_PENALTY_SECONDS)
     # error rate multiplies the cost
     flaky = srv("flaky", ewma_ttft=0.5, ewma_token_seconds=0.02, error_rate=0.25)
-    assert expected_seconds(flaky, r) == pytest.approx((0.5 + 2.0) * 2.0)
-
-
-def test_peak_ewma_cost_grows_only_once_slots_are_full() -> None:
-    r = req(expected_tokens=100)
-
-    def cost(in_flight: int) -> float:
-        return peak_ewma_cost(srv("s", slots=2, in_flight=in_flight, ewma_ttft=0.2, ewma_token_seconds=0.01), r)
-
-    base = expected_seconds(srv("s", slots=2, ewma_ttft=0.2, ewma_token_seconds=0.01), r)
-    assert base == pytest.approx(1.2)
-    assert [cost(n) for n in range(4)] == pytest.approx([base, base, base * 1.5, base * 2.0])
+    assert planned_seconds(flaky, r, [flaky]) == pytest.approx((0.5 + 2.0) * 2.0)
 
 
 # ---- peak_ewma: waiting for a fast busy server ---------------------------------------------
@@ -142,32 +134,39 @@ FAST_REQ = req(expected_tokens=100)
 
 
 def test_peak_ewma_waits_for_a_fast_busy_server_rather_than_start_on_a_slow_idle_one() -> None:
-    assert choose("peak_ewma", [FAST_BUSY, SLOW_IDLE], FAST_REQ, waited=0.0) is None
+    # fast frees in 0.1 s and finishes this request at 0.3 s; slow would take 11 s.
+    assert plan_dispatch("peak_ewma", [FAST_BUSY, SLOW_IDLE], [Queued(FAST_REQ)], running={"fast": [0.1]}) == {}
+    assert choose("peak_ewma", [FAST_BUSY, SLOW_IDLE], FAST_REQ) is None
 
 
-def test_peak_ewma_takes_the_slow_idle_server_once_waiting_exceeds_the_fast_servers_cost() -> None:
-    cost = peak_ewma_cost(FAST_BUSY, FAST_REQ, [FAST_BUSY, SLOW_IDLE])
-    assert cost == pytest.approx(0.4)
-    assert choose("peak_ewma", [FAST_BUSY, SLOW_IDLE], FAST_REQ, waited=cost * 0.9) is None
-    assert choose("peak_ewma", [FAST_BUSY, SLOW_IDLE], FAST_REQ, waited=cost) == "slow"
-    assert choose("peak_ewma", [FAST_BUSY, SLOW_IDLE], FAST_REQ, waited=cost * 10) == "slow"
+def test_peak_ewma_takes_the_slow_idle_server_when_the_busy_one_frees_too_late() -> None:
+    # fast stays busy for 20 s more: the request finishes sooner on slow (11 s) than after waiting (20.2 s).
+    assert plan_dispatch("peak_ewma", [FAST_BUSY, SLOW_IDLE], [Queued(FAST_REQ)], running={"fast": [20.0]}) == {
+        0: "slow"
+    }
 
 
 def test_peak_ewma_takes_an_idle_server_that_finishes_before_the_busy_one_would() -> None:
-    # Idle "medium" (0.3 s) beats waiting for busy "fast" (0.4 s) without any waiting.
+    # Idle "medium" (0.3 s) beats waiting for busy "fast" (0.1 s + 0.2 s + a little).
     medium = srv("medium", slots=1, ewma_ttft=0.1, ewma_token_seconds=0.002)
-    assert choose("peak_ewma", [FAST_BUSY, medium], FAST_REQ) == "medium"
+    assert plan_dispatch("peak_ewma", [FAST_BUSY, medium], [Queued(FAST_REQ)], running={"fast": [0.2]}) == {0: "medium"}
 
 
-def test_peak_ewma_power_of_two_choices_never_loses_a_faster_free_server() -> None:
-    # 8 full fast servers (cost 0.4 s), a slow free one listed first, and a quick free one (0.25 s).
-    # With > P2C_THRESHOLD candidates only two are sampled, plus the first free one; when the sample
-    # misses "quick", the fallback must still notice it finishes sooner than waiting.
-    busy = [srv(f"f{i}", slots=1, in_flight=1, ewma_ttft=0.1, ewma_token_seconds=0.001) for i in range(8)]
-    quick = srv("quick", slots=1, ewma_ttft=0.1, ewma_token_seconds=0.0015)
-    loads = [*busy, SLOW_IDLE, quick]
-    picks = {choose("peak_ewma", loads, FAST_REQ, counter=i) for i in range(60)}
-    assert picks == {"quick"}
+def test_peak_ewma_starts_the_longest_job_first_unless_a_short_one_has_waited_long() -> None:
+    one = [srv("s", slots=1, ewma_ttft=0.1, ewma_token_seconds=0.01)]
+    short, long = req(expected_tokens=10), req(expected_tokens=1000)
+    assert plan_dispatch("peak_ewma", one, [Queued(short), Queued(long)]) == {1: "s"}
+    # aging: seconds already waited count toward a job's size, so short jobs cannot starve
+    assert plan_dispatch("peak_ewma", one, [Queued(short, waited=60.0), Queued(long)]) == {0: "s"}
+
+
+def test_peak_ewma_gives_an_unmeasured_server_one_request_at_a_time() -> None:
+    known = srv("known", slots=1, in_flight=1, ewma_ttft=0.1, ewma_token_seconds=0.01)
+    new_busy = srv("new", slots=4, in_flight=1)
+    queue = [Queued(req(expected_tokens=10)) for _ in range(3)]
+    assert plan_dispatch("peak_ewma", [known, new_busy], queue, running={"known": [0.1], "new": [1.0]}) == {}
+    new_idle = srv("new", slots=4)
+    assert list(plan_dispatch("peak_ewma", [known, new_idle], queue, running={"known": [5.0]}).values()) == ["new"]
 
 
 def test_peak_ewma_is_deterministic_for_a_given_seed() -> None:
@@ -298,14 +297,17 @@ def test_pinned_broken_server_raises_instead_of_falling_back() -> None:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_excluded_server_is_never_chosen(policy: str) -> None:
     # "a" would win every policy on its own merits
-    loads = [srv("a", slots=8, tags=["x"], ewma_ttft=0.01, ewma_token_seconds=0.0001), srv("b", in_flight=1)]
+    # "b" is measured: peak_ewma gives an unmeasured busy server only one request at a time.
+    b = srv("b", in_flight=1, ewma_ttft=0.2, ewma_token_seconds=0.01)
+    loads = [srv("a", slots=8, tags=["x"], ewma_ttft=0.01, ewma_token_seconds=0.0001), b]
     for counter in range(3):
         assert choose(policy, loads, req(exclude=["a"]), counter=counter, capabilities=["x"]) == "b"
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_requires_filters_to_servers_with_all_tags(policy: str) -> None:
-    loads = [srv("a", tags=["gpu"]), srv("b", tags=["gpu", "big"], in_flight=1), srv("c", tags=["big"])]
+    b = srv("b", tags=["gpu", "big"], in_flight=1, ewma_ttft=0.2, ewma_token_seconds=0.01)
+    loads = [srv("a", tags=["gpu"]), b, srv("c", tags=["big"])]
     for counter in range(3):
         assert choose(policy, loads, req(requires=["gpu", "big"]), counter=counter) == "b"
 
@@ -343,7 +345,9 @@ def test_affinity_does_not_treat_unknown_loaded_list_as_loaded() -> None:
 @pytest.mark.parametrize("policy", POLICIES)
 def test_avoid_is_preferred_when_another_server_is_free(policy: str) -> None:
     # "a" would win on every policy's own merits
-    loads = [srv("a", slots=8, tags=["x"], ewma_ttft=0.01, ewma_token_seconds=0.0001), srv("b", in_flight=1)]
+    # "b" is measured: peak_ewma gives an unmeasured busy server only one request at a time.
+    b = srv("b", in_flight=1, ewma_ttft=0.2, ewma_token_seconds=0.01)
+    loads = [srv("a", slots=8, tags=["x"], ewma_ttft=0.01, ewma_token_seconds=0.0001), b]
     for counter in range(3):
         assert choose(policy, loads, req(avoid=["a"]), counter=counter, capabilities=["x"]) == "b"
 
@@ -355,14 +359,6 @@ def test_avoid_everything_still_chooses_a_server(policy: str) -> None:
         assert choose(policy, loads, req(avoid=["a", "b"]), counter=counter) == "b"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG policies/balancing.py choose(): `avoid` narrows the candidates before the capacity check, "
-        "so when every non-avoided server is full the request waits (None) although an avoided server "
-        "is free: diversity blocks instead of only being preferred"
-    ),
-)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_avoid_does_not_block_when_only_an_avoided_server_is_free(policy: str) -> None:
     loads = [srv("a"), srv("b", slots=1, in_flight=1)]
@@ -400,11 +396,10 @@ def test_half_open_server_with_its_probe_out_sends_traffic_elsewhere(policy: str
 
 
 def test_peak_ewma_never_sends_a_second_request_to_a_half_open_server() -> None:
-    # peak_ewma may wait for the faster half-open server, but never grants it a second request,
-    # and stops waiting once the wait exceeds what that server would take.
-    for counter in range(3):
-        assert choose("peak_ewma", HALF_OPEN_BUSY, req(), counter=counter) in (None, "z")
-        assert choose("peak_ewma", HALF_OPEN_BUSY, req(), counter=counter, waited=60.0) == "z"
+    # peak_ewma may wait for the faster half-open server, but never grants it a second request.
+    for remaining in (0.01, 1.0, 60.0):
+        decision = plan_dispatch("peak_ewma", HALF_OPEN_BUSY, [Queued(req())], running={"h": [remaining], "z": [0.5]})
+        assert decision.get(0) in (None, "z")
 
 
 # ---- policy names ------------------------------------------------------------------------
@@ -418,3 +413,13 @@ def test_unknown_policy_raises_value_error_listing_the_choices() -> None:
 def test_unknown_policy_is_reported_before_eligibility() -> None:
     with pytest.raises(ValueError, match="'nope'"):
         choose("nope", [], req())
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_queue_planning_honours_avoid_without_blocking(policy: str) -> None:
+    loads = [srv("a"), srv("b", slots=1, in_flight=1), srv("c")]
+    # A free non-avoided server exists: the avoided one is not used.
+    assert plan_dispatch(policy, loads, [Queued(req(avoid=["a"]))]) == {0: "c"}
+    # Only the avoided server is free: it is used rather than waiting.
+    loads = [srv("a"), srv("b", slots=1, in_flight=1)]
+    assert plan_dispatch(policy, loads, [Queued(req(avoid=["a"]))]) == {0: "a"}

@@ -1,0 +1,219 @@
+"""What teamorch's actor path costs on top of the HTTP call it makes.
+
+The server is a simulator with near-zero service time (ttft 0, a million
+tokens/s, one output token), so everything measured is overhead:
+
+* latency: one request at a time, a direct streaming `httpx` call to
+  `/api/chat` (what teamorch's Ollama backend sends) vs the same request as a
+  one-task plan through `api.run_plan` (driver -> coordinator -> specialist ->
+  balancer lease -> server actor -> HTTP and back), vs one task inside a
+  100-task dependency chain (no driver round trip: the coordinator's own
+  per-task cost, including handing the previous output downstream);
+* dispatch throughput: one coordinator, one plan of 500 independent tiny tasks;
+* memory per task: growth of the coordinator process's resident set size
+  (RSS) over several 500-task plans, divided by the tasks run. The
+  coordinator keeps every `RunReport` (its `history`) and every run journal,
+  so this is mostly retained result state, plus allocator slack; it is what a
+  long-lived shared coordinator accumulates per task. The pickled report size
+  per task (what the driver receives) is shown beside it.
+
+Run: `.venv/bin/python -m benchmarks.overhead` (part of `make bench`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import pickle
+import time
+from typing import Any
+
+import httpx
+import ray
+
+from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
+from teamorch import api
+from teamorch.messages import OrchestrationPlan
+from teamorch.sim import SimConfig
+
+LATENCY_SAMPLES = 200
+PLAN_SAMPLES = 100
+CHAIN = 100
+BURST = 500
+MEMORY_PLANS = 4
+SPECIALISTS = [{"name": "Analyst", "system_prompt": "You analyse.", "options": {"num_predict": 1}}]
+
+
+def _instant(slots: int) -> SimConfig:
+    return SimConfig(name="instant", slots=slots, tokens_per_second=1e6, ttft=0.0, default_tokens=1)
+
+
+def direct_latencies(url: str, n: int) -> list[float]:
+    """The baseline: the same streaming /api/chat request, sent by hand over one keep-alive connection."""
+    payload = {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": "You analyse."}, {"role": "user", "content": "Your task: t"}],
+        "stream": True,
+        "options": {"num_predict": 1},
+    }
+    out = []
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for _ in range(n + 5):
+            began = time.perf_counter()
+            with client.stream("POST", "/api/chat", json=payload) as response:
+                for line in response.iter_lines():
+                    if line.strip() and json.loads(line).get("done"):
+                        break
+            out.append(time.perf_counter() - began)
+    return out[5:]  # the first few open the connection
+
+
+def _tasks(n: int, chain: bool = False) -> OrchestrationPlan:
+    return OrchestrationPlan.model_validate(
+        {
+            "problem": "overhead",
+            "tasks": [
+                {
+                    "task_id": f"t{i}",
+                    "specialist": "Analyst",
+                    "depends_on": [f"t{i - 1}"] if chain and i else [],
+                }
+                for i in range(n)
+            ],
+        }
+    )
+
+
+def plan_latencies(coordinator: Any, n: int) -> list[float]:
+    plan = _tasks(1)
+    out = []
+    for _ in range(n + 3):
+        began = time.perf_counter()
+        report = api.run_plan(coordinator, plan)
+        out.append(time.perf_counter() - began)
+        if not report.success:
+            raise RuntimeError(f"overhead plan failed: {report.tasks[0].error}")
+    return out[3:]  # the first runs warm the specialist actor
+
+
+def _own_rss() -> int:
+    """Current resident set size of the calling process, in bytes (Linux /proc; peak RSS elsewhere)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _rss(coordinator: Any) -> int:
+    """The coordinator actor's RSS, read inside its own process (works wherever Ray placed it)."""
+    return int(ray.get(coordinator.__ray_call__.remote(lambda _self: _own_rss())))
+
+
+def main() -> dict[str, Any]:
+    ensure_ray()
+    rows: list[list[Any]] = []
+    results: dict[str, Any] = {}
+    with Fleet([_instant(slots=64)]) as fleet:
+        url = fleet.urls["instant"]
+        direct = direct_latencies(url, LATENCY_SAMPLES)
+        d50 = percentile(direct, 50)
+        team = sim_team(fleet, SPECIALISTS)
+        coordinator = api.start_coordinator(team)
+        try:
+            one = plan_latencies(coordinator, PLAN_SAMPLES)
+            began = time.perf_counter()
+            chain_report = api.run_plan(coordinator, _tasks(CHAIN, chain=True))
+            chain_wall = time.perf_counter() - began
+            # per task inside the chain: from the end of one task to the end of the next
+            ends = sorted(t.ended_at or 0.0 for t in chain_report.tasks)
+            chain_steps = [b - a for a, b in itertools.pairwise(ends)]
+            server_calls = [a.ended_at - a.started_at for t in chain_report.tasks for a in t.attempts]
+
+            bursts = []
+            for _ in range(2):
+                began = time.perf_counter()
+                burst_report = api.run_plan(coordinator, _tasks(BURST))
+                bursts.append((time.perf_counter() - began, burst_report))
+            rss_before = _rss(coordinator)
+            for _ in range(MEMORY_PLANS):
+                report = api.run_plan(coordinator, _tasks(BURST))
+            rss_after = _rss(coordinator)
+            report_bytes = len(pickle.dumps(report))
+        finally:
+            api.stop_coordinator(coordinator)
+
+    rows = [
+        ["direct httpx streaming /api/chat", len(direct), d50 * 1e3, percentile(direct, 99) * 1e3, 0.0],
+        [
+            "teamorch: one-task plan via api.run_plan",
+            len(one),
+            percentile(one, 50) * 1e3,
+            percentile(one, 99) * 1e3,
+            (percentile(one, 50) - d50) * 1e3,
+        ],
+        [
+            f"teamorch: one task of a {CHAIN}-task chain",
+            len(chain_steps),
+            percentile(chain_steps, 50) * 1e3,
+            percentile(chain_steps, 99) * 1e3,
+            (percentile(chain_steps, 50) - d50) * 1e3,
+        ],
+        [
+            "  of which: specialist -> server actor -> HTTP",
+            len(server_calls),
+            percentile(server_calls, 50) * 1e3,
+            percentile(server_calls, 99) * 1e3,
+            (percentile(server_calls, 50) - d50) * 1e3,
+        ],
+    ]
+    burst_rows = [
+        [
+            f"{BURST}-task plan, run {i + 1}",
+            BURST,
+            wall,
+            BURST / wall,
+            sum(1 for t in rep.tasks if t.status == "succeeded"),
+        ]
+        for i, (wall, rep) in enumerate(bursts)
+    ]
+    tasks_run = MEMORY_PLANS * BURST
+    mem_rows = [
+        [
+            "coordinator RSS growth per task",
+            f"{MEMORY_PLANS} x {BURST}",
+            (rss_after - rss_before) / 1e6,
+            (rss_after - rss_before) / tasks_run / 1e3,
+        ],
+        ["pickled RunReport per task (sent to the driver)", BURST, report_bytes / 1e6, report_bytes / BURST / 1e3],
+    ]
+    text = "\n".join(
+        [
+            "",
+            "## Overhead (near-zero service time)",
+            SIM_NOTE,
+            "Simulator: ttft 0, 1e6 tokens/s, num_predict 1, 64 slots; one request at a time for latency.",
+            "",
+            table(["path", "samples", "p50 ms", "p99 ms", "added p50 ms"], rows),
+            f"({CHAIN}-task chain wall {chain_wall:.2f} s.)",
+            "",
+            table(["dispatch throughput", "tasks", "wall s", "tasks/s", "succeeded"], burst_rows),
+            "Both runs use the coordinator already warmed by the latency runs.",
+            "",
+            table(["memory", "tasks", "total MB", "KB per task"], mem_rows),
+            "RSS growth is what the coordinator process keeps per task run (its report history and run journals are "
+            "never trimmed) plus allocator slack; not a per-in-flight-task cost.",
+        ]
+    )
+    print(text, flush=True)
+    results.update(text=text, direct=direct, one=one, chain=chain_steps, bursts=[b[0] for b in bursts])
+    return results
+
+
+if __name__ == "__main__":
+    main()
