@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,7 @@ from policies.planning import (
     plan_for,
     plan_schema,
 )
-from policies.synthesis import compute_statistics, meets_criteria, resolve_strategy, vote
+from policies.synthesis import compute_statistics, meets_criteria, merge_statistics, resolve_strategy, vote
 from teamorch.config import SpecialistConfig, TeamConfig
 from teamorch.errors import PlanError, TeamorchError, unwrap
 from teamorch.messages import (
@@ -47,12 +48,14 @@ from teamorch.messages import (
     PipelineSpec,
     RunReport,
     StageSpec,
+    Statistics,
     Synthesis,
     Task,
     TaskResult,
 )
 
 BUILTIN_PLANNER = "Planner"
+KEEP_FINISHED_JOURNALS = 16
 PLANNER_OPTIONS = {"num_predict": 512, "temperature": 0.2}
 
 Journal = dict[str, TaskResult]
@@ -65,8 +68,13 @@ class Coordinator:
         self.servers: dict[str, Any] = {}
         self.balancer: Any = None
         self.specialists: dict[str, Any] = {}
+        # Journals of runs in progress plus the last few finished ones (a client interrupted at the
+        # end of a run still collects them), and running totals: a long-lived coordinator must not
+        # grow with every task it ever ran.
         self.runs: dict[str, Journal] = {}
-        self.history: list[RunReport] = []
+        self.finished: OrderedDict[str, Journal] = OrderedDict()
+        self.totals: Statistics | None = None
+        self.run_count = 0
         self._started = False
 
     # ---- lifecycle -----------------------------------------------------------------------
@@ -119,14 +127,12 @@ class Coordinator:
         return await await_ref(self.balancer.snapshot.remote())
 
     async def progress(self, run_id: str) -> list[TaskResult]:
-        return list(self.runs.get(run_id, {}).values())
+        return list((self.runs.get(run_id) or self.finished.get(run_id) or {}).values())
 
     async def statistics(self) -> dict[str, Any]:
-        """Aggregate over every run this coordinator made (the seed's `get_statistics`)."""
-        tasks = [t for r in self.history for t in r.tasks]
-        wall = sum(r.duration for r in self.history)
-        stats = compute_statistics(tasks, wall).model_dump()
-        stats["runs"] = len(self.history)
+        """Totals over every run this coordinator made (the seed's `get_statistics`)."""
+        stats = (self.totals or Statistics()).model_dump()
+        stats["runs"] = self.run_count
         return stats
 
     # ---- plans -----------------------------------------------------------------------------
@@ -384,7 +390,11 @@ class Coordinator:
             statistics=compute_statistics(results, wall),
             error=error,
         )
-        self.history.append(report)
+        self.finished[run_id] = self.runs.pop(run_id, journal)
+        while len(self.finished) > KEEP_FINISHED_JOURNALS:
+            self.finished.popitem(last=False)
+        self.totals = report.statistics if self.totals is None else merge_statistics(self.totals, report.statistics)
+        self.run_count += 1
         return report
 
 

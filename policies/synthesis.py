@@ -129,6 +129,37 @@ def compute_statistics(results: Sequence[TaskResult], wall: float) -> Statistics
     )
 
 
+def merge_statistics(a: Statistics, b: Statistics) -> Statistics:
+    """Totals of two sets of runs, run after run (so a coordinator keeps totals, not every task).
+
+    Counts, durations and tokens add up; rates are recomputed from the sums;
+    utilization is busy seconds over total seconds; the parallelism factor is
+    the task-weighted mean of the runs' factors.
+    """
+    wall = a.total_duration + b.total_duration
+    total = a.total_tasks + b.total_tasks
+    ok = a.successful_tasks + b.successful_tasks
+    sequential = a.sequential_duration + b.sequential_duration
+    busy: dict[str, float] = {}
+    for stats in (a, b):
+        for name, share in stats.server_utilization.items():
+            busy[name] = busy.get(name, 0.0) + share * stats.total_duration
+    return Statistics(
+        total_tasks=total,
+        successful_tasks=ok,
+        failed_tasks=a.failed_tasks + b.failed_tasks,
+        success_rate=ok / total if total else 0.0,
+        total_duration=wall,
+        sequential_duration=sequential,
+        parallel_efficiency=sequential / wall if wall > 0 else 0.0,
+        parallelism_factor=(a.parallelism_factor * a.total_tasks + b.parallelism_factor * b.total_tasks) / total
+        if total
+        else 0.0,
+        server_utilization={name: seconds / wall if wall > 0 else 0.0 for name, seconds in sorted(busy.items())},
+        tokens=a.tokens + b.tokens,
+    )
+
+
 # ---- consensus -------------------------------------------------------------------------------
 
 _ANSWER_LINE = re.compile(r"(?im)^\W*(?:final\s+)?answer\s*[:\-]\s*(.+?)\s*$")

@@ -196,3 +196,17 @@ def test_openai_compatible_protocol(sims, coordinator) -> None:
     # Non-streaming /v1/chat/completions reports no time to first token; native /api/chat streaming would.
     (load,) = ray.get(handle.servers_load.remote())
     assert load.ewma_latency is not None and load.ewma_ttft is None
+
+
+def test_coordinator_keeps_totals_not_every_task(sims, coordinator) -> None:
+    from actors.coordinator import KEEP_FINISHED_JOURNALS
+
+    s = sims(name="s", slots=4, tokens_per_second=5000)
+    handle = coordinator(sim_team([(s, 4)], [{"name": "Analyst"}]))
+    runs = KEEP_FINISHED_JOURNALS + 4
+    reports = [ray.get(handle.run_plan.remote(fan_plan(2), f"run{i}")) for i in range(runs)]
+    assert all(r.success for r in reports)
+    stats = ray.get(handle.statistics.remote())
+    assert stats["runs"] == runs and stats["total_tasks"] == 2 * runs and stats["successful_tasks"] == 2 * runs
+    assert ray.get(handle.progress.remote(f"run{runs - 1}"))  # recent journals stay for late pollers
+    assert ray.get(handle.progress.remote("run0")) == []  # old ones are dropped

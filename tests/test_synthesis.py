@@ -11,6 +11,7 @@ from policies.synthesis import (
     compute_statistics,
     meets_criteria,
     merge_all,
+    merge_statistics,
     resolve_strategy,
     use_first_result,
 )
@@ -251,3 +252,20 @@ def test_parallelism_counts_time_on_servers_not_time_queued() -> None:
     stats = compute_statistics(results, wall=4.0)
     assert stats.parallelism_factor == pytest.approx(1 / 2)
     assert stats.parallel_efficiency == pytest.approx(1.0)
+
+
+def test_merge_statistics_equals_statistics_of_all_runs_together() -> None:
+    run1 = [
+        res("a", started_at=0.0, ended_at=2.0, duration=2.0, tokens=5, attempts=[att("s", 0.0, 2.0)]),
+        res("b", status="failed", started_at=0.0, ended_at=1.0, duration=1.0, attempts=[att("t", 0.0, 1.0)]),
+    ]
+    run2 = [res("c", started_at=10.0, ended_at=13.0, duration=3.0, tokens=7, attempts=[att("s", 10.0, 13.0)])]
+    merged = merge_statistics(compute_statistics(run1, wall=4.0), compute_statistics(run2, wall=6.0))
+    assert (merged.total_tasks, merged.successful_tasks, merged.failed_tasks, merged.tokens) == (3, 2, 1, 12)
+    assert merged.success_rate == pytest.approx(2 / 3)
+    assert merged.total_duration == pytest.approx(10.0)
+    assert merged.sequential_duration == pytest.approx(6.0)
+    assert merged.parallel_efficiency == pytest.approx(0.6)
+    # s was busy 2 s + 3 s, t 1 s, over 10 s of runs
+    assert merged.server_utilization == {"s": pytest.approx(0.5), "t": pytest.approx(0.1)}
+    assert merged.parallelism_factor == pytest.approx((1.0 * 2 + 1.0 * 1) / 3)
