@@ -12,10 +12,10 @@ tokens/s, one output token), so everything measured is overhead:
 * dispatch throughput: one coordinator, one plan of 500 independent tiny tasks;
 * memory per task: growth of the coordinator process's resident set size
   (RSS) over several 500-task plans, divided by the tasks run. The
-  coordinator keeps every `RunReport` (its `history`) and every run journal,
-  so this is mostly retained result state, plus allocator slack; it is what a
-  long-lived shared coordinator accumulates per task. The pickled report size
-  per task (what the driver receives) is shown beside it.
+  coordinator keeps running totals and only the last few run journals, so
+  this is what a long-lived shared coordinator still accumulates per task
+  (allocator slack, Ray bookkeeping). The pickled report size per task (what
+  the driver receives) is shown beside it.
 
 Run: `.venv/bin/python -m benchmarks.overhead` (part of `make bench`).
 """
@@ -206,8 +206,8 @@ def main() -> dict[str, Any]:
             "Both runs use the coordinator already warmed by the latency runs.",
             "",
             table(["memory", "tasks", "total MB", "KB per task"], mem_rows),
-            "RSS growth is what the coordinator process keeps per task run (its report history and run journals are "
-            "never trimmed) plus allocator slack; not a per-in-flight-task cost.",
+            "RSS growth is what the coordinator process still holds per task run (it keeps totals and the last "
+            "few run journals, not every report) plus allocator slack; not a per-in-flight-task cost.",
         ]
     )
     print(text, flush=True)
