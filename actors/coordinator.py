@@ -261,7 +261,7 @@ class Coordinator:
         upstream = {d: {"specialist": journal[d].specialist, "output": journal[d].output} for d in task.depends_on}
         # Consensus experts of one round ask for distinct servers: diversity is the point of voting.
         group = f"{run_id}-r{task.round}" if plan.pattern == "consensus" and task.kind == "work" else None
-        ref = handle.run.remote(task, plan.problem, plan.context, upstream, wave, priority, None, group)
+        ref = handle.run.remote(task, plan.problem, plan.context, upstream, wave, priority, group=group)
         try:
             return await ref
         except asyncio.CancelledError:
@@ -279,18 +279,14 @@ class Coordinator:
         started = time.time()
         tasks: list[Task] = []
         error = None
-        last_round = 0
         for round_no in range(1, spec.rounds + 1):
             tasks += consensus_round(spec, round_no)
-            plan = plan_for(spec, "consensus", tasks)
-            error = await self._execute(plan, journal, run_id)
-            last_round = round_no
+            error = await self._execute(plan_for(spec, "consensus", tasks), journal, run_id)
             result = vote([journal[t.task_id] for t in tasks if t.round == round_no])
             if error or result["agreement"] >= spec.agreement_threshold:
                 break
         if spec.synthesizer and not error:
-            summary = _vote_summary(vote([journal[t.task_id] for t in tasks if t.round == last_round]))
-            tasks.append(consensus_judge(spec, last_round, summary))
+            tasks.append(consensus_judge(spec, round_no, _vote_summary(result)))
             error = await self._execute(plan_for(spec, "consensus", tasks), journal, run_id)
         return self._finish(plan_for(spec, "consensus", tasks), run_id, journal, started, error, None)
 
@@ -320,7 +316,7 @@ class Coordinator:
             input_data={"instruction": ask + "\n\nWrite the plan as JSON."},
             max_retries=1,
         )
-        result: TaskResult = await handle.run.remote(task, problem, context, None, 0, 0, None, None, None, schema)
+        result: TaskResult = await handle.run.remote(task, problem, context, response_format=schema)
         if result.status == "succeeded":
             try:
                 plan = parse_llm_plan(result.output or "", names, problem, context, source="llm")
@@ -337,9 +333,7 @@ class Coordinator:
                     }
                 )
                 upstream = {"plan": {"specialist": planner, "output": result.output}}
-                again: TaskResult = await handle.run.remote(
-                    repair, problem, context, upstream, 0, 0, None, None, None, schema
-                )
+                again: TaskResult = await handle.run.remote(repair, problem, context, upstream, response_format=schema)
                 if again.status == "succeeded":
                     try:
                         plan = parse_llm_plan(again.output or "", names, problem, context, source="llm-repaired")
@@ -351,7 +345,7 @@ class Coordinator:
         else:
             notes.append(f"planner call failed: {result.error}")
         spec = heuristic_spec(problem, context, [(s.name, s.capabilities) for s in roster])
-        plan = build_plan(spec.model_copy(update={"rounds": 1}) if isinstance(spec, ConsensusSpec) else spec)
+        plan = build_plan(spec)  # a heuristic consensus has the default single round
         notes.append(f"heuristic fallback chose {spec.pattern}")
         return plan.model_copy(update={"plan_source": "heuristic", "plan_notes": notes})
 

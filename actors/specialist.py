@@ -77,15 +77,13 @@ class Specialist:
         upstream: dict[str, dict[str, Any]] | None = None,
         wave: int = 0,
         priority: int = 0,
-        avoid: list[str] | None = None,
         group: str | None = None,
-        options: dict[str, Any] | None = None,
         response_format: dict[str, Any] | str | None = None,
     ) -> TaskResult:
         """Run one task to a final status; never raises for server trouble."""
         started = time.time()
         deadline = time.monotonic() + task.timeout
-        opts = {**self.config.options, **task.options, **(options or {})}
+        opts = {**self.config.options, **task.options}
         req = ChatRequest(
             model=self.config.model or "",
             messages=build_messages(self.config, task, problem, context or {}, upstream or {}),
@@ -98,7 +96,6 @@ class Specialist:
             requires=self.config.requires,
             server=task.server,
             priority=priority,
-            avoid=list(avoid or []),
             group=group,
             expected_tokens=int(opts["num_predict"]) if opts.get("num_predict") else None,
         )

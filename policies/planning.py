@@ -187,11 +187,11 @@ def consensus_judge(spec: ConsensusSpec, final_round: int, vote_summary: str) ->
     )
 
 
-def consensus_plan(spec: ConsensusSpec, rounds: int = 1, vote_summary: str = "(see answers)") -> OrchestrationPlan:
-    """The static shape of a consensus run up to `rounds` (the coordinator stops early on agreement)."""
-    tasks = [t for r in range(1, rounds + 1) for t in consensus_round(spec, r)]
+def consensus_plan(spec: ConsensusSpec) -> OrchestrationPlan:
+    """The static shape of a consensus run with all its rounds (the coordinator stops early on agreement)."""
+    tasks = [t for r in range(1, spec.rounds + 1) for t in consensus_round(spec, r)]
     if spec.synthesizer:
-        tasks.append(consensus_judge(spec, rounds, vote_summary))
+        tasks.append(consensus_judge(spec, spec.rounds, "(decided at run time)"))
     return plan_for(spec, "consensus", tasks)
 
 
@@ -204,7 +204,7 @@ def build_plan(spec: PatternSpec) -> OrchestrationPlan:
     if isinstance(spec, PipelineSpec):
         return pipeline_plan(spec)
     if isinstance(spec, ConsensusSpec):
-        return consensus_plan(spec, spec.rounds)
+        return consensus_plan(spec)
     raise PlanError(f"pattern {spec.pattern!r} is planned at run time by the planner", field="pattern")
 
 
