@@ -20,7 +20,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from policies.balancing import Queued, has_capacity, plan_dispatch, planned_seconds
+from policies.balancing import Queued, eligible, has_capacity, plan_dispatch, planned_seconds
 from policies.retry import CircuitBreaker
 from teamorch.config import ServerConfig, TeamConfig
 from teamorch.errors import NoServerAvailable
@@ -244,11 +244,13 @@ class LoadBalancer:
         loads = self.snapshot_now(now) if arrived is not None else []
         coalesce = self.policy == "peak_ewma" and COALESCE_SECONDS > 0
         if arrived is not None and (coalesce or not any(has_capacity(s) for s in loads)):
-            verdict = plan_dispatch(self.policy, loads, [Queued(arrived.req)]).get(0)
-            if isinstance(verdict, NoServerAvailable):
-                arrived.future.set_exception(NoServerAvailable(verdict.message))
+            try:
+                eligible(loads, arrived.req)  # only whether it can ever be served: no need to plan the queue
+            except NoServerAvailable as exc:
+                arrived.future.set_exception(exc)
                 self.waiters.remove(arrived)
-            elif coalesce and self._coalescing is None and any(has_capacity(s) for s in loads):
+                return
+            if coalesce and self._coalescing is None and any(has_capacity(s) for s in loads):
                 affinity = self.team.balancer.model_affinity
                 quickest = min(planned_seconds(s, arrived.req, loads, affinity) for s in loads)
                 delay = min(COALESCE_SECONDS, COALESCE_FRACTION * quickest)
