@@ -4,16 +4,19 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-# llama-cpp-python compiles from source (~5-8 min on 2 cores the first time; pip caches the wheel afterwards).
-# On x86-64 we build a portable AVX2 binary instead of -march=native: a native build on a host CPU with AMX
-# segfaults inside VMs that do not grant AMX state, and a portable wheel in pip's cache stays valid on any machine.
+# llama-cpp-python compiles from source the first time (pip caches the wheel afterwards). teamorch uses only the
+# library: the multimodal library (LLAVA) and the command-line tools are not built, which cuts the compile
+# (measured in README "Install"). On x86-64 we build a portable AVX2 binary instead of -march=native: a native
+# build on a host CPU with AMX segfaults inside VMs that do not grant AMX state, and a portable wheel in pip's
+# cache stays valid on any machine.
+LLAMA_SLIM := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF
 ifeq ($(shell uname -m),x86_64)
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON $(LLAMA_SLIM)
 else
-LLAMA_CMAKE_ARGS ?=
+LLAMA_CMAKE_ARGS ?= $(LLAMA_SLIM)
 endif
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +39,11 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q -ra
+
+# Pure policies, messages, config, journal, simulator and CLI parsing: no Ray, no model, seconds.
+test-fast: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -ra --fast
 
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"

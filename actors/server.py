@@ -8,49 +8,44 @@ and a stuck server can only ever block its own actor.
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from actors.backends import make_backend
+from teamorch.actors.backends import make_backend
 from teamorch.config import ServerConfig
 from teamorch.errors import ServerError
-from teamorch.messages import ChatRequest, ChatResponse
+from teamorch.messages import ChatRequest, ChatResponse, ProbeResult
 
 
-class OllamaServer:
+class ModelServer:
+    """One server of the fleet, whatever protocol it speaks (Ollama, OpenAI-compatible, embedded llama.cpp).
+
+    Its only state is the backend: which request goes here, and how many at
+    once, is the balancer's business.
+    """
+
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.backend = make_backend(config)
-        self.in_flight = 0
 
     async def ready(self) -> str:
-        """Returns once the actor is up; embedded servers also load their model here."""
-        ensure = getattr(self.backend, "ensure_loaded", None)
-        if ensure is not None:
-            await ensure()
+        """Returns once the actor is up and its backend warmed up (an embedded server loads its model)."""
+        await self.backend.warm_up()
         return self.config.name
 
     async def chat(self, req: ChatRequest) -> ChatResponse:
         # Cancellation (ray.cancel) arrives here as CancelledError and closes the HTTP stream.
-        self.in_flight += 1
-        try:
-            return await self.backend.chat(req)
-        finally:
-            self.in_flight -= 1
+        return await self.backend.chat(req)
 
-    async def probe(self) -> dict[str, Any]:
+    async def probe(self) -> ProbeResult:
         """Health and models, for the balancer's poll loop."""
         started = time.monotonic()
         try:
             present, loaded = await self.backend.models()
         except ServerError as exc:
-            return {"healthy": False, "error": str(exc), "checked_at": time.time()}
-        return {
-            "healthy": True,
-            "models_present": present,
-            "models_loaded": loaded,
-            "latency": time.monotonic() - started,
-            "checked_at": time.time(),
-        }
-
-    async def close(self) -> None:
-        await self.backend.aclose()
+            return ProbeResult(healthy=False, error=str(exc), checked_at=time.time())
+        return ProbeResult(
+            healthy=True,
+            models_present=present,
+            models_loaded=loaded,
+            latency=time.monotonic() - started,
+            checked_at=time.time(),
+        )

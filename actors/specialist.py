@@ -1,9 +1,13 @@
-"""A specialist: a role prompt and a model, and the retry loop around one task.
+"""A specialist: a role prompt and a model, and the attempts that run one task.
 
 For each attempt it leases a server from the balancer, calls that server's
 actor, and releases the lease with the outcome (which feeds the live load
-table). Failures fail over to another server per `policies.retry`; every
-attempt is recorded in the result, including the ones that failed.
+table). What follows a failure (wait, fail over, give up) is decided by
+`teamorch.policies.retry.next_step`; the prompt is laid out by
+`teamorch.policies.prompting`, and its prefix signature
+(`teamorch.policies.prefix`) goes with the lease request so the balancer can
+send it where that prefix is cached. Every attempt is recorded in the result,
+including the ones that failed.
 """
 
 from __future__ import annotations
@@ -11,144 +15,138 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from typing import Any
 
 import ray
-import yaml
+from ray.actor import ActorHandle
 
-from actors import await_ref
-from policies.retry import backoff, exclude_after
+from teamorch.actors import await_ref
 from teamorch.config import RetryConfig, SpecialistConfig
 from teamorch.errors import NoServerAvailable, ServerError, ServerTimeout, ServerUnreachable, unwrap
-from teamorch.messages import Attempt, ChatRequest, ChatResponse, LeaseRequest, Task, TaskResult
-
-MAX_UPSTREAM_CHARS = 4000
-
-
-def build_messages(
-    spec: SpecialistConfig, task: Task, problem: str, context: dict[str, Any], upstream: dict[str, dict[str, Any]]
-) -> list[dict[str, str]]:
-    """Role as the system message; problem, context, the task and upstream findings as the user message."""
-    parts = [f"Problem: {problem}"]
-    if context:
-        parts.append("Context:\n" + _render(context))
-    data = dict(task.input_data)
-    instruction = data.pop("instruction", None) or data.pop("prompt", None)
-    if data:
-        parts.append("Input:\n" + _render(data))
-    if upstream:
-        findings = [
-            f"### {u.get('specialist', task_id)} ({task_id})\n{(u.get('output') or '')[:MAX_UPSTREAM_CHARS]}"
-            for task_id, u in upstream.items()
-        ]
-        parts.append("Findings from other specialists:\n" + "\n\n".join(findings))
-    parts.append(f"Your task: {instruction or f'{task.task_id} (as {spec.name})'}")
-    system = spec.system_prompt or f"You are {spec.name}."
-    return [{"role": "system", "content": system}, {"role": "user", "content": "\n\n".join(parts)}]
-
-
-def _render(data: dict[str, Any]) -> str:
-    lines = []
-    for key, value in data.items():
-        if isinstance(value, str) and "\n" in value:
-            lines.append(f"{key}:\n{value}")
-        elif isinstance(value, str):
-            lines.append(f"{key}: {value}")
-        else:
-            lines.append(f"{key}: {yaml.safe_dump(value, default_flow_style=True).strip()}")
-    return "\n".join(lines)
+from teamorch.journal import AttemptFailed, LiveEvent, TaskStarted
+from teamorch.messages import (
+    Assignment,
+    Attempt,
+    ChatRequest,
+    ChatResponse,
+    ErrorClass,
+    LeaseOutcome,
+    LeaseRequest,
+    Outcome,
+    TaskResult,
+)
+from teamorch.policies.prefix import signature
+from teamorch.policies.prompting import messages_from_blocks, prompt_blocks
+from teamorch.policies.retry import next_step
 
 
 class Specialist:
+    """One role of the team as a Ray actor: `config` holds its prompt, model, options and capabilities.
+
+    It holds no state between tasks beyond its handles (`balancer`, and
+    `servers`: server name -> server actor), so one actor runs many tasks at
+    once. `retry` sets the backoff delays; the number of retries is per task
+    (`Task.max_retries`).
+    """
+
     def __init__(
-        self, config: SpecialistConfig, balancer: Any, servers: dict[str, Any], retry: RetryConfig | None = None
+        self,
+        config: SpecialistConfig,
+        balancer: ActorHandle,
+        servers: dict[str, ActorHandle],
+        retry: RetryConfig | None = None,
+        coordinator: ActorHandle | None = None,
     ) -> None:
         self.config = config
         self.balancer = balancer
         self.servers = servers
         self.retry = retry or RetryConfig()
+        self.coordinator = coordinator  # told of each attempt as it starts and fails (live events)
         self._rng = random.Random(hash(config.name) & 0xFFFF)
 
-    async def run(
-        self,
-        task: Task,
-        problem: str,
-        context: dict[str, Any] | None = None,
-        upstream: dict[str, dict[str, Any]] | None = None,
-        wave: int = 0,
-        priority: int = 0,
-        group: str | None = None,
-        response_format: dict[str, Any] | str | None = None,
-    ) -> TaskResult:
+    async def run(self, assignment: Assignment) -> TaskResult:
         """Run one task to a final status; never raises for server trouble."""
+        task, wave = assignment.task, assignment.wave
         started = time.time()
-        deadline = time.monotonic() + task.timeout
         opts = {**self.config.options, **task.options}
+        blocks = prompt_blocks(self.config, task, assignment.problem, assignment.context, assignment.upstream)
+        prefix = signature(blocks)
         req = ChatRequest(
             model=self.config.model or "",
-            messages=build_messages(self.config, task, problem, context or {}, upstream or {}),
+            messages=messages_from_blocks(blocks),
             options=opts,
-            format=response_format,
+            format=assignment.response_format,
             role=self.config.name,
         )
         lease_req = LeaseRequest(
             model=req.model,
             requires=self.config.requires,
             server=task.server,
-            priority=priority,
-            group=group,
+            priority=assignment.priority,
+            group=assignment.group,
             expected_tokens=int(opts["num_predict"]) if opts.get("num_predict") else None,
+            prefix=list(prefix.chain),
+            prefix_tokens=list(prefix.tokens),
+            prompt_tokens=prefix.total,
         )
         attempts: list[Attempt] = []
-        failures = 0
-        busy_round = 0
-        error: str | None = None
-        response: ChatResponse | None = None
-        while response is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                error = error or f"timed out after {task.timeout:g}s"
-                break
-            try:
-                response = await self._attempt(req, lease_req, remaining, attempts)
-            except NoServerAvailable as exc:
-                error = exc.message if not error else f"{error}; then {exc.message}"
-                break
-            except ServerError as exc:
-                error = str(exc)
-                if exc.kind == "busy":
-                    busy_round += 1
-                    await asyncio.sleep(backoff(busy_round, self.retry.base_delay, self.retry.max_delay, self._rng))
-                    continue
-                if exclude_after(exc.kind):
-                    lease_req.exclude.append(exc.server)
-                failures += 1
-                if failures > task.max_retries:
-                    break
-                await asyncio.sleep(backoff(failures - 1, self.retry.base_delay, self.retry.max_delay, self._rng))
+        response, error = await self._until_done(assignment, req, lease_req, attempts)
         ended = time.time()
-        ok = response is not None
         on_server = sum(a.ended_at - a.started_at for a in attempts)
         return TaskResult(
             task_id=task.task_id,
             specialist=self.config.name,
             server=response.server if response else (attempts[-1].server if attempts else None),
             wave=wave,
-            status="succeeded" if ok else "failed",
+            status="failed" if response is None else "succeeded",
             attempts=attempts,
             started_at=started,
             ended_at=ended,
             duration=on_server,
             waited=max(0.0, ended - started - on_server),
             output=response.text if response else None,
-            error=None if ok else error,
+            error=error,
             tokens=response.tokens if response else 0,
             kind=task.kind,
             round=task.round,
         )
 
+    async def _until_done(
+        self, assignment: Assignment, req: ChatRequest, lease_req: LeaseRequest, attempts: list[Attempt]
+    ) -> tuple[ChatResponse | None, str | None]:
+        """Attempts until one answers or the retry policy gives up: (response, None) or (None, why it failed)."""
+        task = assignment.task
+        deadline = time.monotonic() + task.timeout
+        failures: list[ErrorClass] = []
+        error: str | None = None
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                return await self._attempt(assignment, req, lease_req, remaining, attempts), None
+            except NoServerAvailable as exc:
+                return None, exc.message if not error else f"{error}; then {exc.message}"
+            except ServerError as exc:
+                error = str(exc)
+                failures.append(exc.error_class)
+                step = next_step(failures, deadline - time.monotonic(), task.max_retries, self.retry, self._rng)
+                if step.action == "give_up":
+                    return None, f"{error}; giving up: {step.reason}"
+                if step.action == "retry_elsewhere":
+                    lease_req.exclude.append(exc.server)
+                await asyncio.sleep(step.delay)
+        return None, error or f"timed out after {task.timeout:g}s"
+
+    def _tell(self, assignment: Assignment, event: LiveEvent) -> None:
+        """Fire-and-forget: the coordinator journals the same facts from the result, so a lost report costs
+        liveness only (the journal keys attempts by task and number, so the two are written once)."""
+        if self.coordinator is not None and assignment.run_id:
+            self.coordinator.task_event.remote(assignment.run_id, event)
+
     async def _attempt(
-        self, req: ChatRequest, lease_req: LeaseRequest, remaining: float, attempts: list[Attempt]
+        self,
+        assignment: Assignment,
+        req: ChatRequest,
+        lease_req: LeaseRequest,
+        remaining: float,
+        attempts: list[Attempt],
     ) -> ChatResponse:
         try:
             lease = await asyncio.wait_for(
@@ -158,10 +156,13 @@ class Specialist:
             raise NoServerAvailable(f"no server slot became free within {remaining:.1f}s") from exc
         except Exception as exc:
             raise unwrap(exc) from None
-        server = lease["server"]
+        server = lease.server
+        task_id, number = assignment.task.task_id, len(attempts) + 1
+        self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         started_wall, started = time.time(), time.monotonic()
         ref = self.servers[server].chat.remote(req)
-        outcome, error_text = "ok", None
+        outcome: Outcome = "ok"
+        error_text: str | None = None
         response: ChatResponse | None = None
         try:
             response = await asyncio.wait_for(await_ref(ref), max(0.001, remaining - (time.monotonic() - started)))
@@ -181,20 +182,40 @@ class Specialist:
             cause = unwrap(exc)
             if not isinstance(cause, ServerError):
                 cause = ServerError(server, f"{type(cause).__name__}: {cause}")
-            outcome, error_text = cause.kind, str(cause)
+            outcome, error_text = cause.error_class, str(cause)
             raise cause from None
         finally:
             attempts.append(
                 Attempt(server=server, started_at=started_wall, ended_at=time.time(), outcome=outcome, error=error_text)
             )
+            if outcome not in ("ok", "cancelled"):
+                seconds, why = time.monotonic() - started, error_text or outcome
+                self._tell(
+                    assignment,
+                    AttemptFailed(
+                        task_id=task_id, server=server, attempt=number, error_class=outcome, error=why, seconds=seconds
+                    ),
+                )
             self.balancer.release.remote(
-                lease["lease_id"],
-                response is not None,
-                outcome,
-                time.monotonic() - started,
-                response.ttft if response else None,
-                response.tokens if response else 0,
-                response.eval_seconds if response else None,
-                req.model,
-                error_text,
+                _lease_outcome(lease.lease_id, outcome, req.model, started, response, error_text)
             )
+
+
+def _lease_outcome(
+    lease_id: str, outcome: Outcome, model: str, started: float, response: ChatResponse | None, error: str | None
+) -> LeaseOutcome:
+    """What the balancer learns from one attempt: its speed, prefill and load figures come from the response."""
+    return LeaseOutcome(
+        lease_id=lease_id,
+        outcome=outcome,
+        model=model,
+        latency=time.monotonic() - started,
+        ttft=response.ttft if response else None,
+        tokens=response.tokens if response else 0,
+        eval_seconds=response.eval_seconds if response else None,
+        error=error,
+        prompt_tokens=response.prompt_tokens if response else 0,
+        cached_tokens=response.prompt_cached_tokens if response else None,
+        prompt_eval_seconds=response.prompt_eval_seconds if response else None,
+        load_seconds=response.load_seconds if response else None,
+    )

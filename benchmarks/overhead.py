@@ -5,7 +5,7 @@ tokens/s, one output token), so everything measured is overhead:
 
 * latency: one request at a time, a direct streaming `httpx` call to
   `/api/chat` (what teamorch's Ollama backend sends) vs the same request as a
-  one-task plan through `api.run_plan` (driver -> coordinator -> specialist ->
+  one-task plan through `api.execute` (driver -> coordinator -> specialist ->
   balancer lease -> server actor -> HTTP and back), vs one task inside a
   100-task dependency chain (no driver round trip: the coordinator's own
   per-task cost, including handing the previous output downstream);
@@ -89,7 +89,7 @@ def plan_latencies(coordinator: Any, n: int) -> list[float]:
     out = []
     for _ in range(n + 3):
         began = time.perf_counter()
-        report = api.run_plan(coordinator, plan)
+        report = api.execute(coordinator, plan)
         out.append(time.perf_counter() - began)
         if not report.success:
             raise RuntimeError(f"overhead plan failed: {report.tasks[0].error}")
@@ -128,7 +128,7 @@ def main() -> dict[str, Any]:
         try:
             one = plan_latencies(coordinator, PLAN_SAMPLES)
             began = time.perf_counter()
-            chain_report = api.run_plan(coordinator, _tasks(CHAIN, chain=True))
+            chain_report = api.execute(coordinator, _tasks(CHAIN, chain=True))
             chain_wall = time.perf_counter() - began
             # per task inside the chain: from the end of one task to the end of the next
             ends = sorted(t.ended_at or 0.0 for t in chain_report.tasks)
@@ -138,11 +138,11 @@ def main() -> dict[str, Any]:
             bursts = []
             for _ in range(2):
                 began = time.perf_counter()
-                burst_report = api.run_plan(coordinator, _tasks(BURST))
+                burst_report = api.execute(coordinator, _tasks(BURST))
                 bursts.append((time.perf_counter() - began, burst_report))
             rss_before = _rss(coordinator)
             for _ in range(MEMORY_PLANS):
-                report = api.run_plan(coordinator, _tasks(BURST))
+                report = api.execute(coordinator, _tasks(BURST))
             rss_after = _rss(coordinator)
             report_bytes = len(pickle.dumps(report))
         finally:
@@ -151,7 +151,7 @@ def main() -> dict[str, Any]:
     rows = [
         ["direct httpx streaming /api/chat", len(direct), d50 * 1e3, percentile(direct, 99) * 1e3, 0.0],
         [
-            "teamorch: one-task plan via api.run_plan",
+            "teamorch: one-task plan via api.execute",
             len(one),
             percentile(one, 50) * 1e3,
             percentile(one, 99) * 1e3,

@@ -35,7 +35,7 @@ import httpx
 
 from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
 from teamorch import api
-from teamorch.messages import OrchestrationPlan
+from teamorch.messages import POLICIES, OrchestrationPlan
 from teamorch.sim import SimConfig
 
 TASKS = 200
@@ -44,7 +44,7 @@ SEED = 7
 # lucky or unlucky with where the last long jobs land; LiteLLM runs once (its spread is far larger
 # than the differences that a second run could reveal, and each run costs about a minute).
 REPEATS = 2
-TEAMORCH_POLICIES = ("round_robin", "least_loaded", "capability", "peak_ewma")
+
 LITELLM_STRATEGIES = ("simple-shuffle", "least-busy", "latency-based-routing")
 SPECIALISTS = [
     {"name": "Analyst", "system_prompt": "You analyse failures.", "capabilities": ["analysis"]},
@@ -172,7 +172,7 @@ def run_teamorch(fleet: Fleet, policy: str, lengths: list[int]) -> Outcome:
     try:
         plan = _plan(lengths)
         submitted_wall, started = time.time(), time.monotonic()
-        report = api.run_plan(coordinator, plan)
+        report = api.execute(coordinator, plan)
         makespan = time.monotonic() - started
     finally:
         api.stop_coordinator(coordinator)
@@ -300,7 +300,7 @@ def main(quick: bool = False) -> dict[str, Any]:
         median = sorted(lengths)[len(lengths) // 2]
         paced = {name: pacing(fleet, name, median) for name in ("gpu-big", "cpu-box")}
         for repeat in range(1, REPEATS + 1):
-            for policy in TEAMORCH_POLICIES:
+            for policy in POLICIES:
                 outcome = run_teamorch(fleet, policy, lengths)
                 outcome.router += f" #{repeat}"
                 outcomes.append(outcome)
@@ -340,7 +340,7 @@ def render(
     ]
     rr = [o.makespan for o in outcomes if o.router.startswith("teamorch round_robin")]
     baseline = sum(rr) / len(rr) if rr else float("nan")
-    order = {f"teamorch {p}": i for i, p in enumerate(TEAMORCH_POLICIES)}
+    order = {f"teamorch {p}": i for i, p in enumerate(POLICIES)}
     position = {id(o): i for i, o in enumerate(outcomes)}
     outcomes = sorted(outcomes, key=lambda o: (order.get(o.router.split(" #")[0], len(order)), position[id(o)]))
     rows = []

@@ -1,4 +1,4 @@
-"""`make bench`: overhead, speedup and routing quality, in one process on one Ray instance.
+"""`make bench`: overhead, speedup, routing quality and prefix/model-aware routing, in one process on one Ray instance.
 
 One process so the ~6 s Ray start is paid once; each benchmark starts and
 stops its own coordinators and simulator fleet. Every figure printed is
@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import overhead, routing, speedup
+from benchmarks import overhead, prefix, routing, speedup
 from benchmarks.common import SIM_NOTE, ensure_ray, machine_info, table
 
 
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header, flush=True)
     sections = [header]
-    for name, module in (("overhead", overhead), ("speedup", speedup), ("routing", routing)):
+    for name, module in (("overhead", overhead), ("speedup", speedup), ("routing", routing), ("prefix", prefix)):
         print(f"\n... running {name}", flush=True)
         started = time.monotonic()
         result = module.main()

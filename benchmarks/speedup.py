@@ -128,7 +128,7 @@ def main() -> dict[str, Any]:
                 for mode in ("sequential", "parallel"):
                     fleet.reset()
                     began = time.monotonic()
-                    report = api.run_plan(coordinator, plan(sc, sequential=mode == "sequential"))
+                    report = api.execute(coordinator, plan(sc, sequential=mode == "sequential"))
                     walls[mode] = time.monotonic() - began
                     if not report.success:
                         print(f"  {sc.name} {mode}: run failed: {[t.error for t in report.tasks if t.error]}")

@@ -2,41 +2,57 @@
 
 The balancer actor owns the live table and calls `plan_dispatch()` with its
 whole queue; everything here is plain Python so each rule can be tested in
-microseconds with hand-built snapshots. `choose()` is the one-request rule:
-it answers with a server name, or `None` meaning "wait". Admission control
-lives here too, because a loaded Ollama model queues excess requests without
-bound and its 503 arrives too late to help.
+microseconds with hand-built snapshots. Admission control lives here too,
+because a loaded Ollama model queues excess requests without bound and its 503
+arrives too late to help.
 
-`plan_dispatch()` applies `choose()` request by request for round_robin,
-least_loaded and capability. For peak_ewma it schedules the whole queue with
-one cost model (`planned_seconds`: EWMA time to first token + EWMA seconds
-per token x expected tokens, error and model-load penalties), because a
-one-request-at-a-time rule cannot tell which waiting request should take a
-slow free server and which should wait for a fast busy one;
-`choose("peak_ewma", ...)` is that scheduler over a queue of one.
+As in Ray Serve's request routers, each policy has one entry point over plain
+data. `choose()` is the one-request rule of round_robin, least_loaded and
+capability: a server name, or `None` meaning "wait"; `plan_dispatch()` applies
+it request by request. peak_ewma schedules the whole queue at once
+(`_plan_peak_ewma`) with one cost model (`planned_seconds`: EWMA time to first
+token + EWMA seconds per token x expected tokens + measured prefill seconds x
+the prompt tokens not already in the chosen slot's prefix cache, error and
+model-load penalties), because a one-request-at-a-time rule cannot tell which waiting
+request should take a slow free server and which should wait for a fast busy
+one; `choose("peak_ewma", ...)` is that scheduler over a queue of one.
 `benchmarks/routing.py` measures the difference against a computed lower bound.
+
+Two smaller decisions of the balancer's dispatch live here as well:
+`coalesce_delay` (how long an arrival waits for the rest of its wave) and
+`apply_group_diversity` (one server per diversity group per round).
 """
 
 from __future__ import annotations
 
-import heapq
 import random
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from teamorch.errors import NoServerAvailable
-from teamorch.messages import LeaseRequest, ServerLoad
-
-POLICIES = ("round_robin", "least_loaded", "capability", "peak_ewma")
+from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
+from teamorch.policies.prefix import SlotState, matched_tokens, server_preference
 
 # Priors used before any server has been measured.
 PRIOR_TOKEN_SECONDS = 0.02
 PRIOR_TTFT = 0.2
+# Seconds per uncached prompt token before any server reported its prompt evaluation (10x faster than generating).
+PRIOR_PREFILL_SECONDS = 0.002
 DEFAULT_EXPECTED_TOKENS = 256
 # A model that is present but not loaded costs a load before the first token.
 LOAD_PENALTY_SECONDS = 5.0
 # A request running past its estimate is expected to end this soon (it must not look like a free slot).
 OVERDUE_SECONDS = 0.05
+# peak_ewma plans the whole queue; a wave of a plan reaches the balancer as requests a millisecond or
+# two apart, so an arrival that finds a free slot waits a moment for the rest of its wave instead of
+# taking the slot just because it came first. The wait is capped at a small fraction of the request's
+# expected service time, so it never matters for the request itself.
+COALESCE_SECONDS = 0.005
+# Before anything is measured the first plan decides every slot's first request (and model, and prefix), so it waits
+# longer for the whole wave to arrive: once per balancer, not per request.
+COLD_COALESCE_SECONDS = 0.05
+COALESCE_FRACTION = 0.01
 
 
 def eligible(loads: Sequence[ServerLoad], req: LeaseRequest) -> list[ServerLoad]:
@@ -91,6 +107,11 @@ def honour_avoid(cands: list[ServerLoad], req: LeaseRequest) -> list[ServerLoad]
     return cands
 
 
+def _check_policy(policy: str) -> None:
+    if policy not in POLICIES:
+        raise ValueError(f"unknown balancing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+
+
 def choose(
     policy: str,
     loads: Sequence[ServerLoad],
@@ -100,21 +121,18 @@ def choose(
     rng: random.Random | None = None,
     affinity: bool = True,
     capabilities: Sequence[str] = (),
-    waited: float = 0.0,
 ) -> str | None:
     """Pick a server for `req`, or None to wait for capacity.
 
     `counter` drives round robin, `capabilities` are the specialist's (for the
-    capability policy), `waited` is how long this request already queued: a
-    request never waits for a better server longer than that server would take.
+    capability policy), `rng` breaks peak_ewma's exact ties (seeded from
+    `counter` when not given, so a call is reproducible).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown balancing policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    rng = rng or random.Random(counter)
+    _check_policy(policy)
     if policy == "peak_ewma":
         # One request is a queue of one: the same scheduler the balancer runs over its whole queue.
-        found = plan_dispatch(policy, loads, [Queued(req, waited, tuple(capabilities))], rng=rng, affinity=affinity)
-        decision = found.get(0)
+        queue = [Queued(req, 0.0, tuple(capabilities))]
+        decision = plan_dispatch(policy, loads, queue, rng=rng or random.Random(counter), affinity=affinity).get(0)
         if isinstance(decision, NoServerAvailable):
             raise decision
         return decision
@@ -123,16 +141,10 @@ def choose(
     if affinity:
         loaded = [s for s in free if s.models_loaded is not None and req.model in s.models_loaded]
         free = _prefer(free, loaded)
-
     if not free:
         return None
     if policy == "round_robin":
-        ring = sorted(cands, key=lambda s: s.name)
-        for step in range(len(ring)):
-            pick = ring[(counter + step) % len(ring)]
-            if pick in free:
-                return pick.name
-        return None
+        return _round_robin(cands, free, counter)
     if policy == "capability":
         wanted = set(capabilities)
         return min(
@@ -141,12 +153,26 @@ def choose(
     return min(free, key=lambda s: (s.in_flight / max(1, s.effective_slots), s.in_flight, s.name)).name
 
 
+def _round_robin(cands: list[ServerLoad], free: list[ServerLoad], counter: int) -> str | None:
+    """The first free server at or after position `counter` of the ring of candidates, in name order."""
+    ring = sorted(cands, key=lambda s: s.name)
+    for step in range(len(ring)):
+        pick = ring[(counter + step) % len(ring)]
+        if pick in free:
+            return pick.name
+    return None
+
+
 # ---- the whole queue at once ---------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Queued:
-    """A request waiting at the balancer, as a planner sees it (no futures, no clocks)."""
+    """A request waiting at the balancer, as a planner sees it (no futures, no clocks).
+
+    `waited`: seconds it has queued so far; peak_ewma counts them toward the
+    job's size (aging), so a short job cannot starve behind long ones.
+    """
 
     req: LeaseRequest
     waited: float = 0.0
@@ -154,7 +180,6 @@ class Queued:
 
 
 Decision = str | NoServerAvailable
-Candidates = Callable[[LeaseRequest], "list[ServerLoad] | NoServerAvailable"]
 
 
 def plan_dispatch(
@@ -163,6 +188,7 @@ def plan_dispatch(
     queue: Sequence[Queued],
     *,
     running: Mapping[str, Sequence[float]] | None = None,
+    caches: Mapping[str, Sequence[SlotState]] | None = None,
     counter: Iterator[int] | None = None,
     rng: random.Random | None = None,
     affinity: bool = True,
@@ -170,7 +196,9 @@ def plan_dispatch(
     """Decide, for every queued request, "start now on server X", "fail" or (absent from the answer) "wait".
 
     `queue` is in the balancer's order (priority, then arrival); `running` gives,
-    per server, the expected remaining seconds of each request in flight there.
+    per server, the expected remaining seconds of each request in flight there;
+    `caches` gives, per server, each slot with what its prefix cache holds and
+    (when busy) its remaining seconds, and then replaces `running` for it.
     Returns {index in queue: server name or NoServerAvailable}.
 
     For `round_robin`, `least_loaded` and `capability` this is `choose()` applied
@@ -179,37 +207,45 @@ def plan_dispatch(
     one request at a time cannot see that the request behind it is the one
     that should take the slow server (see `_plan_peak_ewma`).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"unknown balancing policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    _check_policy(policy)
     rng = rng or random.Random(0)
     decisions: dict[int, Decision] = {}
+    # Ineligible requests fail now even when every slot is busy, so nobody waits for a server that cannot come.
+    live: dict[int, list[ServerLoad]] = {}
     cache: dict[tuple[object, ...], list[ServerLoad] | NoServerAvailable] = {}
-
-    def candidates(req: LeaseRequest) -> list[ServerLoad] | NoServerAvailable:
+    for index, queued in enumerate(queue):
+        req = queued.req
         key = (req.model, tuple(req.requires), tuple(req.exclude), req.server, tuple(req.avoid))
         if key not in cache:
             try:
                 cache[key] = honour_avoid(eligible(loads, req), req)
             except NoServerAvailable as exc:
                 cache[key] = exc
-        return cache[key]
-
-    # Ineligible requests fail now even when every slot is busy, so nobody waits for a server that cannot come.
-    live: list[int] = []
-    for index, queued in enumerate(queue):
-        cands = candidates(queued.req)
+        cands = cache[key]
         if isinstance(cands, NoServerAvailable):
             decisions[index] = cands
         else:
-            live.append(index)
+            live[index] = cands
     if not live or not any(has_capacity(s) for s in loads):
         return decisions
-
     if policy == "peak_ewma":
-        plan = _plan_peak_ewma(loads, queue, live, candidates, running or {}, affinity, rng)
-        decisions.update(plan)
-        return decisions
+        decisions.update(_plan_peak_ewma(loads, queue, live, running or {}, caches or {}, affinity, rng))
+    else:
+        decisions.update(_plan_one_at_a_time(policy, loads, queue, list(live), counter, rng, affinity))
+    return decisions
 
+
+def _plan_one_at_a_time(
+    policy: str,
+    loads: Sequence[ServerLoad],
+    queue: Sequence[Queued],
+    live: list[int],
+    counter: Iterator[int] | None,
+    rng: random.Random,
+    affinity: bool,
+) -> dict[int, Decision]:
+    """`choose()` for each request in queue order, each grant taking its slot before the next choice."""
+    decisions: dict[int, Decision] = {}
     table = {s.name: s for s in loads}
     for index in live:
         current = list(table.values())
@@ -224,7 +260,6 @@ def plan_dispatch(
             rng=rng,
             affinity=affinity,
             capabilities=queued.capabilities,
-            waited=queued.waited,
         )
         if name is not None:
             decisions[index] = name
@@ -232,14 +267,31 @@ def plan_dispatch(
     return decisions
 
 
+# ---- peak_ewma ------------------------------------------------------------------------------
+
+
 @dataclass
 class _Speed:
-    """One server's cost model for this planning round: seconds = (fixed + tokens x per_token) x penalty."""
+    """One server's cost model for this planning round.
+
+    seconds = (fixed + per_token x output tokens + prefill x uncached prompt tokens) x penalty;
+    `load` is what loading a model there costs before that.
+    """
 
     fixed: float
     per_token: float
+    prefill: float
+    load: float
     penalty: float
     measured: bool
+
+    def seconds(self, tokens: int, uncached: int = 0) -> float:
+        return (self.fixed + self.per_token * tokens + self.prefill * uncached) * self.penalty
+
+
+def _worst(values: Iterable[float | None], prior: float) -> float:
+    known = [v for v in values if v is not None]
+    return max(known) if known else prior
 
 
 def _speeds(loads: Sequence[ServerLoad]) -> dict[str, _Speed]:
@@ -248,16 +300,17 @@ def _speeds(loads: Sequence[ServerLoad]) -> dict[str, _Speed]:
     The planner is pessimistic about the unknown: it already limits an unmeasured
     server to one request at a time, and assuming it is fast would hand it the
     longest job in the queue. Before anything is measured all servers share
-    the priors.
+    the priors. The same holds for prefill seconds per token and load time.
     """
-    known_tps = [s.ewma_token_seconds for s in loads if s.ewma_token_seconds is not None]
-    known_ttft = [s.ewma_ttft for s in loads if s.ewma_ttft is not None]
-    worst_tps = max(known_tps) if known_tps else PRIOR_TOKEN_SECONDS
-    worst_ttft = max(known_ttft) if known_ttft else PRIOR_TTFT
+    worst_tps = _worst((s.ewma_token_seconds for s in loads), PRIOR_TOKEN_SECONDS)
+    worst_ttft = _worst((s.ewma_ttft for s in loads), PRIOR_TTFT)
+    worst_prefill = _worst((s.ewma_prefill_seconds for s in loads), PRIOR_PREFILL_SECONDS)
     return {
         s.name: _Speed(
             fixed=s.ewma_ttft if s.ewma_ttft is not None else worst_ttft,
             per_token=s.ewma_token_seconds if s.ewma_token_seconds is not None else worst_tps,
+            prefill=s.ewma_prefill_seconds if s.ewma_prefill_seconds is not None else worst_prefill,
+            load=s.ewma_load_seconds if s.ewma_load_seconds is not None else LOAD_PENALTY_SECONDS,
             penalty=1.0 + 4.0 * s.error_rate,
             measured=s.ewma_token_seconds is not None,
         )
@@ -265,145 +318,484 @@ def _speeds(loads: Sequence[ServerLoad]) -> dict[str, _Speed]:
     }
 
 
-def planned_seconds(s: ServerLoad, req: LeaseRequest, fleet: Sequence[ServerLoad], affinity: bool = True) -> float:
+def _tokens(req: LeaseRequest) -> int:
+    return req.expected_tokens or DEFAULT_EXPECTED_TOKENS
+
+
+def _load_wait(s: ServerLoad, model: str, affinity: bool, load_seconds: float = LOAD_PENALTY_SECONDS) -> float:
+    """Seconds before `model` can run on `s`: a load if it is not resident, the rest of one being loaded."""
+    if not affinity or s.models_loaded is None:
+        return 0.0
+    if model not in s.models_loaded:
+        return load_seconds
+    return s.load_remaining if s.loading_model == model else 0.0
+
+
+def planned_seconds(
+    s: ServerLoad, req: LeaseRequest, fleet: Sequence[ServerLoad], affinity: bool = True, cached: int = 0
+) -> float:
     """What `plan_dispatch` (peak_ewma) expects `req` to take on `s`, model load included.
 
+    `cached`: prompt tokens the server is expected to find in the slot's cache.
     The balancer records it per lease, so later plans know when a busy slot frees up.
     """
     table = list(fleet) if any(f.name == s.name for f in fleet) else [*fleet, s]
-    sp = _speeds(table)[s.name]
-    seconds = (sp.fixed + sp.per_token * (req.expected_tokens or DEFAULT_EXPECTED_TOKENS)) * sp.penalty
-    if affinity and s.models_loaded is not None and req.model not in s.models_loaded:
-        seconds += LOAD_PENALTY_SECONDS
-    return seconds
+    speed = _speeds(table)[s.name]
+    uncached = max(0, req.prompt_tokens - cached)
+    return speed.seconds(_tokens(req), uncached) + _load_wait(s, req.model, affinity, speed.load)
 
 
 def _plan_peak_ewma(
     loads: Sequence[ServerLoad],
     queue: Sequence[Queued],
-    live: list[int],
-    candidates: Candidates,
+    live: Mapping[int, list[ServerLoad]],
     running: Mapping[str, Sequence[float]],
+    caches: Mapping[str, Sequence[SlotState]],
     affinity: bool,
     rng: random.Random,
 ) -> dict[int, Decision]:
     """Earliest-finish-time list scheduling of the whole queue on a virtual timeline.
 
-    The cost model is peak_ewma's (EWMA time to first token + EWMA seconds per
-    token x expected tokens, x (1 + 4 x recent error rate), + a model load where
-    the model is not loaded). On top of it:
+    `live` maps each servable request's index in `queue` to its candidates. The
+    cost of a request on a server slot is peak_ewma's: EWMA time to first
+    token + EWMA seconds per token x expected output tokens + measured prefill
+    seconds per token x the prompt tokens that slot does not hold in its cache,
+    x (1 + 4 x recent error rate), after a model load where the model is not
+    resident. On top of it:
 
-    * Order: within one priority (the plan's critical-path depth), longest
-      expected job first, with seconds already waited added to a job's size.
-      In a batch this is LPT, the classic makespan rule (a long job started
-      last is what makes a tail); with steady arrivals, aging stops short jobs
-      from starving behind a stream of long ones.
-    * Each request, in that order, reserves the server slot where it would
-      *finish* earliest, counting the expected remaining time of requests
-      already running there and of requests reserved ahead of it. It is
-      started now only if that slot is free now; otherwise it waits, and the
-      slot it would have taken on a slow idle server stays open for a request
-      further back that finishes sooner there. This is how a fast busy server
-      beats a slow idle one, and how the slow one still gets the short jobs.
-    * A server never measured (no EWMA yet) gets one request at a time until
-      its first answer, and is assumed as slow as the slowest measured
-      server (see `_speeds`). When nothing at all is measured (a cold start),
-      each server is first sent the shortest waiting request: the cheapest
-      way to learn every server's speed, where guessing would hand an
-      unknown slow box a long job and leave the fast boxes' other slots idle
-      until their first long answer.
+    * Order (`_longest_first`): within one priority (the plan's critical-path
+      depth), longest expected job first, with seconds already waited added to
+      a job's size. In a batch this is LPT, the classic makespan rule (a long
+      job started last is what makes a tail); with steady arrivals, aging stops
+      short jobs from starving behind a stream of long ones.
+    * Each request, in that order, reserves the slot where it would *finish*
+      earliest (`_earliest_finish`; a request that starts now gets the free
+      slot the server itself would pick, and overwriting a cache the rest of
+      the queue still needs counts as the prefill it will cost, see `_Demand`), counting the expected remaining time of
+      requests already running there and of requests reserved ahead of it
+      (`_virtual_slots`), and what each slot will hold in its prefix cache
+      then (`teamorch.policies.prefix`). It is started now only if that slot
+      is free now; otherwise it waits, and the slot it would have taken on a
+      slow idle server stays open for a request further back that finishes
+      sooner there. This is how a fast busy server beats a slow idle one, how
+      a request waits for the slot that holds its prefix, and how a hot
+      prefix still spills to a second server once waiting for its warm slots
+      would cost more than a cold prefill there: both sides are seconds on
+      the same timeline, so no separate balance threshold is needed.
+    * Model residency: a request for a model the server does not hold pays
+      the measured load time; where the server is full (`resident_limit`),
+      the load also waits for the running requests of the model it evicts,
+      and the rest of the plan sees the server holding the new model, so a
+      later request for the evicted one pays the load back. Switching a
+      server therefore only wins when the backlog it relieves is longer
+      than the loads it causes, which keeps each model where it is loaded.
+    * A server never measured (no EWMA yet) in a fleet where others are gets
+      one request at a time until its first answer, and is assumed as slow as
+      the slowest measured server (see `_speeds`). When nothing at all is
+      measured (a cold start), every free slot is first sent a short waiting
+      request (`_cold_start_probes`), the prefixes spread over the slots by
+      their expected work: the cheapest way to learn every server's speed,
+      where guessing would hand an unknown slow box a long job; and every
+      slot's first request pays a cold prefill anyway.
     * The whole fleet is scanned rather than two sampled (power of two
       choices): P2C protects many balancers with stale views from herding;
-      here one balancer owns an exact table and scanning is O(queue x servers).
+      here one balancer owns an exact table and scanning is O(queue x slots).
 
     Plans are redone at every acquire, release and tick, so estimation errors
     cost at most until the next event.
     """
     speeds = _speeds(loads)
+    cold = not any(sp.measured for sp in speeds.values())
+    servers = _virtual_slots(loads, speeds, running, caches, probing_one=not cold)
+    if cold:
+        return _cold_start_probes(queue, live, servers, speeds)
+    order = _longest_first(queue, live, speeds, servers)
+    return _earliest_finish(queue, order, live, servers, speeds, affinity, rng)
 
-    def tokens(req: LeaseRequest) -> int:
-        return req.expected_tokens or DEFAULT_EXPECTED_TOKENS
 
-    # Virtual slots: a heap of times (seconds from now) at which each usable slot frees up.
-    slots: dict[str, list[float]] = {}
+@dataclass
+class _Slot:
+    """A slot on the virtual timeline: when it frees (seconds from now) and the prompt its cache then holds."""
+
+    free_at: float
+    model: str | None = None
+    chain: tuple[str, ...] = ()
+    tokens: tuple[int, ...] = ()
+
+    def cached(self, req: LeaseRequest) -> int:
+        return matched_tokens(req.prefix, req.prefix_tokens, self.chain) if self.model == req.model else 0
+
+
+@dataclass
+class _Server:
+    """One server on the virtual timeline: its usable slots and which models it holds (None: not known)."""
+
+    slots: list[_Slot]
+    resident: list[str] | None = None  # least recently used first
+    limit: int = 1
+    loading: str | None = None
+    ready_at: float = 0.0  # when `loading` is ready
+
+    def free_times(self) -> list[float]:
+        return [s.free_at for s in self.slots]
+
+    def free_now(self) -> bool:
+        return any(s.free_at <= 0.0 for s in self.slots)
+
+
+def _virtual_slots(
+    loads: Sequence[ServerLoad],
+    speeds: Mapping[str, _Speed],
+    running: Mapping[str, Sequence[float]],
+    caches: Mapping[str, Sequence[SlotState]] | None = None,
+    probing_one: bool = True,
+) -> dict[str, _Server]:
+    """Per server, its usable slots: when each frees (0: free now) and what its cache holds.
+
+    `caches` gives a server's slots one by one (from the balancer's prefix
+    index, with the expected remaining time of each busy one); a server not in
+    it has anonymous slots whose busy ones end as `running` says.
+    """
+    servers: dict[str, _Server] = {}
     for s in loads:
+        sp = speeds[s.name]
         limit = 0
         if s.healthy:
             limit = 1 if s.circuit == "half_open" else max(1, s.effective_slots)
-        if not speeds[s.name].measured:
+        if not sp.measured and probing_one:
             limit = min(limit, 1)  # one probe at a time until measured
+        states = list((caches or {}).get(s.name, ()))
+        if not states:
+            states = [SlotState(free_in=r) for r in running.get(s.name, ())]
         # An overdue request still holds its slot: it frees "very soon", never "now".
-        ends = sorted(max(OVERDUE_SECONDS, r) for r in running.get(s.name, ()))
-        if len(ends) < s.in_flight:  # in flight but no estimate given: assume one more average job
-            guess = speeds[s.name].fixed + speeds[s.name].per_token * DEFAULT_EXPECTED_TOKENS
-            ends += [guess] * (s.in_flight - len(ends))
-        busy = ends[max(0, len(ends) - limit) :] if limit else []
-        heap = busy + [0.0] * max(0, limit - len(busy))
-        heap = heap[:limit] if limit else []
-        heapq.heapify(heap)
-        slots[s.name] = heap
+        busy = sorted(
+            (
+                _Slot(max(OVERDUE_SECONDS, st.free_in), st.model, st.chain, st.tokens)
+                for st in states
+                if st.free_in is not None
+            ),
+            key=lambda slot: slot.free_at,
+        )
+        if len(busy) < s.in_flight:  # in flight but no estimate given: assume one more average job
+            busy += [_Slot(sp.fixed + sp.per_token * DEFAULT_EXPECTED_TOKENS)] * (s.in_flight - len(busy))
+        free = [_Slot(0.0, st.model, st.chain, st.tokens) for st in states if st.free_in is None]
+        free += [_Slot(0.0) for _ in range(max(0, limit - len(free)))]
+        # The `limit` latest-ending requests hold the usable slots; any slot left over is free now.
+        kept = busy[max(0, len(busy) - limit) :]
+        slots = kept + free[: max(0, limit - len(kept))]
+        servers[s.name] = _Server(
+            slots=[_Slot(x.free_at, x.model, x.chain, x.tokens) for x in slots],
+            resident=list(s.models_loaded) if s.models_loaded is not None else None,
+            limit=max(1, s.resident_limit),
+            loading=s.loading_model,
+            ready_at=s.load_remaining,
+        )
+    return servers
 
-    def load_wait(s: ServerLoad, model: str) -> float:
-        # Until the balancer sees the model loaded, every slot of that server waits for the load.
-        if not affinity or s.models_loaded is None or model in s.models_loaded:
-            return 0.0
-        return LOAD_PENALTY_SECONDS
 
-    def service(s: ServerLoad, req: LeaseRequest) -> float:
-        sp = speeds[s.name]
-        return (sp.fixed + sp.per_token * tokens(req)) * sp.penalty
+def _longest_first(
+    queue: Sequence[Queued], live: Iterable[int], speeds: Mapping[str, _Speed], servers: Mapping[str, _Server]
+) -> list[int]:
+    """Queue indices by priority, then requests for a model some server holds before those for a model none
+    holds, then expected size (on the fleet's best speeds) plus seconds waited, largest first.
 
+    Resident first: a request whose model must be loaded somewhere is planned
+    after the requests that keep the servers' current models busy, so it
+    sees when each server's batch of its current model ends and does not
+    evict a model whose queue is about to be served (which would cost a load
+    back; see `_Demand.evicts_needed`).
+    """
     best_fixed = min((sp.fixed for sp in speeds.values()), default=PRIOR_TTFT)
     best_tok = min((sp.per_token for sp in speeds.values()), default=PRIOR_TOKEN_SECONDS)
-
-    def size(index: int) -> float:
-        queued = queue[index]
-        return best_fixed + best_tok * tokens(queued.req) + queued.waited
-
-    order = sorted(live, key=lambda i: (-queue[i].req.priority, -size(i), i))
-    decisions: dict[int, Decision] = {}
-
-    def free_now() -> bool:
-        return any(heap and heap[0] <= 0.0 for heap in slots.values())
-
-    cold_start = not any(sp.measured for sp in speeds.values())
-    for index in [] if cold_start else order:
-        if not free_now():
+    held: set[str] | None = set()
+    for server in servers.values():
+        if server.resident is None:
+            held = None  # some server cannot say what it holds: assume any model may be there
             break
-        req = queue[index].req
-        cands = candidates(req)
-        if isinstance(cands, NoServerAvailable):
-            continue
-        best: tuple[float, float, float, str] | None = None
-        for s in cands:
-            heap = slots.get(s.name)
-            if not heap:
-                continue
-            start = max(heap[0], load_wait(s, req.model))
-            finish = start + service(s, req)
-            key = (finish, start, rng.random(), s.name)
-            if best is None or key < best:
-                best = key
-        if best is None:
-            continue
-        finish, start, _, name = best
-        slot_free = heapq.heappop(slots[name])
-        heapq.heappush(slots[name], finish)
-        if slot_free <= 0.0:
-            decisions[index] = name
+        held.update(server.resident)
 
-    # Cold-start probes: each free server takes the shortest request still waiting that it can serve.
-    for name, heap in slots.items() if cold_start else ():
-        if not heap or heap[0] > 0.0:
+    def key(index: int) -> tuple[int, bool, float, int]:
+        queued = queue[index]
+        homeless = held is not None and queued.req.model not in held
+        return (-queued.req.priority, homeless, -(best_fixed + best_tok * _tokens(queued.req) + queued.waited), index)
+
+    return sorted(live, key=key)
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """Where a request would run on one server: its finish and start, the slot, whether it loads the model,
+    and `score` (finish plus the prefill it makes others pay by overwriting a cache they still need)."""
+
+    score: float
+    finish: float
+    start: float
+    slot: int
+    switch: bool
+
+
+class _Demand:
+    """What the rest of the queue still needs: cached prefixes (and how many virtual slots hold each), and models
+    (and how many servers hold each).
+
+    A request that takes a slot overwrites its cache. When the queue still
+    has at least as many requests for that prefix as there are slots holding
+    it, one of them will have to prefill it again somewhere. Likewise a load
+    that evicts the last resident copy of a model the queue still needs
+    means a load back later. Those are costs of this choice even though they
+    do not delay this request, so they count in the choice (`_Fit.score`),
+    not in the timeline.
+    """
+
+    def __init__(self, queue: Sequence[Queued], order: Iterable[int], servers: Mapping[str, _Server]) -> None:
+        order = list(order)
+        self.queued: Counter[str] = Counter(h for i in order for h in queue[i].req.prefix)
+        self.held: Counter[str] = Counter(h for server in servers.values() for slot in server.slots for h in slot.chain)
+        self.models: Counter[str] = Counter(queue[i].req.model for i in order)
+        self.resident: Counter[str] = Counter(m for server in servers.values() for m in server.resident or ())
+
+    def evicts_needed(self, server: _Server, req: LeaseRequest) -> bool:
+        """Whether loading `req.model` on `server` evicts a model the queue still has requests for.
+
+        Counted even when another server holds that model too: its requests
+        then queue on fewer servers, and switching back costs another load,
+        so a switch must save more than one load to be made (hysteresis).
+        """
+        if server.resident is None or len(server.resident) < server.limit:
+            return False
+        victim = next((m for m in server.resident if m != req.model), None)
+        return victim is not None and self.models[victim] > 0
+
+    def switched(self, victim: str | None, model: str) -> None:
+        if victim is not None:
+            self.resident[victim] -= 1
+        self.resident[model] += 1
+
+    def lost(self, slot: _Slot, req: LeaseRequest, cached: int) -> int:
+        """Prompt tokens of `slot`'s cache beyond what `req` shares that the queue will want back."""
+        for k in range(len(slot.chain) - 1, -1, -1):
+            h = slot.chain[k]
+            if h in req.prefix and slot.model == req.model:
+                return 0  # req keeps this block and everything before it
+            if self.queued[h] and self.queued[h] >= self.held[h]:
+                return max(0, slot.tokens[k] - cached)
+        return 0
+
+    def planned(self, req: LeaseRequest) -> None:
+        self.queued.subtract(req.prefix)
+        self.models[req.model] -= 1
+
+    def overwrite(self, slot: _Slot, chain: Sequence[str]) -> None:
+        self.held.subtract(slot.chain)
+        self.held.update(chain)
+
+
+def _fit(server: _Server, speed: _Speed, req: LeaseRequest, affinity: bool, demand: _Demand) -> _Fit | None:
+    """The slot of `server` where `req` scores best, counting a model switch and each slot's cached prefix."""
+    if not server.slots:
+        return None
+    switch = affinity and server.resident is not None and req.model not in server.resident
+    ready = penalty = 0.0
+    if switch:
+        full = len(server.resident or ()) >= server.limit
+        # A full server unloads a model only after its running requests end (as Ollama does), then loads.
+        ready = (max(server.free_times()) if full else 0.0) + speed.load
+        penalty = speed.load if demand.evicts_needed(server, req) else 0.0
+    elif affinity and server.loading == req.model:
+        ready = server.ready_at
+    tokens = _tokens(req)
+    taken = _server_pick(server, req)
+    best: _Fit | None = None
+    for i, slot in enumerate(server.slots):
+        if slot.free_at <= 0.0 and i != taken:
+            continue  # a request sent now gets the free slot the server picks, not the one we would like
+        start = max(slot.free_at, ready)
+        cached = 0 if switch else slot.cached(req)
+        finish = start + speed.seconds(tokens, max(0, req.prompt_tokens - cached))
+        score = finish + penalty + speed.prefill * demand.lost(slot, req, cached)
+        if best is None or (score, finish, start) < (best.score, best.finish, best.start):
+            best = _Fit(score, finish, start, i, switch)
+    return best
+
+
+def _server_pick(server: _Server, req: LeaseRequest) -> int | None:
+    """The free slot the server gives `req` (`teamorch.policies.prefix.server_preference`), None if none is free."""
+    pick: int | None = None
+    best = (-1, False)
+    for i, slot in enumerate(server.slots):
+        if slot.free_at <= 0.0:
+            key = server_preference(slot.model, slot.chain, req.model, req.prefix, req.prefix_tokens)
+            if key > best:
+                pick, best = i, key
+    return pick
+
+
+def _reserve(server: _Server, fit: _Fit, req: LeaseRequest, demand: _Demand) -> None:
+    """Book `fit` on the virtual timeline: the slot frees at its finish holding this prompt; a switch evicts."""
+    if fit.switch and server.resident is not None:
+        victim = next((m for m in server.resident if m != req.model), None)
+        demand.switched(victim if len(server.resident) >= server.limit else None, req.model)
+        if len(server.resident) >= server.limit and victim is not None:
+            server.resident.remove(victim)
+            for slot in server.slots:
+                slot.free_at = max(slot.free_at, fit.start)  # drained, then busy loading the new model
+                if slot.model == victim:
+                    demand.overwrite(slot, ())
+                    slot.model, slot.chain, slot.tokens = None, (), ()
+        server.resident.append(req.model)
+        server.loading, server.ready_at = req.model, fit.start
+    slot = server.slots[fit.slot]
+    demand.overwrite(slot, req.prefix)
+    slot.free_at, slot.model = fit.finish, req.model
+    slot.chain, slot.tokens = tuple(req.prefix), tuple(req.prefix_tokens)
+
+
+def _earliest_finish(
+    queue: Sequence[Queued],
+    order: list[int],
+    live: Mapping[int, list[ServerLoad]],
+    servers: dict[str, _Server],
+    speeds: Mapping[str, _Speed],
+    affinity: bool,
+    rng: random.Random,
+) -> dict[int, Decision]:
+    """Reserve, request by request in `order`, the slot where each finishes first; start those whose slot is free now.
+
+    "First" is by `_Fit.score`: the finish, plus the prefill the choice makes
+    a later request pay. Mutates `servers`: each reservation moves its slot's
+    free time to the request's expected finish.
+    """
+    decisions: dict[int, Decision] = {}
+    demand = _Demand(queue, order, servers)
+    for index in order:
+        if not any(server.free_now() for server in servers.values()):
+            break  # nothing can start now; what is left waits for the next event
+        req = queue[index].req
+        demand.planned(req)
+        best: tuple[float, float, float, float, str] | None = None
+        chosen: _Fit | None = None
+        for s in live[index]:
+            fit = _fit(servers[s.name], speeds[s.name], req, affinity, demand)
+            if fit is None:
+                continue
+            key = (fit.score, fit.finish, fit.start, rng.random(), s.name)  # the rng breaks exact ties
+            if best is None or key < best:
+                best, chosen = key, fit
+        if best is None or chosen is None:
             continue
-        waiting = [i for i in live if i not in decisions]
-        fits = []
-        for i in waiting:
-            cands = candidates(queue[i].req)
-            if isinstance(cands, list) and any(s.name == name for s in cands):
-                fits.append(i)
-        if fits:
-            pick = min(fits, key=lambda i: (-queue[i].req.priority, tokens(queue[i].req), i))
-            decisions[pick] = name
-            heapq.heapreplace(heap, float("inf"))
+        server = servers[best[4]]
+        free_now = server.slots[chosen.slot].free_at <= 0.0
+        _reserve(server, chosen, req, demand)
+        if free_now:
+            decisions[index] = best[4]
     return decisions
+
+
+def _cold_start_probes(
+    queue: Sequence[Queued],
+    live: Mapping[int, list[ServerLoad]],
+    servers: Mapping[str, _Server],
+    speeds: Mapping[str, _Speed],
+) -> dict[int, Decision]:
+    """Nothing is measured yet: every free slot takes a short waiting request, spread over the prompts' prefixes.
+
+    Short, because the first answers are how the servers' speeds are learned.
+    Spread, because each slot's first request is a cold prefill anyway and
+    leaves its prefix cached: slot by slot, the prefix group (first block: the
+    specialist's role prompt) with the most expected work (the priors, one
+    cold prefill included) per slot already given to it is served next, its
+    shortest request first.
+    """
+    prior = max(speeds.values(), key=lambda sp: sp.per_token)  # everyone has the priors before any answer
+    groups: dict[str, list[int]] = {}
+    work: Counter[str] = Counter()
+    for i in sorted(live, key=lambda i: (-queue[i].req.priority, _tokens(queue[i].req), i)):
+        group = _group(queue[i].req)
+        groups.setdefault(group, []).append(i)
+        work[group] = max(work[group], prior.prefill * queue[i].req.prompt_tokens)  # one cold prefill per group
+    for group, idx in groups.items():
+        work[group] += sum(prior.seconds(_tokens(queue[i].req)) for i in idx)
+    decisions: dict[int, Decision] = {}
+    held: Counter[str] = Counter()
+    for name, server in servers.items():
+        models = list(server.resident) if server.resident is not None else None
+        for _slot in range(sum(1 for slot in server.slots if slot.free_at <= 0.0)):
+            # A server that holds as many models as it can takes only those: two first requests must not thrash it.
+            allowed = models if models is not None and len(models) >= server.limit else None
+            firsts = {g: _first_waiting(idx, name, queue, live, decisions, allowed) for g, idx in groups.items()}
+            open_ = {g: i for g, i in firsts.items() if i is not None}
+            if not open_:
+                break
+            group = max(open_, key=lambda g: work[g] / (held[g] + 1))
+            decisions[open_[group]] = name
+            held[group] += 1
+            if models is not None and queue[open_[group]].req.model not in models:
+                models.append(queue[open_[group]].req.model)
+    return decisions
+
+
+def _first_waiting(
+    indices: list[int],
+    name: str,
+    queue: Sequence[Queued],
+    live: Mapping[int, list[ServerLoad]],
+    decided: Mapping[int, Decision],
+    models: list[str] | None,
+) -> int | None:
+    """The first of `indices` not yet decided that server `name` can serve (and, if given, is for one of `models`)."""
+    for i in indices:
+        if i in decided or (models is not None and queue[i].req.model not in models):
+            continue
+        if any(s.name == name for s in live[i]):
+            return i
+    return None
+
+
+def _group(req: LeaseRequest) -> str:
+    return f"{req.model}\x00{req.prefix[0] if req.prefix else ''}"
+
+
+# ---- the balancer's dispatch ---------------------------------------------------------------
+
+
+def coalesce_delay(policy: str, loads: Sequence[ServerLoad], req: LeaseRequest, affinity: bool = True) -> float | None:
+    """Seconds a new arrival waits for the rest of its wave before the queue is planned; None: do not wait.
+
+    Only peak_ewma plans the whole queue, so only it gains from seeing the
+    wave together; and with no slot free there is nothing to plan until a
+    release. The wait is COALESCE_SECONDS at most (COLD_COALESCE_SECONDS
+    before any server is measured), and at most COALESCE_FRACTION of the
+    quickest expected service time of `req`.
+    """
+    if policy != "peak_ewma" or not any(has_capacity(s) for s in loads):
+        return None
+    speeds = _speeds(loads)
+    tokens = _tokens(req)
+    quickest = min(speeds[s.name].seconds(tokens) + _load_wait(s, req.model, affinity) for s in loads)
+    cap = COALESCE_SECONDS if any(sp.measured for sp in speeds.values()) else COLD_COALESCE_SECONDS
+    return min(cap, COALESCE_FRACTION * quickest)
+
+
+def apply_group_diversity(
+    decisions: Mapping[int, Decision], queue: Sequence[Queued]
+) -> tuple[dict[int, Decision], bool]:
+    """Keep one grant per (diversity group, server) in a round; True when one was held back.
+
+    The planner sees each request's group only through `avoid` (the servers its
+    group held before this round), so two requests of one group can be planned
+    onto the same server in the same round. Only the first (in queue order) is
+    granted; the caller plans the queue again, and the second then avoids the
+    server the first took.
+    """
+    kept: dict[int, Decision] = {}
+    held_back = False
+    granted: set[tuple[str, str]] = set()
+    for index in sorted(decisions):
+        decision, group = decisions[index], queue[index].req.group
+        if group and isinstance(decision, str):
+            if (group, decision) in granted:
+                held_back = True
+                continue
+            granted.add((group, decision))
+        kept[index] = decision
+    return kept, held_back

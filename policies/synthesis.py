@@ -16,7 +16,8 @@ from typing import Any
 from teamorch.errors import ConfigError
 from teamorch.messages import Statistics, TaskResult
 
-Strategy = Callable[[Sequence[TaskResult]], Any]
+# A strategy returns anything JSON-serialisable; `object`, not `Any`, so a caller must not assume a shape.
+Strategy = Callable[[Sequence[TaskResult]], object]
 
 
 def merge_all(results: Sequence[TaskResult]) -> dict[str, Any]:
@@ -219,6 +220,12 @@ def vote(results: Sequence[TaskResult]) -> dict[str, Any]:
         "votes": {c["answer"]: c["voters"] for c in clusters},
         "voters": voters,
     }
+
+
+def vote_summary(result: dict[str, Any]) -> str:
+    """A `vote` in one line, for the judge's instruction: each answer with its voters, agreement, tie."""
+    votes = "; ".join(f"{answer!r}: {', '.join(voters)}" for answer, voters in result["votes"].items())
+    return f"{votes} (agreement {result['agreement']:.0%}{', tie' if result['tie'] else ''})"
 
 
 def consensus(results: Sequence[TaskResult]) -> dict[str, Any]:

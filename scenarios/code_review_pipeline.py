@@ -1,8 +1,8 @@
-"""`python -m scenarios.code_review_pipeline [--team TEAM.yaml] [--json OUT.json]` — see code_review_pipeline.yaml."""
+"""`python -m teamorch.scenarios.code_review_pipeline [--team TEAM.yaml] [--json OUT.json]` — see code_review_pipeline.yaml."""
 
 import sys
 
-from scenarios import run
+from teamorch.scenarios import run
 
 if __name__ == "__main__":
     sys.exit(run("code_review_pipeline"))

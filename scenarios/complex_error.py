@@ -1,8 +1,8 @@
-"""`python -m scenarios.complex_error [--team TEAM.yaml] [--json OUT.json]` — see complex_error.yaml."""
+"""`python -m teamorch.scenarios.complex_error [--team TEAM.yaml] [--json OUT.json]` — see complex_error.yaml."""
 
 import sys
 
-from scenarios import run
+from teamorch.scenarios import run
 
 if __name__ == "__main__":
     sys.exit(run("complex_error"))

@@ -1,8 +1,8 @@
-"""`python -m scenarios.consensus [--team TEAM.yaml] [--json OUT.json]` — see consensus.yaml."""
+"""`python -m teamorch.scenarios.consensus [--team TEAM.yaml] [--json OUT.json]` — see consensus.yaml."""
 
 import sys
 
-from scenarios import run
+from teamorch.scenarios import run
 
 if __name__ == "__main__":
     sys.exit(run("consensus"))

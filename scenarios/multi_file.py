@@ -1,4 +1,4 @@
-"""`python -m scenarios.multi_file [--team TEAM.yaml] [--json OUT.json]` — the seed's Scenario 2.
+"""`python -m teamorch.scenarios.multi_file [--team TEAM.yaml] [--json OUT.json]` — the seed's Scenario 2.
 
 Six analysts read six files of `data/multi_file/shop` in parallel; a dependency
 analyzer combines their findings and reports the import cycles. The cycles are
@@ -12,7 +12,7 @@ import ast
 import sys
 from pathlib import Path
 
-from scenarios import HERE, run
+from teamorch.scenarios import HERE, run
 
 PACKAGE = "shop"
 SOURCE = HERE / "data" / "multi_file" / PACKAGE

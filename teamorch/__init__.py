@@ -2,40 +2,56 @@
 
 The public surface is small on purpose; everything else is in modules users
 rarely need to import.
+
+Names load lazily (PEP 562): `teamorch.api` pulls in Ray (~1.5 s), and the
+leaf modules (`teamorch.messages`, `teamorch.config`, `teamorch.errors`) and
+`teamorch.policies` must stay importable without it, so that the pure layer
+can be used and tested without a cluster.
 """
 
-from teamorch.api import (
-    TeamOrchestrator,
-    connect,
-    get_coordinator,
-    load_plan,
-    run_plan,
-    start_coordinator,
-    stop_coordinator,
-)
-from teamorch.config import ServerConfig, SpecialistConfig, TeamConfig, load_team
-from teamorch.errors import (
-    ConfigError,
-    ModelNotFound,
-    NoServerAvailable,
-    PlanError,
-    RunInterrupted,
-    ServerBusy,
-    ServerError,
-    ServerUnreachable,
-    TeamorchError,
-)
-from teamorch.messages import (
-    ConsensusSpec,
-    DivideAndConquerSpec,
-    ExecutionWave,
-    OrchestrationPlan,
-    ParallelAnalysisSpec,
-    PipelineSpec,
-    RunReport,
-    Task,
-    TaskResult,
-)
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "api": (
+        "TeamOrchestrator",
+        "connect",
+        "execute",
+        "follow_run",
+        "follow_run",
+        "stream",
+        "get_coordinator",
+        "start_coordinator",
+        "stop_coordinator",
+    ),
+    "plans": ("load_plan",),
+    "config": ("ServerConfig", "SpecialistConfig", "TeamConfig", "load_team"),
+    "errors": (
+        "ConfigError",
+        "ModelNotFound",
+        "NoServerAvailable",
+        "PlanError",
+        "RunInterrupted",
+        "ServerBusy",
+        "ServerError",
+        "ServerUnreachable",
+        "TeamorchError",
+    ),
+    "messages": (
+        "ConsensusSpec",
+        "DivideAndConquerSpec",
+        "ExecutionWave",
+        "OrchestrationPlan",
+        "ParallelAnalysisSpec",
+        "PipelineSpec",
+        "RunReport",
+        "Task",
+        "TaskResult",
+    ),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = [
     "ConfigError",
@@ -61,10 +77,61 @@ __all__ = [
     "TeamOrchestrator",
     "TeamorchError",
     "connect",
+    "execute",
+    "follow_run",
     "get_coordinator",
     "load_plan",
     "load_team",
-    "run_plan",
     "start_coordinator",
     "stop_coordinator",
-]
+    "stream",
+]  # the same names as _EXPORTS (a test checks)
+
+if TYPE_CHECKING:
+    from teamorch.api import (
+        TeamOrchestrator,
+        connect,
+        execute,
+        follow_run,
+        get_coordinator,
+        start_coordinator,
+        stop_coordinator,
+        stream,
+    )
+    from teamorch.config import ServerConfig, SpecialistConfig, TeamConfig, load_team
+    from teamorch.errors import (
+        ConfigError,
+        ModelNotFound,
+        NoServerAvailable,
+        PlanError,
+        RunInterrupted,
+        ServerBusy,
+        ServerError,
+        ServerUnreachable,
+        TeamorchError,
+    )
+    from teamorch.messages import (
+        ConsensusSpec,
+        DivideAndConquerSpec,
+        ExecutionWave,
+        OrchestrationPlan,
+        ParallelAnalysisSpec,
+        PipelineSpec,
+        RunReport,
+        Task,
+        TaskResult,
+    )
+    from teamorch.plans import load_plan
+
+
+def __getattr__(name: str) -> Any:
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module 'teamorch' has no attribute {name!r}")
+    value = getattr(import_module(f"teamorch.{module}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

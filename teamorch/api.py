@@ -5,32 +5,42 @@ Agents in other processes share one long-lived coordinator by name
 `get_coordinator("teamorch")` anywhere on the cluster). A detached
 coordinator outlives the process that created it: stop it with
 `stop_coordinator(name)`.
+
+A run can be followed as it happens: `stream(coordinator, plan)` (or
+`TeamOrchestrator.stream`) yields its events (`teamorch.journal`: run
+started, task queued/started, attempt failed, task finished, run finished),
+and `follow_run(coordinator, run_id)` lets another client watch a run it did
+not start; both poll `Coordinator.events(run_id, since=last_seq)`.
 """
 
 from __future__ import annotations
 
 import os
+import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 
-from policies.planning import build_plan
-from teamorch.config import TeamConfig, check_plan_against_team, load_team, parse_pattern, parse_plan, split_plan_file
-from teamorch.errors import ConfigError, RunCancelled, RunInterrupted, TeamorchError, unwrap
+from teamorch.config import TeamConfig, load_team
+from teamorch.errors import RunCancelled, RunInterrupted, TeamorchError, unwrap
+from teamorch.journal import JournalEvent, RunFinished, TaskFinished
 from teamorch.messages import (
     AutoSpec,
     ConsensusSpec,
     DivideAndConquerSpec,
+    JournalSpec,
     OrchestrationPlan,
     ParallelAnalysisSpec,
-    PatternSpec,
     PipelineSpec,
     RunReport,
+    StageSpec,
     TaskResult,
 )
+from teamorch.plans import Runnable
 
 NAMESPACE = "teamorch"
 DEFAULT_NAME = "teamorch"
@@ -58,13 +68,13 @@ def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: in
 
 def start_coordinator(
     team: TeamConfig, name: str | None = None, detached: bool = False, max_workers: int | None = None
-) -> Any:
+) -> ActorHandle:
     """Create a coordinator actor for `team` and start its fleet; returns the handle when ready.
 
     `max_workers` caps how many tasks of one run are in flight at once (the
     seed's knob); the balancer's per-server `slots` still apply underneath.
     """
-    from actors.coordinator import Coordinator
+    from teamorch.actors.coordinator import Coordinator
 
     options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000}
     if name:
@@ -76,12 +86,12 @@ def start_coordinator(
     return handle
 
 
-def get_coordinator(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> Any:
+def get_coordinator(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> ActorHandle:
     """A handle to a named coordinator started elsewhere on the cluster."""
     return ray.get_actor(name, namespace=namespace)
 
 
-def stop_coordinator(handle_or_name: Any = DEFAULT_NAME) -> None:
+def stop_coordinator(handle_or_name: ActorHandle | str = DEFAULT_NAME) -> None:
     handle = get_coordinator(handle_or_name) if isinstance(handle_or_name, str) else handle_or_name
     try:
         ray.get(handle.shutdown.remote(), timeout=30)
@@ -91,124 +101,124 @@ def stop_coordinator(handle_or_name: Any = DEFAULT_NAME) -> None:
         ray.kill(handle)
 
 
-Runnable = OrchestrationPlan | PatternSpec
-
-
-def load_plan(path: str | Path, team_path: str | Path | None = None) -> tuple[Runnable, TeamConfig]:
-    """Read and fully validate a plan file (and optional team file) without starting anything.
-
-    Returns an `OrchestrationPlan` (explicit tasks/waves) or a pattern spec
-    (`pattern:` files), and the resolved team.
-    """
-    file = str(path)
-    data, team = split_plan_file(path, team_path)
-    _inline_context_files(data, Path(path))
-    if "pattern" not in data:
-        plan = parse_plan(data, file)
-        return plan, check_plan_against_team(plan, team, file)
-    _inline_item_files(data, Path(path))
-    spec = parse_pattern(data, file)
-    if isinstance(spec, AutoSpec):
-        return spec, check_plan_against_team(None, team, file)
-    try:
-        shape = build_plan(spec)
-    except ConfigError as exc:
-        raise exc.located(file) from None
-    return spec, check_plan_against_team(shape, team, file)
-
-
-def expand(runnable: Runnable) -> OrchestrationPlan | None:
-    """The plan a runnable stands for (None for `auto`, which the planner writes at run time)."""
-    if isinstance(runnable, OrchestrationPlan):
-        return runnable
-    return None if isinstance(runnable, AutoSpec) else build_plan(runnable)
-
-
-def _inline_item_files(data: dict[str, Any], plan_path: Path) -> None:
-    """`item_files: [glob, ...]` (relative to the plan file) become items {name, content}, sorted by path."""
-    patterns = data.get("item_files") or []
-    if not isinstance(patterns, list):
-        raise ConfigError("expected a list of glob patterns", field="item_files", file=str(plan_path))
-    items = list(data.get("items") or [])
-    for index, pattern in enumerate(patterns):
-        matches = sorted(p for p in plan_path.parent.glob(str(pattern)) if p.is_file())
-        if not matches:
-            raise ConfigError(f"no file matches {pattern!r}", field=f"item_files[{index}]", file=str(plan_path))
-        for match in matches:
-            rel = match.relative_to(plan_path.parent).as_posix()
-            items.append({"name": rel, "content": match.read_text(encoding="utf-8")})
-    if patterns:
-        data["items"] = items
-
-
-def _inline_context_files(data: dict[str, Any], plan_path: Path) -> None:
-    """`context_files: {name: relative/path}` puts each file's text into `context[name]`."""
-    files = data.pop("context_files", None) or {}
-    if not isinstance(files, dict):
-        raise ConfigError("expected a mapping of name: path", field="context_files", file=str(plan_path))
-    context = data.setdefault("context", {})
-    for name, rel in files.items():
-        target = (plan_path.parent / str(rel)).resolve()
-        try:
-            context[name] = target.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read {target}: {exc.strerror}", field=f"context_files.{name}", file=str(plan_path)
-            ) from exc
-
-
-def run_plan(
-    coordinator: Any,
-    plan: Runnable,
+def execute(
+    coordinator: ActorHandle,
+    runnable: Runnable,
     on_result: Callable[[TaskResult], None] | None = None,
     poll: float = 0.5,
+    *,
+    on_event: Callable[[JournalEvent], None] | None = None,
+    run_id: str | None = None,
+    journal: JournalSpec | None = None,
 ) -> RunReport:
-    """Run a plan or pattern on `coordinator`, calling `on_result` as each task finishes.
+    """Run a plan or pattern on `coordinator` from this driver, calling `on_event` with each of the run's
+    events and `on_result` with each result as it arrives.
 
-    If the coordinator dies mid-run, raises `RunInterrupted` carrying every
-    result that had finished, so nothing already paid for is lost.
+    `journal` keeps the run on disk under its `runs_dir` (or resumes the run
+    `run_id` there). If the coordinator dies mid-run, raises `RunInterrupted`
+    carrying every result that had finished, so nothing already paid for is
+    lost; Ctrl-C cancels the run (closing every in-flight request) and raises
+    `RunCancelled` the same way.
     """
-    run_id = uuid.uuid4().hex[:12]
-    if isinstance(plan, OrchestrationPlan):
-        ref = coordinator.run_plan.remote(plan, run_id)
-    else:
-        ref = coordinator.run_pattern.remote(plan, run_id)
-    seen: dict[str, TaskResult] = {}
+    follow = _follow(coordinator, runnable, run_id, journal, poll)
+    seen: set[str] = set()
+    try:
+        while True:
+            event = next(follow)
+            if on_event:
+                on_event(event)
+            if isinstance(event, TaskFinished):
+                seen.add(event.result.task_id)
+                if on_result:
+                    on_result(event.result)
+    except StopIteration as stop:
+        report: RunReport = stop.value
+    except KeyboardInterrupt:
+        follow.throw(KeyboardInterrupt())  # cancels the run and raises RunCancelled with what finished
+        raise
+    for result in report.tasks:  # a run whose events aged out of the coordinator before this client read them
+        if result.task_id not in seen and on_result:
+            on_result(result)
+    return report
 
-    def drain() -> None:
-        try:
-            for result in ray.get(coordinator.progress.remote(run_id), timeout=30):
-                if result.task_id not in seen:
-                    seen[result.task_id] = result
-                    if on_result:
-                        on_result(result)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            pass
 
+def stream(
+    coordinator: ActorHandle,
+    runnable: Runnable,
+    *,
+    run_id: str | None = None,
+    journal: JournalSpec | None = None,
+    poll: float = 0.2,
+) -> Generator[JournalEvent, None, RunReport]:
+    """Run a plan or pattern and yield its events as they happen, ending with `run_finished`; the
+    generator returns the `RunReport`. Leaving the loop early stops watching, not the run."""
+    return (yield from _follow(coordinator, runnable, run_id, journal, poll))
+
+
+def follow_run(coordinator: ActorHandle, run_id: str, since: int = 0, poll: float = 0.2) -> Iterator[JournalEvent]:
+    """Watch a run somebody else started on `coordinator` (another process, another agent) until its
+    run_finished. `since` skips the events already seen; a run this coordinator does not know yields nothing
+    and waits (it may not have started yet)."""
+    while True:
+        events: list[JournalEvent] = ray.get(coordinator.events.remote(run_id, since))
+        for event in events:
+            since = event.seq
+            yield event
+            if isinstance(event, RunFinished):
+                return
+        time.sleep(poll)
+
+
+def _follow(
+    coordinator: ActorHandle, runnable: Runnable, run_id: str | None, journal: JournalSpec | None, poll: float
+) -> Generator[JournalEvent, None, RunReport]:
+    """Submit the run, then yield its events from the coordinator's journal until the run returns."""
+    run_id = run_id or uuid.uuid4().hex[:12]
+    method = coordinator.run_plan if isinstance(runnable, OrchestrationPlan) else coordinator.run_pattern
+    ref = method.remote(runnable, run_id, journal=journal)
+    events = _Events(coordinator, run_id)
     try:
         while not ray.wait([ref], timeout=poll)[0]:
-            drain()
+            yield from events.poll()
     except KeyboardInterrupt:
         # Cancel the run (every in-flight request is closed), then collect what had finished.
         ray.cancel(ref)
         ray.wait([ref], timeout=10)
-        drain()
-        raise RunCancelled("run interrupted by the user", list(seen.values())) from None
+        events.poll()
+        raise RunCancelled("run interrupted by the user", list(events.results.values())) from None
     try:
         report: RunReport = ray.get(ref)
     except ray.exceptions.RayActorError as exc:
-        drain()
-        raise RunInterrupted(f"coordinator died mid-run: {exc}", list(seen.values())) from exc
+        events.poll()
+        raise RunInterrupted(f"coordinator died mid-run: {exc}", list(events.results.values())) from exc
     except ray.exceptions.RayTaskError as exc:
         cause = unwrap(exc)
         if isinstance(cause, TeamorchError):
             raise cause from None
         raise
-    if on_result:
-        for result in report.tasks:
-            if result.task_id not in seen:
-                on_result(result)
+    yield from events.poll()
     return report
+
+
+class _Events:
+    """One client's cursor over a run's events: the last seq read, and each task's latest result."""
+
+    def __init__(self, coordinator: ActorHandle, run_id: str) -> None:
+        self.coordinator = coordinator
+        self.run_id = run_id
+        self.seq = 0
+        self.results: dict[str, TaskResult] = {}
+
+    def poll(self) -> list[JournalEvent]:
+        try:
+            events: list[JournalEvent] = ray.get(self.coordinator.events.remote(self.run_id, self.seq), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return []
+        for event in events:
+            self.seq = event.seq
+            if isinstance(event, TaskFinished):
+                self.results[event.result.task_id] = event.result
+        return events
 
 
 class TeamOrchestrator:
@@ -253,21 +263,29 @@ class TeamOrchestrator:
                 result.duration,
             )
 
+    def stream(self, runnable: Runnable) -> Generator[JournalEvent, None, RunReport]:
+        """Run a plan or pattern, yielding its events (task queued, started, failed attempts, finished, ...)
+        as they happen until `run_finished`; the generator's return value is the `RunReport`."""
+        return (yield from stream(self.coordinator, runnable))
+
     def _run(self, runnable: Runnable) -> dict[str, Any]:
-        report = run_plan(self.coordinator, runnable, on_result=self._log)
+        report = execute(self.coordinator, runnable, on_result=self._log)
         out = report.model_dump()
         out["results"] = {t.task_id: t.output for t in report.tasks if t.status == "succeeded"}
         return out
 
     def create_orchestration_plan(self, problem: str, context: dict[str, Any] | None = None) -> OrchestrationPlan:
         """Ask the planner specialist (LLM) for a plan; falls back to a heuristic. See `plan.plan_source`."""
-        return ray.get(self.coordinator.create_plan.remote(problem, context or {}))
+        return ray.get(self.coordinator.create_plan.remote(AutoSpec(problem=problem, context=context or {})))
 
     def execute_plan(self, plan: OrchestrationPlan, thread: Any = None) -> dict[str, Any]:
         """Run a plan. `thread` (the seed's conversation object) is passed to specialists as context."""
         if thread is not None:
             plan = plan.model_copy(update={"context": {**plan.context, "thread": thread}})
         return self._run(plan)
+
+    # The four patterns, defined here only: the coordinator takes the spec (`run_pattern`), so a new
+    # keyword is added to the spec model and to one signature below.
 
     def parallel_analysis(
         self, problem: str, specialists: list[str], synthesizer: str | None = None, **kw: Any
@@ -281,7 +299,7 @@ class TeamOrchestrator:
             DivideAndConquerSpec(problem=problem, items=items, specialists=specialists, reducer=reducer, **kw)
         )
 
-    def pipeline(self, problem: str, stages: list[dict[str, Any]], **kw: Any) -> dict[str, Any]:
+    def pipeline(self, problem: str, stages: list[StageSpec | dict[str, Any]], **kw: Any) -> dict[str, Any]:
         return self._run(PipelineSpec(problem=problem, stages=stages, **kw))
 
     def consensus(
@@ -290,8 +308,8 @@ class TeamOrchestrator:
         return self._run(ConsensusSpec(problem=question, experts=experts, synthesizer=synthesizer, rounds=rounds, **kw))
 
     def get_statistics(self) -> dict[str, Any]:
-        """Totals over every run of this orchestrator: tasks, success rate, efficiency, utilization."""
-        return ray.get(self.coordinator.statistics.remote())
+        """Totals over every run of this orchestrator: runs, tasks, success rate, efficiency, utilization."""
+        return ray.get(self.coordinator.statistics.remote()).model_dump()
 
     def close(self) -> None:
         stop_coordinator(self.coordinator)

@@ -1,4 +1,4 @@
-"""`teamorch run | validate | servers | simulate`.
+"""`teamorch run | resume | runs | validate | plan | servers | simulate | timeline`.
 
 Exit codes: 0 success; 1 the run finished but failed its success criteria;
 2 invalid input (the message names the file and field); 3 the run could not
@@ -12,13 +12,30 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from teamorch.config import TeamConfig, read_yaml
 from teamorch.errors import ConfigError, RunCancelled, RunInterrupted, TeamorchError
-from teamorch.messages import RunReport, ServerLoad, TaskResult
+from teamorch.journal import (
+    JournalError,
+    JournalEvent,
+    RunJournal,
+    RunResumed,
+    TaskFinished,
+    list_runs,
+    new_run_dir,
+    resolve_run_id,
+    resolve_runs_dir,
+    secret_values,
+)
+from teamorch.messages import JournalSpec, RunReport, ServerLoad, TaskResult
+from teamorch.plans import Runnable, expand, load_plan, read_plan_raw
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+RUNS_DIR_HELP = "where run journals are (default: $TEAMORCH_RUNS_DIR, else .teamorch/runs)"
 EMBEDDED_NOTE = (
     "No servers configured: using the embedded default, two llama.cpp servers (ollama01, ollama02) running\n"
     "Gemma 3 270M — real inference by a tiny base model, so answers are shallow. Point the team at real\n"
@@ -74,6 +91,12 @@ def print_report(report: RunReport, out: Any = None) -> None:
     )
     util = ", ".join(f"{k} {v:.0%}" for k, v in s.server_utilization.items()) or "-"
     print(f"  server utilization: {util}   tokens: {s.tokens}", file=out)
+    if len(report.sessions) > 1:
+        print("\nSessions (the run was resumed):", file=out)
+        for span in report.sessions:
+            when = time.strftime("%H:%M:%S", time.localtime(span.started_at))
+            seconds = span.ended_at - span.started_at
+            print(f"  {span.session}: from {when} for {seconds:.1f}s, ran {', '.join(span.tasks) or '-'}", file=out)
     verdict = "SUCCESS" if report.success else "FAILED"
     print(
         f"\n{verdict}: run {report.run_id} ({report.pattern or 'plan'}, {report.plan_source}) in {report.duration:.1f}s",
@@ -102,8 +125,6 @@ def _write_json(path: str | None, payload: dict[str, Any]) -> None:
 
 
 def _describe(runnable: Any) -> str:
-    from teamorch.api import expand
-
     plan = expand(runnable)
     pattern = getattr(runnable, "pattern", None)
     if plan is None:
@@ -115,8 +136,6 @@ def _describe(runnable: Any) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from teamorch.api import expand, load_plan
-
     runnable, team = load_plan(args.plan, args.team)
     embedded = all(s.protocol == "embedded" for s in team.servers)
     print(
@@ -130,35 +149,134 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Every run is journaled (`<runs dir>/<run id>/`); bad input fails before Ray is even imported."""
+    runs_dir = resolve_runs_dir(args.runs_dir)
+    run_id = resolve_run_id(args.run_id)
+    new_run_dir(runs_dir, run_id)
+    print(f"Run {run_id}", flush=True)  # first, so whoever started it can resume it whatever happens next
+    plan, team = load_plan(args.plan, args.team)
+    plan_raw = read_plan_raw(args.plan)
+    team_raw = read_yaml(args.team, expand_env=False) if args.team else None
+    journal = JournalSpec(
+        runs_dir=str(runs_dir),
+        plan_raw=plan_raw,
+        team_raw=team_raw,
+        secrets=secret_values(plan_raw) + secret_values(team_raw),
+    )
+    return _run(args, plan, team, run_id, journal, session=1)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a run whose driver died: journaled results are kept, the rest runs now."""
+    runs_dir = resolve_runs_dir(args.runs_dir, writable=False)
+    journal = RunJournal.open(runs_dir, args.run_id)
+    state = journal.state()
+    if state.status == "finished":
+        print(f"Run {args.run_id} finished already; its report, from the journal:")
+        return _report(args, journal.rebuild_report(), None, None)
+    if state.status == "running":
+        raise JournalError(f"run {args.run_id!r} is being written by another live process; wait for it or stop it")
+    plan_raw = read_plan_raw(journal.plan_file)
+    journal.check_plan(plan_raw)  # the run directory's plan.yaml edited since: its results belong to another plan
+    team_path = args.team or journal.team_file
+    plan, team = load_plan(journal.plan_file, team_path)
+    team_raw = read_yaml(team_path, expand_env=False) if team_path else None
+    print(f"Run {args.run_id}: resuming session {journal.session + 1}, {state.done} tasks journaled", flush=True)
+    spec = JournalSpec(runs_dir=str(runs_dir), secrets=[*journal.secrets, *secret_values(team_raw)], resume=True)
+    return _run(args, plan, team, args.run_id, spec, session=journal.session + 1)
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    runs_dir = resolve_runs_dir(args.runs_dir, writable=False)
+    states = list_runs(runs_dir)
+    if not states:
+        print(f"no runs in {runs_dir}")
+        return EXIT_OK
+    verdict = {True: "yes", False: "no", None: "-"}
+    rows = [
+        [
+            s.run_id,
+            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s.started_at)),
+            s.status,
+            f"{s.done}/{'?' if s.total is None else s.total}",
+            str(s.sessions),
+            verdict[s.success],
+        ]
+        for s in states
+    ]
+    print(_table(rows, ["run", "started", "status", "done", "sessions", "success"]))
+    return EXIT_OK
+
+
+class _Progress:
+    """Today's plain progress lines, from the run's events: one per finished task. Results a resumed run
+    took from its journal are marked so."""
+
+    def __init__(self, session: int) -> None:
+        self.session = session
+
+    def __call__(self, event: JournalEvent) -> None:
+        if isinstance(event, RunResumed):
+            print(f"  resumed: session {event.session}", flush=True)
+        elif isinstance(event, TaskFinished):
+            r = event.result
+            where = f" (journaled in session {event.session})" if event.session < self.session else ""
+            line = f"  [{r.status:>9}] {r.task_id} ({r.specialist}) on {r.server or '-'} in {r.duration:.1f}s{where}"
+            print(line, flush=True)
+
+
+@contextmanager
+def _progress(
+    args: argparse.Namespace, coordinator: Any, session: int
+) -> Iterator[Callable[[JournalEvent], None] | None]:
+    """What follows the run's events: the live display on a terminal, else today's plain lines (none if --quiet)."""
+    from teamorch import live
+
+    if not live.use_live(sys.stdout, args.quiet, args.plain):
+        yield None if args.quiet else _Progress(session)
+        return
+    with live.LiveView(live.coordinator_loads(coordinator)) as view:
+        yield view
+
+
+def _run(
+    args: argparse.Namespace, runnable: Runnable, team: TeamConfig, run_id: str, journal: JournalSpec, session: int
+) -> int:
     from teamorch import api
 
-    plan, team = api.load_plan(args.plan, args.team)
     if all(s.protocol == "embedded" for s in team.servers):
         print(EMBEDDED_NOTE)
-    print(f"Problem: {plan.problem.strip().splitlines()[0][:100]}  ({_describe(plan)})")
+    print(f"Problem: {runnable.problem.strip().splitlines()[0][:100]}  ({_describe(runnable)})")
     t0 = time.monotonic()
     api.connect(args.address)
     coordinator = api.start_coordinator(team)
-    print(f"Team ready in {time.monotonic() - t0:.1f}s: servers {', '.join(s.name for s in team.servers)}")
-
-    def on_result(r: TaskResult) -> None:
-        if not args.quiet:
-            print(f"  [{r.status:>9}] {r.task_id} ({r.specialist}) on {r.server or '-'} in {r.duration:.1f}s")
-
+    print(f"Team ready in {time.monotonic() - t0:.1f}s: servers {', '.join(s.name for s in team.servers)}", flush=True)
     try:
-        report = api.run_plan(coordinator, plan, on_result=on_result)
+        with _progress(args, coordinator, session) as on_event:
+            report = api.execute(coordinator, runnable, on_event=on_event, run_id=run_id, journal=journal)
     except RunInterrupted as exc:
         print(f"error: {exc}; {len(exc.finished)} finished results kept", file=sys.stderr)
         for r in exc.finished:
             print(f"  [{r.status:>9}] {r.task_id} ({r.specialist}) on {r.server or '-'}", file=sys.stderr)
+        print(f"continue the run with: teamorch resume {run_id}", file=sys.stderr)
         _write_json(args.json, {"error": str(exc), "tasks": [r.model_dump() for r in exc.finished]})
         return EXIT_INTERRUPTED if isinstance(exc, RunCancelled) else EXIT_ERROR
     finally:
         api.stop_coordinator(coordinator)
+    return _report(args, report, runnable, team)
+
+
+def _report(args: argparse.Namespace, report: RunReport, runnable: Runnable | None, team: TeamConfig | None) -> int:
+    """Print the report, write --json and --trace; the exit code says whether the run met its criteria."""
     print_report(report)
     _write_json(args.json, report.model_dump())
     if args.json:
         print(f"report written to {args.json}")
+    if getattr(args, "trace", None) and runnable is not None and team is not None:
+        from teamorch.trace import write_trace
+
+        write_trace(report, args.trace, plan=expand(runnable), slots={s.name: s.slots for s in team.servers})
+        print(f"trace written to {args.trace} (open it in ui.perfetto.dev)")
     return EXIT_OK if report.success else EXIT_FAILED
 
 
@@ -169,6 +287,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     from teamorch import api
     from teamorch.config import load_team
+    from teamorch.messages import AutoSpec
 
     team = load_team(args.team) if args.team else None
     context = {"notes": Path(args.context_file).read_text(encoding="utf-8")} if args.context_file else {}
@@ -177,7 +296,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     api.connect(args.address)
     coordinator = api.start_coordinator(team)
     try:
-        plan = ray.get(coordinator.create_plan.remote(args.problem, context))
+        plan = ray.get(coordinator.create_plan.remote(AutoSpec(problem=args.problem, context=context)))
         print(f"# plan_source: {plan.plan_source}")
         for note in plan.plan_notes:
             print(f"# {note}")
@@ -189,7 +308,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(yaml.safe_dump(body, sort_keys=False))
         if not args.run:
             return EXIT_OK
-        report = api.run_plan(coordinator, plan)
+        report = api.execute(coordinator, plan)
     finally:
         api.stop_coordinator(coordinator)
     print_report(report)
@@ -279,11 +398,57 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 models=args.models.split(","),
                 error_rate=args.error_rate,
                 die_after=args.die_after,
+                prefill_tps=args.prefill_tps,
+                max_loaded=args.max_loaded,
+                load_time=args.load_time,
             )
         ]
     print("Ollama-API simulator (not a real model: deterministic text, Ollama's slot/queue/503 semantics).")
     run_fleet(configs)
     return EXIT_OK
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    from teamorch.journal import resolve_runs_dir
+    from teamorch.trace import load_run_for_timeline, write_timeline
+
+    report, plan = load_run_for_timeline(args.run, resolve_runs_dir(args.runs_dir, writable=False))
+    slots = None
+    if args.plan:
+        runnable, team = load_plan(args.plan, args.team)
+        plan, slots = plan or expand(runnable), {s.name: s.slots for s in team.servers}
+    write_timeline(report, args.output, plan=plan, slots=slots)
+    print(f"timeline of run {report.run_id} written to {args.output}")
+    return EXIT_OK
+
+
+def _add_run_commands(sub: Any) -> None:
+    """`run`, `resume` and `runs`: the commands that make and read run journals."""
+    run = sub.add_parser("run", help="run a plan file")
+    run.add_argument("plan")
+    run.add_argument("--team", help="team YAML: replaces the plan's servers, overrides specialists by name")
+    run.add_argument("--json", help="write the RunReport as JSON here")
+    run.add_argument("--address", help="Ray address ('auto' joins a `ray start` cluster); default: a private local Ray")
+    run.add_argument("--quiet", action="store_true", help="no per-task progress lines")
+    run.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal (no live display)")
+    run.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace of the run (ui.perfetto.dev)")
+    run.add_argument("--run-id", help="name the run (default: UTC time + random suffix); printed first")
+    run.add_argument("--runs-dir", help=RUNS_DIR_HELP)
+    run.set_defaults(func=cmd_run)
+
+    res = sub.add_parser("resume", help="continue a journaled run whose driver died; finished tasks are not rerun")
+    res.add_argument("run_id", metavar="RUN_ID")
+    res.add_argument("--json", help="write the whole run's RunReport as JSON here")
+    res.add_argument("--team", help="team YAML to continue on (default: the team the run started with)")
+    res.add_argument("--runs-dir", help=RUNS_DIR_HELP)
+    res.add_argument("--address", help="Ray address; default: a private local Ray")
+    res.add_argument("--quiet", action="store_true", help="no per-task progress lines")
+    res.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal (no live display)")
+    res.set_defaults(func=cmd_resume)
+
+    runs = sub.add_parser("runs", help="list journaled runs: id, started, status, tasks done/total")
+    runs.add_argument("--runs-dir", help=RUNS_DIR_HELP)
+    runs.set_defaults(func=cmd_runs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -292,13 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a plan file")
-    run.add_argument("plan")
-    run.add_argument("--team", help="team YAML: replaces the plan's servers, overrides specialists by name")
-    run.add_argument("--json", help="write the RunReport as JSON here")
-    run.add_argument("--address", help="Ray address ('auto' joins a `ray start` cluster); default: a private local Ray")
-    run.add_argument("--quiet", action="store_true", help="no per-task progress lines")
-    run.set_defaults(func=cmd_run)
+    _add_run_commands(sub)
 
     val = sub.add_parser("validate", help="check a plan (and team) without running it")
     val.add_argument("plan")
@@ -332,7 +491,23 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--models", default="gemma3:270m", help="comma-separated model names")
     sim.add_argument("--error-rate", type=float, default=0.0)
     sim.add_argument("--die-after", type=int, default=None)
+    sim.add_argument(
+        "--prefill-tps",
+        type=float,
+        default=None,
+        help="uncached prompt tokens per second (default: free beyond --ttft)",
+    )
+    sim.add_argument("--max-loaded", type=int, default=None, help="models resident at once, LRU evicted (default: all)")
+    sim.add_argument("--load-time", type=float, default=0.0, help="seconds to load a model that is not resident")
     sim.set_defaults(func=cmd_simulate)
+
+    tl = sub.add_parser("timeline", help="draw a run as a Gantt chart per server (HTML, or PNG with matplotlib)")
+    tl.add_argument("run", metavar="REPORT_OR_RUN_ID", help="a `teamorch run --json` report, or a journaled run id")
+    tl.add_argument("-o", "--output", required=True, help="run.html (self-contained) or run.png (needs matplotlib)")
+    tl.add_argument("--plan", help="the plan file the run came from: its dependencies mark the critical path")
+    tl.add_argument("--team", help="with --plan: the team YAML the run used (slot counts per server)")
+    tl.add_argument("--runs-dir", help=RUNS_DIR_HELP)
+    tl.set_defaults(func=cmd_timeline)
     return parser
 
 

@@ -18,12 +18,14 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teamorch.errors import ConfigError, PlanError
-from teamorch.messages import PATTERN_SPECS, OrchestrationPlan, PatternSpec
+from teamorch.messages import PATTERN_SPECS, OrchestrationPlan, PatternSpec, Policy
 
 EMBEDDED_MODEL = "gemma3:270m"
 DEFAULT_SERVER_NAMES = ("ollama01", "ollama02")
 
-_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+# `${VAR}` or `${VAR:-default}`: group 1 the variable, group 2 the default. The journal reads it too, to tell
+# which values of a team are secrets.
+ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
 class _Model(BaseModel):
@@ -31,23 +33,31 @@ class _Model(BaseModel):
 
 
 class ServerConfig(_Model):
-    """One model server. `slots` must equal the server's OLLAMA_NUM_PARALLEL:
-    the balancer never sends more concurrent requests than that, because a
-    loaded Ollama model queues the excess without bound."""
+    """One model server: where it is, what protocol it speaks, how much it can run at once.
 
-    name: str = Field(min_length=1)
-    url: str | None = None
-    protocol: Literal["ollama", "openai", "embedded"] = "ollama"
+    `slots` must equal the server's OLLAMA_NUM_PARALLEL: the balancer never
+    sends more concurrent requests than that, because a loaded Ollama model
+    queues the excess without bound and its 503 comes too late. `models: None`
+    means "ask the server" (`/api/tags`); a list is trusted as given and lets
+    `teamorch validate` catch a specialist whose model no server has.
+    """
+
+    name: str = Field(min_length=1)  # how plans (`server:`), reports and the load table name it
+    url: str | None = None  # http(s) base URL; required unless `protocol: embedded`
+    protocol: Literal["ollama", "openai", "embedded"] = "ollama"  # native /api/chat, /v1/chat/completions, llama.cpp
     slots: int = Field(default=1, ge=1)
     models: list[str] | None = None
-    tags: list[str] = Field(default_factory=list)
-    headers: dict[str, str] = Field(default_factory=dict)
-    connect_timeout: float = Field(default=5.0, gt=0)
-    read_timeout: float = Field(default=120.0, gt=0)
-    poll_interval: float = Field(default=10.0, gt=0)
-    model_path: str | None = None
-    n_threads: int = Field(default=1, ge=1)
-    n_ctx: int = Field(default=2048, ge=256)
+    tags: list[str] = Field(default_factory=list)  # what the box offers (gpu, big-context): matched by `requires`
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. Authorization for a proxy; use ${VAR} for secrets
+    connect_timeout: float = Field(default=5.0, gt=0)  # seconds: a box that does not answer is down, fail over fast
+    read_timeout: float = Field(default=120.0, gt=0)  # seconds of silence mid-stream before a request counts as stalled
+    poll_interval: float = Field(default=10.0, gt=0)  # seconds between health and model checks
+    model_path: str | None = None  # embedded only: a GGUF file; default the Gemma 3 270M shipped on PyPI
+    n_threads: int = Field(default=1, ge=1)  # embedded only: one thread each lets two servers use two cores
+    n_ctx: int = Field(default=2048, ge=256)  # embedded only: context window in tokens
+    # Ray custom resources the server actor needs, e.g. {ollama_box_1: 1}: the actor (and so its HTTP pool) is
+    # placed on the node started with `ray start --resources '{"ollama_box_1": 1}'`, next to that Ollama box.
+    ray_resources: dict[str, float] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _url_for_network_protocols(self) -> ServerConfig:
@@ -68,23 +78,47 @@ class ServerConfig(_Model):
 
 
 class SpecialistConfig(_Model):
-    """A role: prompt, model and what it is good at (the planner reads `capabilities`)."""
+    """A role on the team: who it is (prompt), what it runs on (model), what it is good at.
 
-    name: str = Field(min_length=1)
-    model: str | None = None
-    system_prompt: str = ""
+    The planner reads `capabilities` to pick specialists for tasks, and the
+    `capability` balancing policy prefers servers whose `tags` match them;
+    `requires` is a hard filter instead (only servers with all those tags).
+    """
+
+    name: str = Field(min_length=1)  # what tasks name in `specialist:`
+    model: str | None = None  # None: the team's `default_model`
+    system_prompt: str = ""  # the role; empty means "You are {name}."
     capabilities: list[str] = Field(default_factory=list)
     requires: list[str] = Field(default_factory=list)
-    options: dict[str, Any] = Field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)  # generation options (num_predict, temperature, ...)
+    ray_resources: dict[str, float] = Field(default_factory=dict)  # Ray custom resources its actor needs (placement)
 
 
 class BalancerConfig(_Model):
-    policy: Literal["round_robin", "least_loaded", "capability", "peak_ewma"] = "peak_ewma"
+    """How the balancer chooses a server for each request.
+
+    `peak_ewma` (default) plans the whole queue by expected finish time from
+    measured speeds; the others are simpler baselines. `model_affinity`
+    prefers servers that already have the model loaded, because a cold load
+    can cost more than the request. `backoff_seconds` is how long a server
+    that answered 503 (its own queue is full: someone else is using it) runs
+    with one slot fewer.
+    """
+
+    policy: Policy = "peak_ewma"
     model_affinity: bool = True
     backoff_seconds: float = Field(default=5.0, ge=0)
 
 
 class RetryConfig(_Model):
+    """Failover timing and the circuit breaker (`policies.retry`).
+
+    A failed attempt is retried after an exponential backoff from `base_delay`
+    capped at `max_delay` (seconds, with jitter, so specialists do not retry in
+    lockstep). After `circuit_failures` consecutive failures a server's
+    circuit opens: no requests for `circuit_reset` seconds, then one probe.
+    """
+
     base_delay: float = Field(default=0.2, ge=0)
     max_delay: float = Field(default=5.0, ge=0)
     circuit_failures: int = Field(default=3, ge=1)
@@ -92,6 +126,14 @@ class RetryConfig(_Model):
 
 
 class TeamConfig(_Model):
+    """A team: the fleet (`servers`) plus the people (`specialists`), and how work is spread over the fleet.
+
+    No `servers` means the embedded default (two llama.cpp servers); see
+    `resolved()`. `default_model` is the model of every specialist that names
+    none. `planner` names the specialist that writes plans for `pattern: auto`
+    and `teamorch plan` (None: a built-in planner on the default model).
+    """
+
     servers: list[ServerConfig] = Field(default_factory=list)
     specialists: list[SpecialistConfig] = Field(default_factory=list)
     default_model: str | None = None
@@ -108,10 +150,6 @@ class TeamConfig(_Model):
                 raise ValueError(f"duplicate name {item.name!r}")
             seen.add(item.name)
         return items
-
-    @property
-    def embedded_default(self) -> bool:
-        return not self.servers
 
     def resolved(self) -> TeamConfig:
         """The team as it will run: default servers filled in, every model named."""
@@ -168,7 +206,7 @@ def interpolate(value: Any, path: str = "") -> Any:
                 return default
             raise ConfigError(f"environment variable {name} is not set (use ${{{name}:-default}} for a default)", path)
 
-        return _ENV.sub(sub, value)
+        return ENV_REFERENCE.sub(sub, value)
     if isinstance(value, dict):
         return {k: interpolate(v, f"{path}.{k}" if path else str(k)) for k, v in value.items()}
     if isinstance(value, list):
@@ -191,6 +229,9 @@ def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
         loc = _loc(tuple(err["loc"]))
         field = ".".join(p for p in (prefix, loc) if p) if not loc.startswith("[") else prefix + loc
         msg = err["msg"].removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] != "value_error" and isinstance(value, str | int | float | bool):
+            msg += f", got {value!r}"  # a wrong type or range: say what was there (our own messages already do)
         lines.append((field, msg))
     first_field, first_msg = lines[0]
     if len(lines) > 1:
@@ -198,8 +239,11 @@ def config_error_from(exc: ValidationError, prefix: str = "") -> ConfigError:
     return ConfigError(first_msg, field=first_field or None)
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; syntax errors name the line and column."""
+def read_yaml(path: str | Path, expand_env: bool = True) -> dict[str, Any]:
+    """Read a YAML mapping; syntax errors name the line and column.
+
+    `expand_env=False` keeps `${VAR}` as written: what a run journal stores, so its copy holds no secret.
+    """
     file = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -216,6 +260,8 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping at the top level, got {type(data).__name__}", file=file)
+    if not expand_env:
+        return data
     try:
         return interpolate(data)
     except ConfigError as exc:

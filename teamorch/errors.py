@@ -8,7 +8,10 @@ would otherwise fold them into a `ValidationError` and lose the field path.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from teamorch.messages import ErrorClass
 
 
 class TeamorchError(Exception):
@@ -40,7 +43,7 @@ class ServerError(TeamorchError):
     """A model server failed one request. `retry_elsewhere` drives failover."""
 
     retry_elsewhere = True
-    kind = "error"
+    error_class: ErrorClass = "error"
 
     def __init__(self, server: str, message: str, status: int | None = None) -> None:
         super().__init__(server, message, status)
@@ -56,31 +59,31 @@ class ServerError(TeamorchError):
 class ServerUnreachable(ServerError):
     """Connection refused, DNS failure or connection dropped: the box is down."""
 
-    kind = "unreachable"
+    error_class: ErrorClass = "unreachable"
 
 
 class ServerBusy(ServerError):
     """HTTP 503: Ollama's queue is full. Back-pressure, not a task failure."""
 
-    kind = "busy"
+    error_class: ErrorClass = "busy"
 
 
 class ModelNotFound(ServerError):
     """HTTP 404: this server lacks the model. Never retry the same server."""
 
-    kind = "model_not_found"
+    error_class: ErrorClass = "model_not_found"
 
 
 class MalformedResponse(ServerError):
     """The server answered something that is not the protocol (bad JSON, no final line)."""
 
-    kind = "malformed"
+    error_class: ErrorClass = "malformed"
 
 
 class ServerTimeout(ServerError):
     """No answer within the task's deadline."""
 
-    kind = "timeout"
+    error_class: ErrorClass = "timeout"
 
 
 class NoServerAvailable(TeamorchError):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -99,7 +99,13 @@ class OrchestrationPlan(_Model):
             # Hedged runs cancel the losers on purpose: one success is the goal.
             self.success_criteria = "any"
         if self.waves and self.tasks:
-            raise PlanError("give either 'waves' or 'tasks', not both", field="tasks")
+            # A normalised plan carries both, and pydantic re-runs this validator on it (a plan inside another
+            # model, a dumped plan loaded again): its waves are then exactly the levels of its tasks.
+            derived = derive_waves(self.tasks)
+            if self.waves != derived:
+                raise PlanError("give either 'waves' or 'tasks', not both", field="tasks")
+            self.waves = derived
+            return self
         if self.waves:
             self.tasks = _tasks_from_waves(self.waves)
         if not self.tasks:
@@ -201,6 +207,10 @@ class ChatResponse(_Model):
     eval_seconds: float | None = None
     total_seconds: float = 0.0
     load_seconds: float | None = None
+    # Prefix caching, as the server reports it (Ollama's prompt_eval_cached_count / prompt_eval_duration):
+    # `prompt_tokens` above counts every prompt token (Ollama's prompt_eval_count), cached ones included.
+    prompt_cached_tokens: int | None = None  # None: the server does not say
+    prompt_eval_seconds: float | None = None
 
 
 class Attempt(_Model):
@@ -236,28 +246,69 @@ class TaskResult(_Model):
 
 
 class Synthesis(_Model):
-    strategy: str
-    result: Any = None
+    """What the plan's `synthesis_strategy` made of the results.
+
+    A strategy that raises leaves `result` empty and says why in `error`
+    (the run is then failed) instead of losing the results already paid for.
+    """
+
+    strategy: str  # the strategy's name as the plan gave it, or "custom" for a callable passed from Python
+    result: Any = None  # whatever the strategy returned (JSON-serialisable)
     error: str | None = None
 
 
 class Statistics(_Model):
+    """The seed's run metrics, measured from task and attempt intervals (see `policies.synthesis`).
+
+    Durations are seconds. `sequential_duration` sums time on servers (not
+    time queued at the balancer), so `parallel_efficiency` = sequential /
+    wall says how much the team's parallelism bought; `parallelism_factor` is
+    the peak number of requests on servers at once over the task count;
+    `server_utilization` is each server's busy fraction of the wall time.
+    """
+
     total_tasks: int = 0
     successful_tasks: int = 0
-    failed_tasks: int = 0
-    success_rate: float = 0.0
-    total_duration: float = 0.0
+    failed_tasks: int = 0  # skipped and cancelled tasks are neither successful nor failed
+    success_rate: float = 0.0  # successful / total
+    total_duration: float = 0.0  # wall time
     sequential_duration: float = 0.0
     parallel_efficiency: float = 0.0
     parallelism_factor: float = 0.0
     server_utilization: dict[str, float] = Field(default_factory=dict)
-    tokens: int = 0
+    tokens: int = 0  # output tokens generated
+
+
+class RunTotals(Statistics):
+    """`Statistics` summed over every run a coordinator made (`Coordinator.statistics`, the seed's
+    `get_statistics`); `runs` counts them, because rates alone do not say how much was run."""
+
+    runs: int = 0
+
+
+class SessionSpan(_Model):
+    """One process lifetime of a journaled run: the first session, then one per `teamorch resume`."""
+
+    session: int
+    started_at: float  # epoch seconds
+    ended_at: float  # its run_finished, or the last event it wrote before it died
+    tasks: list[str] = Field(default_factory=list)  # task ids whose result this session recorded
 
 
 class RunReport(_Model):
+    """Everything one run produced; `teamorch run --json` writes it, clients get it back from the coordinator.
+
+    `plan_source` says who wrote the plan (`user`, `llm`, `llm-repaired`,
+    `heuristic`) and `plan_notes` why, so an LLM-made plan can be audited.
+    `success` applies the plan's `success_criteria` to the task statuses, and
+    is false if synthesis failed or the run was cut short (`error` says why,
+    e.g. "run cancelled"). `duration` is wall seconds;
+    `tasks` are in plan order, including skipped and cancelled ones.
+    """
+
     run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:12])
     problem: str
-    pattern: str | None = None
+    pattern: str | None = None  # the coordination pattern, None for a hand-written plan
     plan_source: str = "user"
     plan_notes: list[str] = Field(default_factory=list)
     success: bool
@@ -266,6 +317,8 @@ class RunReport(_Model):
     synthesis: Synthesis
     statistics: Statistics
     error: str | None = None
+    sessions: list[SessionSpan] = Field(default_factory=list)  # which session ran which tasks (the journal's view)
+    resumed_at: list[float] = Field(default_factory=list)  # epoch seconds of each `teamorch resume`
 
 
 class ServerLoad(_Model):
@@ -289,6 +342,61 @@ class ServerLoad(_Model):
     failed: int = 0
     last_check: float | None = None
     last_error: str | None = None
+    ewma_prefill_seconds: float | None = None  # seconds per uncached prompt token (teamorch's token count)
+    ewma_load_seconds: float | None = None  # seconds a model load took here
+    resident_limit: int = 1  # most models seen resident at once: loading one more evicts the least recently used
+    loading_model: str | None = None  # a model being loaded for a granted request
+    load_remaining: float = 0.0  # expected seconds until `loading_model` is ready
+
+
+# ---- balancer, specialist and server messages: one small type per call --------------------------
+
+Policy = Literal["round_robin", "least_loaded", "capability", "peak_ewma"]
+# The one list of policy names: config validation, the balancer and the benchmarks all read it.
+POLICIES: tuple[Policy, ...] = get_args(Policy)
+# Why one request to a server failed (`teamorch.errors.ServerError.error_class`); decides retry and failover.
+ErrorClass = Literal["busy", "model_not_found", "unreachable", "error", "timeout", "malformed"]
+# How a lease ended: fine, one of the error classes, or cancelled by the caller (says nothing about the server).
+Outcome = Literal["ok", "cancelled", "busy", "model_not_found", "unreachable", "error", "timeout", "malformed"]
+
+
+class Lease(_Model):
+    """A slot on one server, granted by the balancer; hand it back with `LeaseOutcome`."""
+
+    lease_id: str  # unique per grant; releasing twice is harmless
+    server: str  # the server actor to call
+
+
+class LeaseOutcome(_Model):
+    """What happened on a lease: the balancer learns the fleet's speed and health from these."""
+
+    lease_id: str
+    outcome: Outcome
+    model: str  # the model the request ran (it is resident on the server afterwards)
+    latency: float | None = None  # seconds from sending the request to its last byte, client side
+    ttft: float | None = None  # seconds to the first streamed token, client side
+    tokens: int = 0  # output tokens generated
+    eval_seconds: float | None = None  # the server's own generation time (Ollama's eval_duration)
+    error: str | None = None  # the failure as the user will read it
+    prompt_tokens: int = 0  # prompt tokens as the server counts them (Ollama's prompt_eval_count), cached included
+    cached_tokens: int | None = None  # of which the server found in its cache; None: it does not say
+    prompt_eval_seconds: float | None = None  # the server's prompt evaluation time (prompt_eval_duration)
+    load_seconds: float | None = None  # time the server spent loading the model for this request
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+class ProbeResult(_Model):
+    """One health check of a server, for the balancer's poll loop."""
+
+    healthy: bool
+    checked_at: float  # epoch seconds
+    models_present: list[str] | None = None  # None: the protocol cannot tell
+    models_loaded: list[str] | None = None  # None: the protocol cannot tell
+    latency: float | None = None  # seconds the probe took
+    error: str | None = None  # why it is unhealthy
 
 
 class LeaseRequest(_Model):
@@ -306,6 +414,52 @@ class LeaseRequest(_Model):
     avoid: list[str] = Field(default_factory=list)
     group: str | None = None
     expected_tokens: int | None = None
+    # The prompt's prefix signature (`teamorch.policies.prefix`): cumulative hashes of its blocks in
+    # stable-first order, the token count at the end of each block, and the whole prompt's tokens.
+    prefix: list[str] = Field(default_factory=list)
+    prefix_tokens: list[int] = Field(default_factory=list)
+    prompt_tokens: int = 0
+
+
+class Assignment(_Model):
+    """One task handed to a specialist, with everything it needs to run it (the coordinator -> specialist call).
+
+    The coordinator's executor and its planner dialogue build these; the
+    specialist turns them into a prompt and a `LeaseRequest`.
+    """
+
+    task: Task
+    problem: str  # the plan's problem, shown to every specialist
+    context: dict[str, Any] = Field(default_factory=dict)  # the plan's context (files, notes, the seed's thread)
+    upstream: dict[str, dict[str, Any]] = Field(default_factory=dict)  # dependency id -> {specialist, output}
+    wave: int = 0  # for the report: the plan's topological level of the task
+    priority: int = 0  # critical-path length: the balancer serves longer chains first
+    group: str | None = None  # requests sharing a group go to distinct servers (the experts of a consensus round)
+    response_format: dict[str, Any] | str | None = None  # a JSON schema (or "json") constraining the output
+    run_id: str | None = None  # the run the task belongs to: live events (`Coordinator.task_event`) name it
+
+
+class JournalSpec(_Model):
+    """Where and how the coordinator journals a run (`teamorch.journal`); the CLI builds it.
+
+    `runs_dir` is absolute (the coordinator actor has its own working directory).
+    A new run gets `plan_raw`/`team_raw`, the files' mappings with `${ENV}`
+    unexpanded; `resume` continues the run already in `runs_dir` instead.
+    `secrets` are the values header `${ENV}` references expand to: scrubbed
+    from every event before it is written.
+    """
+
+    runs_dir: str
+    plan_raw: dict[str, Any] | None = None
+    team_raw: dict[str, Any] | None = None
+    secrets: list[str] = Field(default_factory=list)
+    resume: bool = False
+
+    @model_validator(mode="after")
+    def _new_runs_have_a_plan(self) -> JournalSpec:
+        if not self.resume and self.plan_raw is None:
+            raise ValueError("a new journaled run needs plan_raw")
+        return self
 
 
 # ---- coordination patterns: what users write under `pattern:` -----------------------------

@@ -7,6 +7,14 @@ known service times exercises those paths, makes fault tests deterministic and
 gives benchmarks a ground truth (`/sim/stats` reports the peak concurrency the
 server actually saw). Several `SimServer`s can run in one process, each with its
 own thread and event loop, so one test can stand up a whole fleet.
+
+Beyond admission it models what a cache- and residency-aware router is judged on
+(rules in `teamorch.sim_model`): per-slot prefix caches with a prefill cost per
+uncached prompt token (`prefill_tps`), and at most `max_loaded` resident models
+with `load_time` per load, evicting the least recently used. Responses carry
+Ollama's `prompt_eval_count` / `prompt_eval_cached_count` / `prompt_eval_duration`
+/ `load_duration`, and `/sim/stats` the server-side truth: prompt and cached
+tokens, loads, evictions and the idle gap of each slot between two requests.
 """
 
 from __future__ import annotations
@@ -18,25 +26,43 @@ import itertools
 import json
 import random
 import re
+import statistics
 import threading
 import time
-from collections import deque
-from collections.abc import AsyncIterator
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from teamorch.config import config_error_from, read_yaml
 from teamorch.errors import ConfigError
+from teamorch.sim_model import Residency, SlotCaches, Taken, tokenize
 
 if TYPE_CHECKING:
     from typing import Self
 
 MAX_LINES = 20  # streamed content lines per request: pace per chunk, never per token
 BUSY = "server busy, please try again.  maximum pending requests exceeded"  # Ollama's wording
-_COUNTERS = ("requests", "completed", "failed", "rejected_503", "not_found", "cancelled", "tokens")
+GAP_SAMPLES = 1024  # the most recent slot gaps kept for /sim/stats (a bounded window, not the whole run)
+REQUEST_LOG = 256  # the most recent requests (time, model, prompt) kept for /sim/stats: who asked for what
+_COUNTERS = (
+    "requests",
+    "completed",
+    "failed",
+    "rejected_503",
+    "not_found",
+    "cancelled",
+    "prompt_tokens",  # prompt tokens of admitted requests, cached or not (Ollama's prompt_eval_count)
+    "cached_prompt_tokens",  # of which already in the slot's KV cache: hit rate = cached / prompt tokens
+    "prefix_hits",  # admitted requests that found any of their prefix cached
+    "model_loads",
+    "evictions",
+    "tokens",
+)
+Dialect = Literal["chat", "generate", "openai"]  # /api/chat, /api/generate, /v1/chat/completions
 _GARBAGE = b'{"model": "sim", "message": {"content": "trunc\n<html>502 Bad Gateway</html>\n'
 
 
@@ -65,11 +91,13 @@ class SimConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
     models: list[str] = ["gemma3:270m"]
-    loaded: list[str] | None = None
+    loaded: list[str] | None = None  # resident at start; None: every model (the first `max_loaded` if set)
+    max_loaded: int | None = Field(default=None, ge=1)  # OLLAMA_MAX_LOADED_MODELS; None: no limit
     slots: int = Field(default=1, ge=1)
     max_queue: int = Field(default=512, ge=0)
     tokens_per_second: float = Field(default=50.0, gt=0)
     ttft: float = Field(default=0.05, ge=0)
+    prefill_tps: float | None = Field(default=None, gt=0)  # uncached prompt tokens/s after ttft; None: free
     load_time: float = Field(default=0.0, ge=0)
     default_tokens: int = Field(default=20, ge=0)
     error_rate: float = Field(default=0.0, ge=0, le=1)
@@ -81,6 +109,16 @@ class SimConfig(BaseModel):
     replies: list[SimReply] = []
     seed: int = 0
 
+    @model_validator(mode="after")
+    def _loaded_fits(self) -> SimConfig:
+        if self.max_loaded is not None and self.loaded is not None and len(self.loaded) > self.max_loaded:
+            raise ValueError(f"loaded lists {len(self.loaded)} models but max_loaded is {self.max_loaded}")
+        return self
+
+    def initially_loaded(self) -> list[str]:
+        models = self.models if self.loaded is None else self.loaded
+        return models if self.max_loaded is None else models[: self.max_loaded]
+
 
 class _Fleet(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -89,10 +127,12 @@ class _Fleet(BaseModel):
 
 @dataclass
 class _Slots:
-    """Per-model admission state. A hand-rolled FIFO (not a Semaphore) so `slots` can change live."""
+    """Per-model admission state. A hand-rolled FIFO (not a Semaphore) so `slots` can change live;
+    each waiter carries its prompt because which slot it gets depends on what the free slots hold."""
 
     active: int = 0
-    waiters: deque[asyncio.Future[None]] = field(default_factory=deque)
+    waiters: deque[tuple[asyncio.Future[Taken], tuple[str, ...]]] = field(default_factory=deque)
+    caches: SlotCaches = field(default_factory=SlotCaches)
 
 
 def _ns(seconds: float) -> int:
@@ -116,6 +156,21 @@ def _prompt(messages: Any) -> str:
     return "\n".join(parts)
 
 
+def _generate_prompt(body: dict[str, Any]) -> str:
+    """`/api/generate` renders the system prompt ahead of the prompt (no template in a simulator)."""
+    return "\n".join(p for p in (body.get("system"), body.get("prompt")) if isinstance(p, str) and p)
+
+
+def _parse(body: dict[str, Any], dialect: Dialect) -> tuple[str, Any, bool]:
+    """(prompt text, requested output tokens, stream) as each dialect spells them."""
+    if dialect == "openai":
+        asked = body.get("max_tokens", body.get("max_completion_tokens"))
+        return _prompt(body.get("messages")), asked, bool(body.get("stream", False))
+    options = body.get("options") if isinstance(body.get("options"), dict) else {}
+    prompt = _prompt(body.get("messages")) if dialect == "chat" else _generate_prompt(body)
+    return prompt, options.get("num_predict"), bool(body.get("stream", True))
+
+
 def _split(text: str, k: int) -> list[str]:
     """Cut `text` into `k` word-aligned pieces whose concatenation is exactly `text`."""
     words = re.findall(r"\S+\s*|\s+", text) or [""]
@@ -129,9 +184,15 @@ class SimServer:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self._rng = random.Random(config.seed)
-        self._loaded = set(config.models if config.loaded is None else config.loaded)
+        self._residency = Residency(config.initially_loaded())
         self._loading: dict[str, asyncio.Task[None]] = {}
+        self._scheduler = asyncio.Lock()  # one placement decision at a time, FIFO, as Ollama's scheduler
+        self._changed = asyncio.Event()  # a slot freed, a pin dropped or a load ended: the scheduler looks again
+        self._pins: Counter[str] = Counter()  # requests between their model's load and their slot
         self._slots: dict[str, _Slots] = {}
+        self._gaps: deque[float] = deque(maxlen=GAP_SAMPLES)
+        self._log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG)
+        self._gap_count = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
         self._in_flight = 0
         self._peak = 0
@@ -163,6 +224,7 @@ class SimServer:
                 web.get("/api/tags", self._tags),
                 web.get("/api/ps", self._ps),
                 web.post("/api/chat", self._ollama_chat),
+                web.post("/api/generate", self._ollama_generate),
                 web.post("/v1/chat/completions", self._openai_chat),
                 web.get("/sim/stats", self._stats),
                 web.post("/sim/reset", self._reset),
@@ -257,6 +319,11 @@ class SimServer:
             "max_in_flight_per_model": dict(self._peak_model),
             "tokens": self._counts["tokens"],
             "busy_seconds": round(busy, 6),
+            "loaded": list(self._residency.order),  # least recently used first
+            "slot_gaps": self._gap_count,
+            "slot_gap_median": statistics.median(gaps) if (gaps := list(self._gaps)) else None,
+            "slot_gap_seconds": [round(g, 6) for g in gaps],  # the last GAP_SAMPLES, to pool across servers
+            "requests_log": list(self._log),  # the last REQUEST_LOG requests: {at, model, prompt}
         }
 
     async def _reset(self, _request: web.Request) -> web.Response:
@@ -265,10 +332,17 @@ class SimServer:
         self._peak_model = {m: s.active for m, s in self._slots.items() if s.active}
         self._busy_total = 0.0
         self._busy_since = time.monotonic() if self._in_flight else None
+        self._gaps.clear()
+        self._gap_count = 0
+        self._log.clear()
+        for slots in self._slots.values():
+            slots.caches.forget_idle_times()
         return web.json_response(self.stats())
 
     async def _reconfigure(self, request: web.Request) -> web.Response:
-        """Turn fault knobs mid-test (host/port changes apply only at the next start)."""
+        """Turn fault knobs mid-test (host/port changes apply only at the next start). Patching
+        `models` or `loaded` restarts the box's models: residency as configured, every prefix cache
+        dropped, which is how benchmarks give each router the same cold start."""
         try:
             patch = await request.json()
         except ValueError:
@@ -282,8 +356,11 @@ class SimServer:
         self.config = new
         if "seed" in patch:
             self._rng = random.Random(new.seed)
-        if "models" in patch or "loaded" in patch:
-            self._loaded = set(new.models if new.loaded is None else new.loaded)
+        if "models" in patch or "loaded" in patch:  # a fresh start of the box's models: caches go too
+            self._residency = Residency(new.initially_loaded())
+            for slots in self._slots.values():
+                slots.caches = SlotCaches()
+        self._changed.set()  # max_loaded may have grown
         for model in list(self._slots):
             self._wake(model)  # more slots may admit waiters now
         return web.json_response(new.model_dump())
@@ -311,7 +388,7 @@ class SimServer:
         return web.json_response({"models": [self._entry(m) for m in self.config.models]})
 
     async def _ps(self, _request: web.Request) -> web.Response:
-        models = [m for m in self.config.models if m in self._loaded]
+        models = [m for m in self.config.models if self._residency.resident(m)]
         return web.json_response(
             {"models": [{**self._entry(m), "size_vram": 1, "expires_at": "2999-01-01T00:00:00Z"} for m in models]}
         )
@@ -326,68 +403,151 @@ class SimServer:
         return None
 
     # ---------------------------------------------------------------- admission
-    def _started(self, model: str, slots: _Slots) -> None:
+    def _started(self, model: str, slots: _Slots, prompt: tuple[str, ...]) -> Taken:
         slots.active += 1
         self._in_flight += 1
         if self._in_flight == 1:
             self._busy_since = time.monotonic()
         self._peak = max(self._peak, self._in_flight)
         self._peak_model[model] = max(self._peak_model.get(model, 0), slots.active)
+        self._residency.touch(model)
+        taken = slots.caches.take(prompt, self.config.slots, time.monotonic())
+        self._counts["prompt_tokens"] += len(prompt)
+        self._counts["cached_prompt_tokens"] += taken.cached
+        self._counts["prefix_hits"] += taken.cached > 0
+        if taken.gap is not None:
+            self._gaps.append(taken.gap)
+            self._gap_count += 1
+        return taken
 
-    async def _acquire(self, model: str) -> bool:
-        """Take a generation slot, waiting FIFO; False means the queue is full (503)."""
+    async def _acquire(self, model: str, prompt: tuple[str, ...]) -> Taken | None:
+        """Take a generation slot, waiting FIFO; None means the queue is full (503)."""
         slots = self._slots.setdefault(model, _Slots())
         if slots.active < self.config.slots and not slots.waiters:
-            self._started(model, slots)
-            return True
+            return self._started(model, slots, prompt)
         if len(slots.waiters) >= self.config.max_queue:
-            return False
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        slots.waiters.append(fut)
+            return None
+        fut: asyncio.Future[Taken] = asyncio.get_running_loop().create_future()
+        waiter = (fut, prompt)
+        slots.waiters.append(waiter)
         try:
-            await fut
+            return await fut
         except asyncio.CancelledError:
             if fut.done() and not fut.cancelled():
-                self._release(model)  # the slot was handed over just before we were cancelled
-            elif fut in slots.waiters:
-                slots.waiters.remove(fut)
+                self._release(model, fut.result())  # the slot was handed over just before we were cancelled
+            elif waiter in slots.waiters:
+                slots.waiters.remove(waiter)
             raise
-        return True
 
-    def _release(self, model: str) -> None:
+    def _release(self, model: str, taken: Taken) -> None:
         slots = self._slots[model]
+        SlotCaches.release(taken.slot, time.monotonic())
         slots.active -= 1
         self._in_flight -= 1
         if self._in_flight == 0 and self._busy_since is not None:
             self._busy_total += time.monotonic() - self._busy_since
             self._busy_since = None
+        self._residency.touch(model)
+        self._changed.set()
         self._wake(model)
 
     def _wake(self, model: str) -> None:
         slots = self._slots[model]
         while slots.waiters and slots.active < self.config.slots:
-            fut = slots.waiters.popleft()
+            fut, prompt = slots.waiters.popleft()
             if not fut.done():
-                self._started(model, slots)
-                fut.set_result(None)
+                fut.set_result(self._started(model, slots, prompt))
 
-    async def _ensure_loaded(self, model: str) -> float:
-        """Wait for the model to load (once, shared by all requests); returns seconds waited."""
-        if model in self._loaded:
-            return 0.0
+    async def _admit(self, model: str, prompt: tuple[str, ...]) -> tuple[Taken, float] | None:
+        """Residency, then a slot (None: the queue is full, 503). Also returns the seconds spent
+        waiting for the model, which Ollama reports as load_duration."""
+        load_wait, pinned = await self._resident(model)
+        try:
+            taken = await self._acquire(model, prompt)
+        finally:
+            if pinned:
+                self._unpin(model)
+        return None if taken is None else (taken, load_wait)
+
+    async def _resident(self, model: str) -> tuple[float, bool]:
+        """Wait until `model` is resident; returns (seconds waited, pinned).
+
+        A request that waits for a load pins the model until it holds a slot (the caller
+        unpins), or the next load could evict the model before the request resumes. A
+        request for a model being drained for another load does not pin it: it queues
+        behind that load, as Ollama's pending queue does, then loads the model again."""
+        if self._residency.usable(model):
+            return 0.0, False
+        began, pinned = time.monotonic(), False
+        try:
+            while not (self._residency.usable(model) or (pinned and self._residency.resident(model))):
+                if self._residency.resident(model):
+                    async with self._scheduler:
+                        pass
+                elif not pinned:
+                    self._pins[model] += 1
+                    pinned = True
+                else:
+                    await asyncio.shield(self._load_task(model))  # one impatient client must not abort it
+        except BaseException:
+            if pinned:
+                self._unpin(model)
+            raise
+        return time.monotonic() - began, pinned
+
+    def _unpin(self, model: str) -> None:
+        self._pins[model] -= 1
+        self._changed.set()
+
+    def _busy(self, model: str) -> bool:
+        slots = self._slots.get(model)
+        return self._pins[model] > 0 or (slots is not None and slots.active > 0)
+
+    async def _until(self, ready: Callable[[], bool]) -> None:
+        """Sleep until a release, unpin or load makes `ready` true (only the scheduler waits here)."""
+        while not ready():
+            self._changed.clear()
+            await self._changed.wait()
+
+    def _load_task(self, model: str) -> asyncio.Task[None]:
+        """The load of `model`, shared by every request waiting for it."""
         task = self._loading.get(model)
         if task is None:
             task = self._loading[model] = asyncio.ensure_future(self._load(model))
-        began = time.monotonic()
-        await asyncio.shield(task)  # one impatient client must not abort the load for the rest
-        return time.monotonic() - began
+        return task
 
     async def _load(self, model: str) -> None:
+        """Make room, then load. Room is made under the scheduler lock, one decision at a time:
+        with `max_loaded` models resident (or loading), the least recently used is unloaded,
+        after its running requests finish, which is what Ollama does."""
         try:
+            async with self._scheduler:
+                while self._residency.full(self.config.max_loaded):
+                    victim = self._residency.victim(self._busy)
+                    if victim is None:  # every place is held by a model still loading
+                        await self._until(lambda: self._residency.victim(self._busy) is not None)
+                    else:
+                        await self._unload(victim)
+                self._residency.loading.add(model)
             await asyncio.sleep(self.config.load_time)
-            self._loaded.add(model)
+            self._residency.loaded(model)
+            self._counts["model_loads"] += 1
         finally:
+            self._residency.loading.discard(model)
             self._loading.pop(model, None)
+            self._changed.set()
+
+    async def _unload(self, model: str) -> None:
+        """Drain, then evict: its slots and their prefix caches go with it."""
+        self._residency.draining.add(model)
+        try:
+            await self._until(lambda: not self._busy(model))
+        except BaseException:
+            self._residency.draining.discard(model)
+            raise
+        self._residency.evict(model)
+        self._slots.pop(model, None)
+        self._counts["evictions"] += 1
 
     # --------------------------------------------------------------- generation
     def _reply_text(self, name: str, model: str, prompt: str, n: int) -> str:
@@ -410,38 +570,42 @@ class SimServer:
             yield piece, tokens
 
     async def _ollama_chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._chat(request, openai=False)
+        return await self._handle(request, "chat")
+
+    async def _ollama_generate(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "generate")
 
     async def _openai_chat(self, request: web.Request) -> web.StreamResponse:
-        return await self._chat(request, openai=True)
+        return await self._handle(request, "openai")
 
     @staticmethod
-    def _error(status: int, message: str, openai: bool, kind: str) -> web.Response:
-        body = {"error": {"message": message, "type": kind}} if openai else {"error": message}
+    def _error(status: int, message: str, dialect: Dialect, kind: str) -> web.Response:
+        body = {"error": {"message": message, "type": kind}} if dialect == "openai" else {"error": message}
         return web.json_response(body, status=status)
 
-    async def _chat(self, request: web.Request, openai: bool) -> web.StreamResponse:
+    async def _handle(self, request: web.Request, dialect: Dialect) -> web.StreamResponse:
         """Count, apply faults, admit, generate; disconnects anywhere count as `cancelled`."""
         began = time.monotonic()
         try:
             body = await request.json()
         except ValueError:
-            return self._error(400, "invalid JSON body", openai, "invalid_request_error")
+            return self._error(400, "invalid JSON body", dialect, "invalid_request_error")
         if not isinstance(body, dict):
-            return self._error(400, "expected a JSON object", openai, "invalid_request_error")
+            return self._error(400, "expected a JSON object", dialect, "invalid_request_error")
         self._counts["requests"] += 1
+        self._log.append({"at": time.time(), "model": body.get("model"), "prompt": _parse(body, dialect)[0]})
         die_after = self.config.die_after
         if die_after is not None and self._counts["requests"] >= die_after and not self._dead:
             self._dead = True  # this request was accepted; now the box "crashes" under it
             self._die_task = asyncio.ensure_future(self._die())
         try:
-            return await self._serve(request, body, openai, began)
+            return await self._serve(request, body, dialect, began)
         except (asyncio.CancelledError, ConnectionResetError):
             self._counts["cancelled"] += 1
             raise
 
     async def _serve(
-        self, request: web.Request, body: dict[str, Any], openai: bool, began: float
+        self, request: web.Request, body: dict[str, Any], dialect: Dialect, began: float
     ) -> web.StreamResponse:
         cfg = self.config
         if cfg.stall:
@@ -450,46 +614,57 @@ class SimServer:
         if model is None:
             self._counts["not_found"] += 1
             msg = f'model "{body.get("model")}" not found, try pulling it first'
-            return self._error(404, msg, openai, "not_found")
+            return self._error(404, msg, dialect, "not_found")
         if cfg.malformed:
             return web.Response(body=_GARBAGE, content_type="application/x-ndjson")
         fail, fail_line = self._rng.random() < cfg.error_rate, self._rng.random() < cfg.error_line_rate
         if fail:
             self._counts["failed"] += 1
-            return self._error(500, "simulated failure", openai, "server_error")
-        load_wait = await self._ensure_loaded(model)
-        if not await self._acquire(model):
+            return self._error(500, "simulated failure", dialect, "server_error")
+        text, asked, stream = _parse(body, dialect)
+        if dialect == "generate" and not text:
+            return await self._load_only(model)
+        prompt = tokenize(text)
+        admitted = await self._admit(model, prompt)
+        if admitted is None:
             self._counts["rejected_503"] += 1
-            return self._error(503, BUSY, openai, "server_busy")
+            return self._error(503, BUSY, dialect, "server_busy")
+        taken, load_wait = admitted
         try:
-            options = body.get("options") if isinstance(body.get("options"), dict) else {}
-            asked = body.get("max_tokens", body.get("max_completion_tokens")) if openai else options.get("num_predict")
             n = asked if isinstance(asked, int) and asked > 0 else cfg.default_tokens
-            prompt = _prompt(body.get("messages"))
-            text = self._reply_text(cfg.name, model, prompt, n)
-            stream = bool(body.get("stream", not openai))
-            gen = _Gen(self, request, openai, model, n, len(prompt.split()), began, load_wait)
-            return await gen.run(text, stream, fail_line and stream)
+            gen = _Gen(self, request, dialect, model, n, prompt, taken, began, load_wait)
+            return await gen.run(self._reply_text(cfg.name, model, text, n), stream, fail_line and stream)
         finally:
-            self._release(model)
+            self._release(model, taken)
+
+    async def _load_only(self, model: str) -> web.Response:
+        """`/api/generate` without a prompt only loads the model: Ollama clients preload this way."""
+        _wait, pinned = await self._resident(model)
+        if pinned:
+            self._unpin(model)
+        done = {"model": model, "created_at": _now_iso(), "response": "", "done": True, "done_reason": "load"}
+        return web.json_response(done)
 
 
 class _Gen:
-    """One admitted generation: pacing plus the two wire formats (Ollama NDJSON, OpenAI SSE)."""
+    """One admitted generation: prefill and pacing, the prefix cache it leaves in its slot,
+    and the wire formats (Ollama's /api/chat and /api/generate NDJSON, OpenAI's SSE)."""
 
     def __init__(
         self,
         sim: SimServer,
         request: web.Request,
-        openai: bool,
+        dialect: Dialect,
         model: str,
         n: int,
-        prompt_tokens: int,
+        prompt: tuple[str, ...],
+        taken: Taken,
         began: float,
         load_wait: float,
     ) -> None:
-        self.sim, self.request, self.openai, self.model, self.n = sim, request, openai, model, n
-        self.prompt_tokens, self.began, self.load_wait = prompt_tokens, began, load_wait
+        self.sim, self.request, self.dialect, self.model, self.n = sim, request, dialect, model, n
+        self.prompt, self.taken, self.began, self.load_wait = prompt, taken, began, load_wait
+        self.openai = dialect == "openai"
         self.id = f"chatcmpl-{next(sim._ids)}"
         self.resp: web.StreamResponse | None = None
 
@@ -501,14 +676,14 @@ class _Gen:
         data = json.dumps(obj) if not isinstance(obj, str) else obj
         await self.resp.write((f"data: {data}\n\n" if self.openai else data + "\n").encode())
 
+    def _content(self, text: str) -> dict[str, Any]:
+        if self.dialect == "generate":
+            return {"response": text}
+        return {"message": {"role": "assistant", "content": text}}
+
     def _chunk(self, content: str | None, finish: str | None = None) -> dict[str, Any]:
         if not self.openai:
-            return {
-                "model": self.model,
-                "created_at": _now_iso(),
-                "message": {"role": "assistant", "content": content or ""},
-                "done": False,
-            }
+            return {"model": self.model, "created_at": _now_iso(), **self._content(content or ""), "done": False}
         delta = {} if content is None else {"role": "assistant", "content": content}
         return {
             "id": self.id,
@@ -518,14 +693,16 @@ class _Gen:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
         }
 
-    def _final(self, text: str, eval_start: float, gen_start: float) -> dict[str, Any]:
-        now = time.monotonic()
+    def _final(self, text: str, prefill: float, eval_start: float) -> dict[str, Any]:
+        now, prompt_tokens, cached = time.monotonic(), len(self.prompt), self.taken.cached
         if self.openai:
-            usage = {
-                "prompt_tokens": self.prompt_tokens,
+            usage: dict[str, Any] = {
+                "prompt_tokens": prompt_tokens,
                 "completion_tokens": self.n,
-                "total_tokens": self.prompt_tokens + self.n,
+                "total_tokens": prompt_tokens + self.n,
             }
+            if cached:  # as Ollama's OpenAI layer: the details appear only when something was cached
+                usage["prompt_tokens_details"] = {"cached_tokens": cached}
             return {
                 "id": self.id,
                 "object": "chat.completion",
@@ -537,21 +714,24 @@ class _Gen:
         return {
             "model": self.model,
             "created_at": _now_iso(),
-            "message": {"role": "assistant", "content": text},
+            **self._content(text),
             "done": True,
             "done_reason": "stop",
             "total_duration": _ns(now - self.began),
             "load_duration": _ns(self.load_wait),
-            "prompt_eval_count": self.prompt_tokens,
-            "prompt_eval_duration": _ns(eval_start - gen_start),
+            "prompt_eval_count": prompt_tokens,  # cached tokens included, as Ollama counts them
+            "prompt_eval_cached_count": cached,
+            "prompt_eval_duration": _ns(prefill),  # computed, not measured: tests compare it exactly
             "eval_count": self.n,
             "eval_duration": _ns(now - eval_start),
         }
 
     async def run(self, text: str, stream: bool, fail_line: bool) -> web.StreamResponse:
-        sim = self.sim
-        gen_start = time.monotonic()
-        await asyncio.sleep(sim.config.ttft)
+        sim, cfg = self.sim, self.sim.config
+        uncached = len(self.prompt) - self.taken.cached
+        prefill = cfg.ttft + (uncached / cfg.prefill_tps if cfg.prefill_tps else 0.0)
+        await asyncio.sleep(prefill)
+        self.taken.slot.tokens = self.prompt  # the whole prompt is in this slot's KV cache now
         eval_start = time.monotonic()
         cut = max(1, min(self.n, MAX_LINES)) // 2  # content lines before a simulated error
         sent = 0
@@ -566,7 +746,8 @@ class _Gen:
             if stream:
                 await self._send(self._chunk(piece))
             sent += 1
-        final = self._final(text if not stream or self.openai else "", eval_start, gen_start)
+        self.taken.slot.tokens = self.prompt + tokenize(text)  # Ollama keeps the whole context in the slot
+        final = self._final(text if not stream or self.openai else "", prefill, eval_start)
         sim._counts["completed"] += 1
         if not stream:
             return web.json_response(final)

@@ -48,10 +48,21 @@ def test_seed_api_shapes_and_max_workers(sims, ray_cluster, caplog) -> None:
         t1, t2 = sorted(results["tasks"], key=lambda t: t["started_at"])
         assert t1["ended_at"] <= t2["started_at"] + 0.01
 
+        # The simulator answers with "[server] model answer: <hash> tok ...", never JSON: the planner's answer
+        # and its repair are both rejected, and the heuristic (no list in the context, no decision question)
+        # picks parallel analysis over both analysts.
         plan2 = orch.create_orchestration_plan("Fix complex error with multiple issues", {"file": "main.py"})
-        assert plan2.plan_source in {"llm", "llm-repaired", "heuristic"}
+        assert plan2.plan_source == "heuristic" and plan2.pattern == "parallel_analysis"
+        assert [t.specialist for t in plan2.tasks] == ["Syntax Analyst", "Whitespace Analyst"]
+        assert "no JSON object" in plan2.plan_notes[0] and "no JSON object" in plan2.plan_notes[1]
         results2 = orch.execute_plan(plan2)
-        assert results2["plan_source"] == plan2.plan_source
+        assert results2["plan_source"] == "heuristic"
         stats = orch.get_statistics()
         assert stats["runs"] == 2 and stats["total_tasks"] == 2 + len(plan2.tasks)
+        # The pattern methods build the spec here and run it on the coordinator.
+        results3 = orch.parallel_analysis("Analyze main.py", ["Syntax Analyst", "Whitespace Analyst"])
+        assert results3["pattern"] == "parallel_analysis" and set(results3["results"]) == {
+            "syntax_analyst",
+            "whitespace_analyst",
+        }
     assert any("syntax_analysis" in r.getMessage() for r in caplog.records)

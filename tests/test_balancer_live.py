@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import ray
+import yaml
 
 from teamorch import api
 from teamorch.cli import main
 from teamorch.messages import OrchestrationPlan
-from tests.conftest import sim_team
+from tests.helpers import sim_team
 
 
 def fan(n: int, tokens: int = 40) -> OrchestrationPlan:
@@ -26,7 +27,7 @@ def test_peak_ewma_sends_less_work_to_the_slow_server(sims, coordinator) -> None
     fast = sims(name="fast", tokens_per_second=800, ttft=0.01)
     slow = sims(name="slow", tokens_per_second=80, ttft=0.01)
     team = sim_team([(fast, 1), (slow, 1)], [{"name": "A"}], balancer={"policy": "peak_ewma"})
-    report = api.run_plan(coordinator(team), fan(24))
+    report = api.execute(coordinator(team), fan(24))
     assert report.success
     on_fast = sum(1 for t in report.tasks if t.server == "fast")
     on_slow = sum(1 for t in report.tasks if t.server == "slow")
@@ -40,7 +41,7 @@ def test_503_is_back_pressure_not_failure(sims, coordinator) -> None:
     spare = sims(name="spare", slots=2, tokens_per_second=200)
     team = sim_team([(crowded, 4), (spare, 2)], [{"name": "A"}], balancer={"policy": "least_loaded"})
     handle = coordinator(team)
-    report = api.run_plan(handle, fan(12))
+    report = api.execute(handle, fan(12))
     assert report.success, [t.error for t in report.tasks]
     assert crowded.stats()["rejected_503"] > 0
     busy = [a for t in report.tasks for a in t.attempts if a.outcome == "busy"]
@@ -54,7 +55,7 @@ def test_model_affinity_prefers_the_server_with_the_model_loaded(sims, coordinat
     warm = sims(name="warm", models=["m"], loaded=["m"], slots=2)
     cold = sims(name="cold", models=["m"], loaded=[], load_time=3.0, slots=2)
     team = sim_team([(warm, 2), (cold, 2)], [{"name": "A", "model": "m"}], balancer={"policy": "least_loaded"})
-    report = api.run_plan(coordinator(team), fan(2))
+    report = api.execute(coordinator(team), fan(2))
     assert report.success
     assert {t.server for t in report.tasks} == {"warm"}  # /api/ps says only warm has it loaded
     assert cold.stats()["requests"] == 0
@@ -67,7 +68,7 @@ def test_circuit_opens_on_a_broken_server(sims, coordinator) -> None:
         [(broken, 1), (fine, 2)], [{"name": "A"}], balancer={"policy": "round_robin"}, retry={"circuit_failures": 2}
     )
     handle = coordinator(team)
-    report = api.run_plan(handle, fan(10, tokens=5))
+    report = api.execute(handle, fan(10, tokens=5))
     assert report.success
     loads = {s.name: s for s in ray.get(handle.servers_load.remote())}
     assert loads["broken"].circuit == "open"
@@ -79,12 +80,37 @@ def test_servers_command_prints_the_load_table(
 ) -> None:
     s = sims(name="box1", models=["llama3.1:8b", "qwen2:7b"], loaded=["llama3.1:8b"], slots=2)
     team = tmp_path / "team.yaml"
-    team.write_text(
-        f"servers:\n  - {{name: box1, url: '{s.url}', slots: 2}}\n  - {{name: gone, url: 'http://127.0.0.1:9'}}\n"
-    )
+    servers = [{"name": "box1", "url": s.url, "slots": 2}, {"name": "gone", "url": "http://127.0.0.1:9"}]
+    team.write_text(yaml.safe_dump({"servers": servers}))
     assert main(["servers", "--team", str(team), "--address", ray.get_runtime_context().gcs_address]) == 0
     out = capsys.readouterr().out
     box1 = next(line for line in out.splitlines() if line.startswith("box1"))
     assert " up " in box1 and "0/2" in box1 and "llama3.1:8b" in box1
     gone = next(line for line in out.splitlines() if line.startswith("gone"))
     assert "DOWN" in gone
+
+
+def test_a_specialists_second_task_goes_where_its_prompt_is_cached(sims, coordinator) -> None:
+    # Prefill is slow (200 prompt tokens/s): the 300-word role prompt costs 1.5 s cold, so the second task must
+    # go to the server whose slot holds it, not to the idle one, and that server must say it reused it.
+    role = "You review payment code for money-losing bugs. " + "Check each branch that moves money. " * 50
+    boxes = [sims(name=n, slots=1, tokens_per_second=400, ttft=0.01, prefill_tps=200) for n in ("a", "b")]
+    team = sim_team([(b, 1) for b in boxes], [{"name": "A", "system_prompt": role}], balancer={"policy": "peak_ewma"})
+    plan = OrchestrationPlan.model_validate(
+        {
+            "problem": "p",
+            "tasks": [
+                {"task_id": "first", "specialist": "A", "options": {"num_predict": 20}},
+                {"task_id": "second", "specialist": "A", "depends_on": ["first"], "options": {"num_predict": 20}},
+            ],
+        }
+    )
+    report = api.execute(coordinator(team), plan)
+    assert report.success
+    first, second = report.tasks
+    assert second.server == first.server
+    warm = next(b for b in boxes if b.config.name == first.server).stats()
+    shared = len((role + "\nProblem: p").split())  # role prompt, then the run's problem: both tasks start so
+    assert (warm["requests"], warm["prefix_hits"]) == (2, 1)
+    assert warm["cached_prompt_tokens"] >= shared
+    assert next(b for b in boxes if b.config.name != first.server).stats()["requests"] == 0

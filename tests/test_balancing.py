@@ -7,21 +7,29 @@ from typing import Any
 
 import pytest
 
-from policies.balancing import (
+from teamorch.errors import NoServerAvailable
+from teamorch.messages import LeaseRequest, ServerLoad
+from teamorch.policies.balancing import (
+    COALESCE_FRACTION,
+    COALESCE_SECONDS,
+    COLD_COALESCE_SECONDS,
     DEFAULT_EXPECTED_TOKENS,
     LOAD_PENALTY_SECONDS,
+    OVERDUE_SECONDS,
     POLICIES,
     PRIOR_TOKEN_SECONDS,
     PRIOR_TTFT,
     Queued,
+    _speeds,
+    _virtual_slots,
+    apply_group_diversity,
     choose,
+    coalesce_delay,
     eligible,
     has_capacity,
     plan_dispatch,
     planned_seconds,
 )
-from teamorch.errors import NoServerAvailable
-from teamorch.messages import LeaseRequest, ServerLoad
 
 
 def srv(name: str, slots: int = 2, **kw: Any) -> ServerLoad:
@@ -169,13 +177,14 @@ def test_peak_ewma_gives_an_unmeasured_server_one_request_at_a_time() -> None:
     assert list(plan_dispatch("peak_ewma", [known, new_idle], queue, running={"known": [5.0]}).values()) == ["new"]
 
 
-def test_peak_ewma_is_deterministic_for_a_given_seed() -> None:
-    loads = [srv(n) for n in "abcdef"]
-    first = [choose("peak_ewma", loads, req(), rng=random.Random(7)) for _ in range(5)]
-    assert len(set(first)) == 1
-    assert [choose("peak_ewma", loads, req(), counter=3) for _ in range(5)] == [
-        choose("peak_ewma", loads, req(), counter=3)
-    ] * 5
+def test_peak_ewma_breaks_exact_ties_with_the_rng_and_a_seed_reproduces_the_pick() -> None:
+    # Six identical measured servers: every finish and start time ties exactly, so only the rng decides.
+    loads = [srv(n, ewma_ttft=0.2, ewma_token_seconds=0.01) for n in "abcdef"]
+    picks = {seed: choose("peak_ewma", loads, req(), rng=random.Random(seed)) for seed in range(20)}
+    assert all(choose("peak_ewma", loads, req(), rng=random.Random(seed)) == pick for seed, pick in picks.items())
+    assert len(set(picks.values())) > 1, "the seed never mattered: the rng is not breaking the tie"
+    # without an rng, `counter` seeds it
+    assert choose("peak_ewma", loads, req(), counter=3) == picks[3]
 
 
 # ---- ties ---------------------------------------------------------------------------------
@@ -295,13 +304,14 @@ def test_pinned_broken_server_raises_instead_of_falling_back() -> None:
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_excluded_server_is_never_chosen(policy: str) -> None:
+@pytest.mark.parametrize("field", ["exclude", "avoid"])
+def test_excluded_or_avoided_server_loses_to_a_free_other(policy: str, field: str) -> None:
     # "a" would win every policy on its own merits
     # "b" is measured: peak_ewma gives an unmeasured busy server only one request at a time.
     b = srv("b", in_flight=1, ewma_ttft=0.2, ewma_token_seconds=0.01)
     loads = [srv("a", slots=8, tags=["x"], ewma_ttft=0.01, ewma_token_seconds=0.0001), b]
     for counter in range(3):
-        assert choose(policy, loads, req(exclude=["a"]), counter=counter, capabilities=["x"]) == "b"
+        assert choose(policy, loads, req(**{field: ["a"]}), counter=counter, capabilities=["x"]) == "b"
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -340,16 +350,6 @@ def test_affinity_does_not_treat_unknown_loaded_list_as_loaded() -> None:
 
 
 # ---- avoid (diversity) -------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("policy", POLICIES)
-def test_avoid_is_preferred_when_another_server_is_free(policy: str) -> None:
-    # "a" would win on every policy's own merits
-    # "b" is measured: peak_ewma gives an unmeasured busy server only one request at a time.
-    b = srv("b", in_flight=1, ewma_ttft=0.2, ewma_token_seconds=0.01)
-    loads = [srv("a", slots=8, tags=["x"], ewma_ttft=0.01, ewma_token_seconds=0.0001), b]
-    for counter in range(3):
-        assert choose(policy, loads, req(avoid=["a"]), counter=counter, capabilities=["x"]) == "b"
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -423,3 +423,77 @@ def test_queue_planning_honours_avoid_without_blocking(policy: str) -> None:
     # Only the avoided server is free: it is used rather than waiting.
     loads = [srv("a"), srv("b", slots=1, in_flight=1)]
     assert plan_dispatch(policy, loads, [Queued(req(avoid=["a"]))]) == {0: "a"}
+
+
+# ---- peak_ewma's virtual timeline ----------------------------------------------------------
+
+
+def test_virtual_slots_hold_the_latest_ending_requests_and_never_free_an_overdue_one_now() -> None:
+    loads = [
+        srv("busy", slots=2, in_flight=3, ewma_ttft=0.1, ewma_token_seconds=0.01),  # 3 running (after a 503 shrink)
+        srv("overdue", slots=2, in_flight=1, ewma_ttft=0.1, ewma_token_seconds=0.01),
+        srv("guess", slots=2, in_flight=1, ewma_ttft=0.5, ewma_token_seconds=0.01),  # in flight, no estimate given
+        srv("new", slots=4),  # unmeasured: one slot until its first answer
+        srv("down", slots=2, healthy=False),
+        srv("half", slots=4, circuit="half_open", ewma_ttft=0.1, ewma_token_seconds=0.01),
+    ]
+    running = {"busy": [3.0, 1.0, 2.0], "overdue": [-4.0]}
+    slots = {
+        name: sorted(server.free_times()) for name, server in _virtual_slots(loads, _speeds(loads), running).items()
+    }
+    assert slots == {
+        "busy": [2.0, 3.0],
+        "overdue": [0.0, OVERDUE_SECONDS],
+        "guess": [0.0, pytest.approx(0.5 + 0.01 * DEFAULT_EXPECTED_TOKENS)],
+        "new": [0.0],
+        "down": [],
+        "half": [0.0],
+    }
+
+
+# ---- coalescing an arrival with its wave ---------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", [p for p in POLICIES if p != "peak_ewma"])
+def test_only_peak_ewma_coalesces(policy: str) -> None:
+    assert coalesce_delay(policy, [srv("a")], req()) is None
+
+
+def test_coalesce_delay_is_a_small_fraction_of_the_quickest_service_capped() -> None:
+    # nothing free: nothing to plan until a release, so no timer
+    assert coalesce_delay("peak_ewma", [srv("a", slots=1, in_flight=1)], req()) is None
+    # priors: 0.2 + 0.02 x 256 = 5.32 s, so the cap applies (the longer one: nothing is measured yet)
+    assert coalesce_delay("peak_ewma", [srv("a")], req()) == COLD_COALESCE_SECONDS
+    slow_measured = srv("a", ewma_ttft=0.2, ewma_token_seconds=0.02)
+    assert coalesce_delay("peak_ewma", [slow_measured], req()) == COALESCE_SECONDS
+    # a 0.11 s request on the quickest server waits 1% of that, wherever the slow one is
+    fast = srv("fast", ewma_ttft=0.01, ewma_token_seconds=0.001)
+    slow = srv("slow", ewma_ttft=1.0, ewma_token_seconds=0.1)
+    assert coalesce_delay("peak_ewma", [slow, fast], req(expected_tokens=100)) == pytest.approx(
+        COALESCE_FRACTION * 0.11
+    )
+    # a model load counts toward the service time (with affinity)
+    cold = fast.model_copy(update={"models_loaded": []})
+    assert coalesce_delay("peak_ewma", [cold], req(expected_tokens=100)) == COALESCE_SECONDS
+    assert coalesce_delay("peak_ewma", [cold], req(expected_tokens=100), affinity=False) == pytest.approx(0.0011)
+
+
+# ---- diversity groups within one round -----------------------------------------------------
+
+
+def test_group_diversity_holds_back_a_second_grant_of_one_group_on_one_server() -> None:
+    queue = [
+        Queued(req(group="g")),
+        Queued(req(group="g")),  # same group, same server as #0: held back
+        Queued(req(group="h")),  # another group may share the server
+        Queued(req(group="g")),  # same group, another server
+        Queued(req()),  # no group
+        Queued(req(group="g")),  # refusals pass through untouched
+    ]
+    refused = NoServerAvailable("no")
+    decisions = {5: refused, 4: "a", 3: "b", 2: "a", 1: "a", 0: "a"}
+    kept, held_back = apply_group_diversity(decisions, queue)
+    assert held_back
+    assert kept == {0: "a", 2: "a", 3: "b", 4: "a", 5: refused}
+    assert list(kept) == sorted(kept), "grants are made in queue order"
+    assert apply_group_diversity({0: "a", 3: "b"}, queue) == ({0: "a", 3: "b"}, False)

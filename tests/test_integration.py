@@ -10,7 +10,7 @@ import ray
 
 from teamorch import api
 from teamorch.messages import OrchestrationPlan
-from tests.conftest import sim_team
+from tests.helpers import sim_team
 
 
 def fan_plan(n: int, specialist: str = "Analyst", **extra) -> OrchestrationPlan:
@@ -24,7 +24,7 @@ def test_work_split_across_servers_never_over_slots(sims, coordinator) -> None:
     a = sims(name="a", slots=1, max_queue=0, tokens_per_second=200)
     b = sims(name="b", slots=2, max_queue=0, tokens_per_second=200)
     team = sim_team([(a, 1), (b, 2)], [{"name": "Analyst", "options": {"num_predict": 40}}])
-    report = api.run_plan(coordinator(team), fan_plan(9))
+    report = api.execute(coordinator(team), fan_plan(9))
     assert report.success, report
     stats_a, stats_b = a.stats(), b.stats()
     assert stats_a["rejected_503"] == 0 and stats_b["rejected_503"] == 0
@@ -55,7 +55,7 @@ def test_upstream_outputs_reach_dependents(sims, coordinator) -> None:
             ],
         }
     )
-    report = api.run_plan(coordinator(team), plan)
+    report = api.execute(coordinator(team), plan)
     assert report.success
     f1, merge = report.tasks
     # The echo simulator answers with the full prompt it received: the architect's prompt held f1's output.
@@ -69,7 +69,7 @@ def test_error_line_in_stream_fails_over_to_other_server(sims, coordinator) -> N
     bad = sims(name="bad", error_line_rate=1.0)
     good = sims(name="good")
     team = sim_team([(bad, 1), (good, 1)], [{"name": "Analyst"}], balancer={"policy": "round_robin"})
-    report = api.run_plan(coordinator(team), fan_plan(4))
+    report = api.execute(coordinator(team), fan_plan(4))
     assert report.success
     assert all(r.server == "good" for r in report.tasks)
     failed_attempts = [a for r in report.tasks for a in r.attempts if a.outcome != "ok"]
@@ -82,7 +82,7 @@ def test_model_not_found_routes_to_server_that_has_it(sims, coordinator) -> None
     other = sims(name="other", models=["llama3:8b"])
     right = sims(name="right", models=["gemma3:270m"])
     team = sim_team([(other, 4), (right, 1)], [{"name": "Analyst"}])
-    report = api.run_plan(coordinator(team), fan_plan(3))
+    report = api.execute(coordinator(team), fan_plan(3))
     assert report.success
     assert {r.server for r in report.tasks} == {"right"}
     assert other.stats()["requests"] == 0  # known from /api/tags: never even asked
@@ -104,7 +104,7 @@ def test_unreachable_server_gives_clear_failure_and_keeps_results(sims, coordina
             ],
         }
     )
-    report = api.run_plan(coordinator(team), plan)
+    report = api.execute(coordinator(team), plan)
     assert not report.success
     by_id = {r.task_id: r for r in report.tasks}
     assert by_id["local"].status == "succeeded" and by_id["local"].output
@@ -117,7 +117,7 @@ def test_server_dying_mid_run_fails_over(sims, coordinator) -> None:
     mortal = sims(name="mortal", die_after=2, tokens_per_second=100)
     steady = sims(name="steady", tokens_per_second=100)
     team = sim_team([(mortal, 1), (steady, 1)], [{"name": "Analyst", "options": {"num_predict": 30}}])
-    report = api.run_plan(coordinator(team), fan_plan(8))
+    report = api.execute(coordinator(team), fan_plan(8))
     assert report.success, [r.error for r in report.tasks]
     assert sum(1 for r in report.tasks if r.server == "mortal") <= 2
     assert steady.stats()["completed"] >= 6
@@ -129,7 +129,7 @@ def test_named_coordinator_reachable_from_anywhere(sims, ray_cluster) -> None:
     handle = api.start_coordinator(team, name="shared-test", detached=True)
     try:
         again = api.get_coordinator("shared-test", namespace=ray.get_runtime_context().namespace)
-        report = api.run_plan(again, fan_plan(2))
+        report = api.execute(again, fan_plan(2))
         assert report.success
     finally:
         api.stop_coordinator(handle)
@@ -160,7 +160,7 @@ def test_coordinator_dying_mid_run_keeps_finished_results(sims, coordinator) -> 
         threading.Timer(0.2, ray.kill, args=(handle,)).start()
 
     try:
-        api.run_plan(handle, plan, on_result=kill_after_first, poll=0.1)
+        api.execute(handle, plan, on_result=kill_after_first, poll=0.1)
     except RunInterrupted as exc:
         assert "coordinator died" in str(exc)
         assert [r.task_id for r in exc.finished] == ["fast"]
@@ -177,7 +177,7 @@ def test_stalled_server_fails_over_before_the_task_deadline(sims, coordinator) -
     plan = OrchestrationPlan.model_validate(
         {"problem": "p", "tasks": [{"task_id": f"t{i}", "specialist": "Analyst", "timeout": 30} for i in range(2)]}
     )
-    report = api.run_plan(coordinator(team), plan)
+    report = api.execute(coordinator(team), plan)
     assert report.success
     stalled = [a for t in report.tasks for a in t.attempts if a.server == "stuck"]
     assert stalled and all(a.outcome == "timeout" and "stalled: no data for 1s" in a.error for a in stalled)
@@ -189,7 +189,7 @@ def test_openai_compatible_protocol(sims, coordinator) -> None:
     team = sim_team([(s, 2)], [{"name": "Analyst", "options": {"num_predict": 7}}])
     team.servers[0].protocol = "openai"
     handle = coordinator(team)
-    report = api.run_plan(handle, fan_plan(2))
+    report = api.execute(handle, fan_plan(2))
     assert report.success, [t.error for t in report.tasks]
     assert all(t.tokens == 7 and t.output.startswith("[vllm]") for t in report.tasks)
     assert s.stats()["completed"] == 2
@@ -199,7 +199,7 @@ def test_openai_compatible_protocol(sims, coordinator) -> None:
 
 
 def test_coordinator_keeps_totals_not_every_task(sims, coordinator) -> None:
-    from actors.coordinator import KEEP_FINISHED_JOURNALS
+    from teamorch.actors.coordinator import KEEP_FINISHED_JOURNALS
 
     s = sims(name="s", slots=4, tokens_per_second=5000)
     handle = coordinator(sim_team([(s, 4)], [{"name": "Analyst"}]))
@@ -207,6 +207,6 @@ def test_coordinator_keeps_totals_not_every_task(sims, coordinator) -> None:
     reports = [ray.get(handle.run_plan.remote(fan_plan(2), f"run{i}")) for i in range(runs)]
     assert all(r.success for r in reports)
     stats = ray.get(handle.statistics.remote())
-    assert stats["runs"] == runs and stats["total_tasks"] == 2 * runs and stats["successful_tasks"] == 2 * runs
+    assert stats.runs == runs and stats.total_tasks == 2 * runs and stats.successful_tasks == 2 * runs
     assert ray.get(handle.progress.remote(f"run{runs - 1}"))  # recent journals stay for late pollers
     assert ray.get(handle.progress.remote("run0")) == []  # old ones are dropped

@@ -73,3 +73,21 @@ def test_success_criteria_accepted(criteria: str) -> None:
 def test_unknown_success_criteria_rejected() -> None:
     with pytest.raises(ValueError, match="unknown success_criteria"):
         plan([t("a")], success_criteria="most")
+
+
+def test_a_validated_plan_validates_again_as_itself() -> None:
+    # Pydantic re-runs the plan's validators on an instance inside another model, and a dumped plan carries
+    # both waves and tasks: neither may be mistaken for a plan that gave both.
+    from pydantic import BaseModel
+
+    class Holder(BaseModel):
+        plan: OrchestrationPlan
+
+    p = plan([t("a"), t("b", "a")], context={"k": "v"})
+    assert Holder(plan=p).plan == p
+    assert OrchestrationPlan.model_validate(p.model_dump()) == p
+    assert OrchestrationPlan.model_validate_json(p.model_dump_json()) == p
+    tampered = p.model_dump()
+    tampered["waves"] = [tampered["waves"][1], tampered["waves"][0]]
+    with pytest.raises(PlanError, match="either 'waves' or 'tasks'"):
+        OrchestrationPlan.model_validate(tampered)

@@ -10,17 +10,20 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import ray
 
 from teamorch import api
+from teamorch.errors import ConfigError
 from teamorch.messages import (
     ConsensusSpec,
     DivideAndConquerSpec,
     OrchestrationPlan,
+    ParallelAnalysisSpec,
     PipelineSpec,
     TaskResult,
 )
-from tests.conftest import sim_team
+from tests.helpers import sim_team
 
 
 def my_synthesis(results: list[TaskResult]) -> dict[str, Any]:
@@ -31,7 +34,8 @@ def test_parallel_analysis_with_synthesizer(sims, coordinator) -> None:
     echo = sims(name="echo", echo=True, slots=4)
     team = sim_team([(echo, 4)], [{"name": n} for n in ("Syntax", "Logic", "Architect")])
     handle = coordinator(team)
-    report: Any = ray.get(handle.parallel_analysis.remote("bug X", ["Syntax", "Logic"], synthesizer="Architect"))
+    spec = ParallelAnalysisSpec(problem="bug X", specialists=["Syntax", "Logic"], synthesizer="Architect")
+    report: Any = ray.get(handle.run_pattern.remote(spec))
     assert report.success and report.pattern == "parallel_analysis"
     by_id = {t.task_id: t for t in report.tasks}
     assert set(by_id) == {"syntax", "logic", "synthesis"}
@@ -48,7 +52,7 @@ def test_divide_and_conquer_chunks_and_reduces(sims, coordinator) -> None:
     spec = DivideAndConquerSpec(
         problem="count", text=text, chunk={"by": "lines", "size": 3}, specialists=["A", "B"], reducer="Reducer"
     )
-    report = api.run_plan(coordinator(team), spec)
+    report = api.execute(coordinator(team), spec)
     assert report.success
     parts = [t for t in report.tasks if t.task_id.startswith("part_")]
     assert [p.specialist for p in parts] == ["A", "B", "A"]  # dealt round-robin
@@ -68,7 +72,7 @@ def test_pipeline_stage_gets_previous_stage_outputs(sims, coordinator) -> None:
             {"name": "write", "specialists": ["Writer"]},
         ],
     )
-    report = api.run_plan(coordinator(team), spec)
+    report = api.execute(coordinator(team), spec)
     assert report.success
     by_id = {t.task_id: t for t in report.tasks}
     assert by_id["review_security"].wave == by_id["review_perf"].wave == 2
@@ -102,7 +106,7 @@ def test_consensus_votes_and_spreads_experts_over_servers(sims, coordinator) -> 
     spec = ConsensusSpec(
         problem="How to refactor?", experts=["Expert alpha", "Expert beta", "Expert gamma"], synthesizer="Judge"
     )
-    report = api.run_plan(coordinator(team), spec)
+    report = api.execute(coordinator(team), spec)
     assert report.success and report.synthesis.strategy == "consensus"
     result = report.synthesis.result
     assert result["answer"] == "approach B"
@@ -121,7 +125,7 @@ def test_consensus_debate_stops_early_on_agreement(sims, coordinator) -> None:
         rounds=3,
         agreement_threshold=0.9,
     )
-    report = api.run_plan(coordinator(team), spec)
+    report = api.execute(coordinator(team), spec)
     rounds = report.synthesis.result["rounds"]
     assert [r["round"] for r in rounds] == [1, 2]  # round 3 never ran: round 2 agreed
     assert rounds[0]["agreement"] < 0.9 and rounds[1]["agreement"] == 1.0
@@ -135,7 +139,7 @@ def test_consensus_tie_is_reported(sims, coordinator) -> None:
     team = sim_team(
         [(s, 2)], [{"name": f"Expert {n}", "system_prompt": f"You are expert {n}."} for n in ("alpha", "beta")]
     )
-    report = api.run_plan(coordinator(team), ConsensusSpec(problem="q", experts=["Expert alpha", "Expert beta"]))
+    report = api.execute(coordinator(team), ConsensusSpec(problem="q", experts=["Expert alpha", "Expert beta"]))
     result = report.synthesis.result
     assert result["tie"] is True and sorted(result["tied"]) == ["no", "yes"] and result["answer"] is None
 
@@ -155,7 +159,7 @@ def test_first_result_cancels_losers_and_closes_their_requests(sims, coordinator
             ],
         }
     )
-    report = api.run_plan(coordinator(team), plan)
+    report = api.execute(coordinator(team), plan)
     assert report.success and report.synthesis.result["task_id"] == "try0"
     statuses = {t.task_id: t.status for t in report.tasks}
     assert statuses == {"try0": "succeeded", "try1": "cancelled", "try2": "cancelled"}
@@ -176,11 +180,16 @@ def test_custom_synthesis_by_dotted_path_and_by_callable(sims, coordinator) -> N
     plan = OrchestrationPlan.model_validate(
         {"problem": "p", "tasks": tasks, "synthesis_strategy": "tests.test_patterns:my_synthesis"}
     )
-    report = api.run_plan(handle, plan)
+    report = api.execute(handle, plan)
     assert report.synthesis.result == {"count": 2, "servers": ["s"]}
     plan2 = plan.model_copy(update={"synthesis_strategy": "merge_all"})
     report2: Any = ray.get(handle.run_plan.remote(plan2, None, lambda results: [r.task_id for r in results]))
     assert report2.synthesis.strategy == "custom" and report2.synthesis.result == ["a", "b"]
+    # A typo in the dotted path fails when the run starts, not after every task ran.
+    requests = s.stats()["requests"]
+    with pytest.raises(ConfigError, match=r"tests\.test_patterns:my_synthesys"):
+        api.execute(handle, plan.model_copy(update={"synthesis_strategy": "tests.test_patterns:my_synthesys"}))
+    assert s.stats()["requests"] == requests
 
 
 def test_success_criteria_majority_and_at_least(sims, coordinator) -> None:
@@ -196,7 +205,7 @@ def test_success_criteria_majority_and_at_least(sims, coordinator) -> None:
         ("any", True),
     ]:
         plan = OrchestrationPlan.model_validate({"problem": "p", "tasks": tasks, "success_criteria": criteria})
-        report = api.run_plan(handle, plan)
+        report = api.execute(handle, plan)
         assert report.success is expected, criteria
         ghost = next(t for t in report.tasks if t.task_id == "g")
         assert ghost.status == "failed" and "missing-model" in ghost.error

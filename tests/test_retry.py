@@ -1,12 +1,18 @@
-"""Backoff, failover exclusion and the circuit breaker, driven by a fake clock (no sleeping)."""
+"""Backoff, the retry decision, failover exclusion and the circuit breaker, driven by a fake clock (no sleeping)."""
 
 from __future__ import annotations
 
 import random
+from typing import get_args
 
 import pytest
 
-from policies.retry import CIRCUIT_FAILURES, CircuitBreaker, backoff, exclude_after
+from teamorch.config import RetryConfig
+from teamorch.messages import ErrorClass
+from teamorch.policies.retry import CIRCUIT_FAILURES, CircuitBreaker, Step, backoff, excludes_server, next_step
+
+NOT_BUSY: list[ErrorClass] = [c for c in get_args(ErrorClass) if c != "busy"]
+DELAYS = RetryConfig(base_delay=0.5, max_delay=30.0)
 
 
 class EdgeRng:
@@ -69,16 +75,84 @@ def test_backoff_zero_base_means_no_delay() -> None:
     assert backoff(5000, base=0.0, cap=30.0, rng=EdgeRng(top=True)) == 0.0  # type: ignore[arg-type]
 
 
-# ---- exclude_after -----------------------------------------------------------------------
+# ---- excludes_server ---------------------------------------------------------------------
 
 
 def test_busy_server_is_retried_later_not_excluded() -> None:
-    assert exclude_after("busy") is False
+    assert excludes_server("busy") is False
 
 
-@pytest.mark.parametrize("kind", ["model_not_found", "unreachable", "error", "timeout", "malformed"])
-def test_other_failures_exclude_the_server_for_this_task(kind: str) -> None:
-    assert exclude_after(kind) is True
+@pytest.mark.parametrize("error_class", NOT_BUSY)
+def test_other_failures_exclude_the_server_for_this_task(error_class: ErrorClass) -> None:
+    assert excludes_server(error_class) is True
+
+
+# ---- next_step ---------------------------------------------------------------------------
+
+
+def step(failures: list[ErrorClass], remaining: float = 100.0, max_retries: int = 2, top: bool = True) -> Step:
+    """The decision with the backoff at the top (or bottom) of its jitter range, so delays are exact."""
+    return next_step(failures, remaining, max_retries, DELAYS, EdgeRng(top=top))  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("error_class", NOT_BUSY)
+def test_a_failure_fails_over_after_the_first_backoff(error_class: ErrorClass) -> None:
+    result = step([error_class])
+    assert (result.action, result.delay) == ("retry_elsewhere", 0.5)
+
+
+def test_a_busy_server_stays_a_candidate_after_a_backoff() -> None:
+    result = step(["busy"])
+    assert (result.action, result.delay) == ("retry_here", 1.0)  # busy backoffs start one step up
+
+
+def test_failure_backoff_doubles_per_failure_and_ignores_busy_answers() -> None:
+    assert step(["error", "timeout"], max_retries=5).delay == 1.0
+    assert step(["busy", "busy", "busy", "error", "timeout", "malformed"], max_retries=5).delay == 2.0
+
+
+def test_busy_backoff_doubles_per_busy_answer_and_ignores_failures() -> None:
+    assert step(["busy", "busy"]).delay == 2.0
+    assert step(["error", "unreachable", "busy", "busy", "busy"]).delay == 4.0
+
+
+@pytest.mark.parametrize("max_retries", [0, 1, 3])
+def test_gives_up_once_failures_exceed_max_retries(max_retries: int) -> None:
+    history: list[ErrorClass] = ["error"] * max_retries
+    if max_retries:
+        assert step(history, max_retries=max_retries).action == "retry_elsewhere"
+    result = step([*history, "unreachable"], max_retries=max_retries)
+    assert result.action == "give_up"
+    assert result.reason == f"no retries left (max_retries={max_retries})"
+
+
+def test_busy_answers_never_use_up_the_retries() -> None:
+    # Back-pressure is not a failure of the task: a 503 is retried until the deadline.
+    assert step(["busy"] * 50, max_retries=0).action == "retry_here"
+    assert step(["error", *["busy"] * 50], max_retries=1).action == "retry_here"
+
+
+@pytest.mark.parametrize(("last", "action"), [("busy", "retry_here"), ("error", "retry_elsewhere")])
+def test_gives_up_when_the_backoff_would_end_at_or_after_the_deadline(last: ErrorClass, action: str) -> None:
+    ceiling = step([last]).delay
+    assert step([last], remaining=ceiling + 0.01).action == action
+    result = step([last], remaining=ceiling)
+    assert result.action == "give_up"
+    assert "before the task deadline" in result.reason
+
+
+@pytest.mark.parametrize(("remaining", "action"), [(0.001, "retry_elsewhere"), (0.0, "give_up"), (-0.5, "give_up")])
+def test_at_the_deadline_even_a_zero_backoff_gives_up(remaining: float, action: str) -> None:
+    result = step(["timeout"], remaining=remaining, top=False)
+    assert (result.action, result.delay) == (action, 0.0)
+
+
+def test_the_deadline_reason_never_shows_negative_time() -> None:
+    assert step(["timeout"], remaining=-0.5, top=False).reason.startswith("0.0s left")
+
+
+def test_exhausted_retries_are_reported_before_the_deadline() -> None:
+    assert "max_retries=0" in step(["error"], remaining=0.0, max_retries=0).reason
 
 
 # ---- circuit breaker ---------------------------------------------------------------------
@@ -105,11 +179,11 @@ def test_circuit_opens_after_n_consecutive_breakages_not_before() -> None:
     assert cb.state(32.9) == "open"
 
 
-@pytest.mark.parametrize("kind", sorted(CIRCUIT_FAILURES))
-def test_each_breakage_kind_counts(kind: str) -> None:
+@pytest.mark.parametrize("outcome", sorted(CIRCUIT_FAILURES))
+def test_each_breakage_outcome_counts(outcome: ErrorClass) -> None:
     cb = CircuitBreaker(failures=2, reset=10.0)
-    cb.record(False, kind, 0.0)
-    cb.record(False, kind, 0.0)
+    cb.record(False, outcome, 0.0)
+    cb.record(False, outcome, 0.0)
     assert cb.state(0.0) == "open"
 
 
@@ -122,11 +196,11 @@ def test_success_resets_the_consecutive_count() -> None:
     assert cb.state(0.0) == "open"
 
 
-@pytest.mark.parametrize("kind", ["model_not_found", "busy"])
-def test_404_and_503_never_open_the_circuit(kind: str) -> None:
+@pytest.mark.parametrize("outcome", ["model_not_found", "busy"])
+def test_404_and_503_never_open_the_circuit(outcome: ErrorClass) -> None:
     cb = CircuitBreaker(failures=2, reset=30.0)
     for t in range(20):
-        cb.record(False, kind, float(t))
+        cb.record(False, outcome, float(t))
     assert cb.state(20.0) == "closed"
 
 

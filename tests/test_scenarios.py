@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from scenarios.multi_file import SOURCE, find_cycles, import_graph
 from teamorch import api
 from teamorch.cli import main
+from teamorch.plans import load_plan
+from teamorch.scenarios.multi_file import SOURCE, find_cycles, import_graph
 
 SCENARIOS = sorted(Path(__file__).parents[1].joinpath("scenarios").glob("*.yaml"))
 
@@ -43,19 +45,17 @@ def test_scenario_runs_on_a_team_file(path: Path, sims, coordinator, tmp_path: P
         sims(name="ollama02", slots=2, models=["llama3.1:8b"], tokens_per_second=2000),
     )
     team_file = tmp_path / "team.yaml"
-    team_file.write_text(
-        f"servers:\n  - {{name: ollama01, url: '{one.url}', slots: 2}}\n  - {{name: ollama02, url: '{two.url}', slots: 2}}\n"
-        "default_model: llama3.1:8b\n"
-    )
-    runnable, team = api.load_plan(path, team_file)
+    servers = [{"name": "ollama01", "url": one.url, "slots": 2}, {"name": "ollama02", "url": two.url, "slots": 2}]
+    team_file.write_text(yaml.safe_dump({"servers": servers, "default_model": "llama3.1:8b"}))
+    runnable, team = load_plan(path, team_file)
     assert [s.name for s in team.servers] == ["ollama01", "ollama02"]
-    report = api.run_plan(coordinator(team), runnable)
+    report = api.execute(coordinator(team), runnable)
     assert report.success, [(t.task_id, t.error) for t in report.tasks]
     assert one.stats()["completed"] + two.stats()["completed"] == len(report.tasks)
 
 
 def test_cli_run_writes_json_and_exit_code(
-    sims, ray_cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sims, ray_cluster, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import json
 
@@ -63,12 +63,15 @@ def test_cli_run_writes_json_and_exit_code(
 
     good = sims(name="good")
     plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        f"problem: p\nteam:\n  servers: [{{name: good, url: '{good.url}'}}]\n  default_model: gemma3:270m\n"
-        "  specialists: [{name: A}, {name: B, model: gone}]\n"
-        "tasks:\n  - {task_id: a, specialist: A}\n"
-    )
+    team = {
+        "servers": [{"name": "good", "url": good.url}],
+        "default_model": "gemma3:270m",
+        "specialists": [{"name": "A"}, {"name": "B", "model": "gone"}],
+    }
+    data = {"problem": "p", "team": team, "tasks": [{"task_id": "a", "specialist": "A"}]}
+    plan.write_text(yaml.safe_dump(data))
     out = tmp_path / "report.json"
+    monkeypatch.setenv("TEAMORCH_RUNS_DIR", str(tmp_path / "runs"))
     address = ray.get_runtime_context().gcs_address
     assert main(["run", str(plan), "--json", str(out), "--address", address]) == 0
     report = json.loads(out.read_text())
@@ -76,7 +79,8 @@ def test_cli_run_writes_json_and_exit_code(
     printed = capsys.readouterr().out
     assert "SUCCESS" in printed and "parallel efficiency" in printed
     # A task whose model no server has: the run completes, fails its criteria, exit code 1, error names the model.
-    plan.write_text(plan.read_text() + "  - {task_id: b, specialist: B}\n")
+    data["tasks"].append({"task_id": "b", "specialist": "B"})
+    plan.write_text(yaml.safe_dump(data))
     assert main(["run", str(plan), "--json", str(out), "--address", address]) == 1
     failed = {t["task_id"]: t for t in json.loads(out.read_text())["tasks"]}
     assert failed["a"]["status"] == "succeeded" and failed["b"]["status"] == "failed"
@@ -94,14 +98,20 @@ def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, 
     quick = sims(name="quick", tokens_per_second=2000)
     slow = sims(name="slow", tokens_per_second=2)
     plan = tmp_path / "plan.yaml"
-    plan.write_text(
-        f"problem: p\nteam:\n  servers: [{{name: quick, url: '{quick.url}'}}, {{name: slow, url: '{slow.url}'}}]\n"
-        "  default_model: gemma3:270m\n  specialists: [{name: A, options: {num_predict: 40}}]\n"
-        "tasks:\n  - {task_id: done_soon, specialist: A, server: quick}\n  - {task_id: forever, specialist: A, server: slow}\n"
-    )
+    team = {
+        "servers": [{"name": "quick", "url": quick.url}, {"name": "slow", "url": slow.url}],
+        "default_model": "gemma3:270m",
+        "specialists": [{"name": "A", "options": {"num_predict": 40}}],
+    }
+    tasks = [
+        {"task_id": "done_soon", "specialist": "A", "server": "quick"},
+        {"task_id": "forever", "specialist": "A", "server": "slow"},
+    ]
+    plan.write_text(yaml.safe_dump({"problem": "p", "team": team, "tasks": tasks}))
     out = tmp_path / "partial.json"
-    cmd = [sys.executable, "-m", "teamorch.cli", "run", str(plan), "--json", str(out)]
-    cmd += ["--address", ray.get_runtime_context().gcs_address]
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "teamorch.cli", "run", str(plan), "--json", str(out), "--run-id", "ctrl-c"]
+    cmd += ["--address", ray.get_runtime_context().gcs_address, "--runs-dir", str(runs)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
     )
@@ -119,3 +129,9 @@ def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, 
     assert partial["done_soon"]["status"] == "succeeded"
     assert partial.get("forever", {}).get("status") in (None, "cancelled")
     assert slow.stats()["cancelled"] == 1 and slow.stats()["completed"] == 0
+    # The journal took the cancellation down too: an interrupted run, its finished result kept for a resume.
+    from teamorch.journal import RunJournal
+
+    journal = RunJournal.open(runs, "ctrl-c")
+    assert journal.state().status == "interrupted" and set(journal.finished_results()) == {"done_soon"}
+    assert "teamorch resume ctrl-c" in err

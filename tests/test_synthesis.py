@@ -7,16 +7,18 @@ from typing import Any
 
 import pytest
 
-from policies.synthesis import (
+from teamorch.errors import ConfigError
+from teamorch.messages import Attempt, OrchestrationPlan, TaskResult
+from teamorch.policies.reporting import build_report
+from teamorch.policies.synthesis import (
     compute_statistics,
     meets_criteria,
     merge_all,
     merge_statistics,
     resolve_strategy,
     use_first_result,
+    vote_summary,
 )
-from teamorch.errors import ConfigError
-from teamorch.messages import Attempt, TaskResult
 
 
 def my_func(results: Sequence[TaskResult]) -> dict[str, Any]:
@@ -269,3 +271,55 @@ def test_merge_statistics_equals_statistics_of_all_runs_together() -> None:
     # s was busy 2 s + 3 s, t 1 s, over 10 s of runs
     assert merged.server_utilization == {"s": pytest.approx(0.5), "t": pytest.approx(0.1)}
     assert merged.parallelism_factor == pytest.approx((1.0 * 2 + 1.0 * 1) / 3)
+
+
+# ---- build_report ------------------------------------------------------------------------
+
+
+def report_plan(**extra: Any) -> OrchestrationPlan:
+    tasks = [{"task_id": i, "specialist": "S"} for i in ("a", "b", "c")]
+    return OrchestrationPlan.model_validate({"problem": "p", "tasks": tasks, **extra})
+
+
+def test_report_lists_tasks_in_plan_order_and_applies_the_criteria() -> None:
+    journal = {"c": res("c", output="C"), "a": res("a", output="A")}  # b never ran
+    report = build_report(report_plan(success_criteria="majority"), "r1", journal, duration=2.0)
+    assert [t.task_id for t in report.tasks] == ["a", "c"]
+    assert report.success is True  # 2 of the 2 results succeeded
+    assert report.synthesis.strategy == "merge_all" and set(report.synthesis.result) == {"a", "c"}
+    assert report.statistics.total_duration == 2.0 and report.run_id == "r1"
+    assert build_report(report_plan(success_criteria="at_least: 3"), "r1", journal, 2.0).success is False
+
+
+def test_a_run_cut_short_fails_even_if_its_tasks_succeeded() -> None:
+    journal = {i: res(i) for i in ("a", "b", "c")}
+    report = build_report(report_plan(), "r", journal, 1.0, error="run cancelled")
+    assert report.success is False and report.error == "run cancelled"
+
+
+def raising(results: Sequence[TaskResult]) -> None:
+    raise RuntimeError("bad merge")
+
+
+@pytest.mark.parametrize(
+    ("plan_extra", "custom", "strategy", "error"),
+    [
+        ({}, raising, "custom", "RuntimeError: bad merge"),
+        ({"synthesis_strategy": "tests.test_synthesis:raising"}, None, "tests.test_synthesis:raising", "bad merge"),
+        ({"synthesis_strategy": "tests.test_synthesis:gone"}, None, "tests.test_synthesis:gone", "cannot load"),
+    ],
+)
+def test_a_failing_synthesis_keeps_the_results_and_fails_the_run(
+    plan_extra: dict[str, Any], custom: Any, strategy: str, error: str
+) -> None:
+    journal = {i: res(i, output=i) for i in ("a", "b", "c")}
+    report = build_report(report_plan(**plan_extra), "r", journal, 1.0, custom=custom)
+    assert report.success is False and len(report.tasks) == 3
+    assert report.synthesis.strategy == strategy and report.synthesis.result is None
+    assert error in (report.synthesis.error or "")
+
+
+def test_vote_summary_reads_like_the_vote() -> None:
+    result = {"votes": {"approach B": ["x", "y"], "approach A": ["z"]}, "agreement": 2 / 3, "tie": False}
+    assert vote_summary(result) == "'approach B': x, y; 'approach A': z (agreement 67%)"
+    assert vote_summary({**result, "tie": True}).endswith("(agreement 67%, tie)")

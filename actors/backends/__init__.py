@@ -33,6 +33,13 @@ class Backend(ABC):
     async def models(self) -> tuple[list[str] | None, list[str] | None]:
         """(present, loaded) model names; None where the protocol cannot tell."""
 
+    async def warm_up(self) -> None:
+        """Get ready for the first request, so its latency is the model's and not the setup's.
+
+        Network backends have nothing to do: the server owns the model.
+        """
+        return None
+
     async def aclose(self) -> None:
         return None
 
@@ -113,13 +120,13 @@ def _error_message(body: bytes) -> str | None:
 
 def make_backend(config: ServerConfig) -> Backend:
     if config.protocol == "ollama":
-        from actors.backends.ollama import OllamaBackend
+        from teamorch.actors.backends.ollama import OllamaBackend
 
         return OllamaBackend(config)
     if config.protocol == "openai":
-        from actors.backends.openai import OpenAIBackend
+        from teamorch.actors.backends.openai import OpenAIBackend
 
         return OpenAIBackend(config)
-    from actors.backends.embedded import EmbeddedBackend
+    from teamorch.actors.backends.embedded import EmbeddedBackend
 
     return EmbeddedBackend(config)

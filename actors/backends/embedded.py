@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from actors.backends import Backend
+from teamorch.actors.backends import Backend
 from teamorch.config import ServerConfig
 from teamorch.errors import ModelNotFound, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
@@ -63,6 +63,21 @@ def render_prompt(req: ChatRequest, max_chars: int) -> str:
     return f"{head}\n\nTask: {user}\n\nReport:\n{PREFIX}"
 
 
+def _cached_prefix(llm: Any, tokens: list[int]) -> int:
+    """Prompt tokens llama.cpp will reuse from its previous call (it keeps that call's KV and evaluates the rest).
+
+    The same prefix match `Llama.generate` makes, read before the call; the
+    last prompt token is always evaluated again.
+    """
+    previous = llm._input_ids[: llm.n_tokens].tolist()  # what the context holds now
+    n = 0
+    for a, b in zip(previous, tokens, strict=False):
+        if a != b:
+            break
+        n += 1
+    return min(n, max(0, len(tokens) - 1))
+
+
 class EmbeddedBackend(Backend):
     def __init__(self, config: ServerConfig) -> None:
         super().__init__(config)
@@ -76,6 +91,10 @@ class EmbeddedBackend(Backend):
 
         path = self.config.model_path or str(default_model_path())
         return Llama(model_path=path, n_ctx=self.config.n_ctx, n_threads=self.config.n_threads, verbose=False, seed=0)
+
+    async def warm_up(self) -> None:
+        """Load the model now (about 0.5 s), not inside the first task's deadline."""
+        await self.ensure_loaded()
 
     async def ensure_loaded(self) -> Any:
         async with self._load_lock:
@@ -121,6 +140,7 @@ class EmbeddedBackend(Backend):
             room = self.config.n_ctx - max_tokens - 8
             if len(tokens) > room:
                 prompt = llm.detokenize(tokens[:8] + tokens[-(room - 8) :]).decode("utf-8", "replace")
+            cached = _cached_prefix(llm, tokens)
             first_token_at: list[float] = []
 
             def stop_or_note(_ids: Any, _logits: Any) -> bool:
@@ -148,6 +168,8 @@ class EmbeddedBackend(Backend):
             model=req.model,
             server=self.name,
             prompt_tokens=len(tokens),
+            prompt_cached_tokens=cached,
+            prompt_eval_seconds=first_at - started,
             tokens=count,
             ttft=first_at - started if first_token_at else None,
             eval_seconds=ended - first_at if count else None,

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from actors.backends import HttpBackend
+from teamorch.actors.backends import HttpBackend
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -36,16 +36,9 @@ class OllamaBackend(HttpBackend):
                 if response.status_code != 200:
                     raise self.error_for(response.status_code, await response.aread(), req.model)
                 async for line in response.aiter_lines():
-                    if not line.strip():
+                    chunk = self._chunk(line)
+                    if chunk is None:
                         continue
-                    try:
-                        chunk = json.loads(line)
-                    except json.JSONDecodeError as exc:
-                        raise MalformedResponse(self.name, f"invalid NDJSON line: {line[:120]!r}") from exc
-                    if not isinstance(chunk, dict):
-                        raise MalformedResponse(self.name, f"unexpected NDJSON value: {line[:120]!r}")
-                    if "error" in chunk:
-                        raise ServerError(self.name, f"error in stream: {chunk['error']}", 200)
                     content = (chunk.get("message") or {}).get("content") or ""
                     if content:
                         if ttft is None:
@@ -68,7 +61,23 @@ class OllamaBackend(HttpBackend):
             eval_seconds=final["eval_duration"] * NS if final.get("eval_duration") else None,
             total_seconds=time.monotonic() - started,
             load_seconds=final["load_duration"] * NS if final.get("load_duration") else None,
+            prompt_cached_tokens=_int_or_none(final.get("prompt_eval_cached_count")),
+            prompt_eval_seconds=final["prompt_eval_duration"] * NS if final.get("prompt_eval_duration") else None,
         )
+
+    def _chunk(self, line: str) -> dict[str, Any] | None:
+        """One NDJSON line of the stream (None for a blank one); an `error` line fails the request."""
+        if not line.strip():
+            return None
+        try:
+            chunk = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise MalformedResponse(self.name, f"invalid NDJSON line: {line[:120]!r}") from exc
+        if not isinstance(chunk, dict):
+            raise MalformedResponse(self.name, f"unexpected NDJSON value: {line[:120]!r}")
+        if "error" in chunk:
+            raise ServerError(self.name, f"error in stream: {chunk['error']}", 200)
+        return chunk
 
     async def models(self) -> tuple[list[str] | None, list[str] | None]:
         tags = await self.get_json("/api/tags")
@@ -79,6 +88,11 @@ class OllamaBackend(HttpBackend):
         except ServerError:
             loaded = None
         return _with_latest(present), _with_latest(loaded) if loaded is not None else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    """Ollama omits a count it does not report (older servers have no prompt_eval_cached_count)."""
+    return int(value) if isinstance(value, int | float) else None
 
 
 def _with_latest(names: list[str]) -> list[str]:

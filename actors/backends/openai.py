@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from actors.backends import HttpBackend
+from teamorch.actors.backends import HttpBackend
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -56,6 +56,8 @@ class OpenAIBackend(HttpBackend):
             model=req.model,
             server=self.name,
             prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            # vLLM, llama.cpp and Ollama's /v1 report cached prompt tokens here (Ollama only when some were cached).
+            prompt_cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
             tokens=int(usage.get("completion_tokens") or 0),
             total_seconds=elapsed,
         )

@@ -1,0 +1,213 @@
+"""Driving one plan's DAG to the end, inside the coordinator actor.
+
+`PlanExecutor` holds what a run has in flight (asyncio tasks awaiting
+specialist actors) and hands every result to the run's `RunRecorder`, which
+journals it (fsynced, when the run is kept on disk) before the result is
+stored, counted or given to a dependant: a driver killed at any moment loses
+no finished LLM call. Which tasks start, which are skipped and which a
+cancellation stops is decided in `teamorch.policies.dag`; this module only
+carries it out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Mapping
+
+import ray
+from ray.actor import ActorHandle
+
+from teamorch.actors.metrics import fleet_metrics
+from teamorch.errors import unwrap
+from teamorch.journal import (
+    JournalEvent,
+    PlanResolved,
+    RunFinished,
+    RunJournal,
+    TaskFinished,
+    TaskQueued,
+    attempt_events,
+)
+from teamorch.messages import Assignment, ConsensusSpec, OrchestrationPlan, RunReport, Task, TaskResult
+from teamorch.policies.dag import (
+    Cancel,
+    Journal,
+    cancel_waiting,
+    diversity_group,
+    hedge_won,
+    next_step,
+    unrun,
+    upstream_for,
+)
+from teamorch.policies.planning import consensus_judge, consensus_round, critical_path_priority, plan_for
+from teamorch.policies.synthesis import Strategy, vote, vote_summary
+
+RUN_CANCELLED = "run cancelled"
+
+
+class RunRecorder:
+    """One run's results in memory (`results`, what the DAG rules read), each journaled before it is kept.
+
+    A resumed run starts with the journal's finished results, so those tasks
+    are never sent again and their dependants receive the journaled outputs.
+    The in-memory copy is the journal's (secrets scrubbed), so what a client
+    polls, a dependant reads and the report shows are the same text.
+    """
+
+    def __init__(self, journal: RunJournal) -> None:
+        self.journal = journal
+        self.run_id = journal.run_id
+        self.results: Journal = journal.finished_results()
+
+    def resolved(self, plan: OrchestrationPlan) -> None:
+        self.journal.append(PlanResolved(plan=plan))
+
+    def queued(self, task: Task) -> None:
+        self.journal.append(TaskQueued(task_id=task.task_id, specialist=task.specialist))
+
+    def live(self, event: JournalEvent) -> None:
+        """A fact a specialist reported while its task runs (a duplicate of one already journaled is dropped)."""
+        self.journal.append(event)
+
+    def record(self, result: TaskResult) -> None:
+        for event in attempt_events(result):
+            self.journal.append(event)
+        stored = self.journal.append(TaskFinished(result=result))
+        if isinstance(stored, TaskFinished):
+            self.results[result.task_id] = stored.result
+            fleet_metrics().task_finished(stored.result)
+        else:  # the task's final result is journaled already: keep that one
+            self.results.setdefault(result.task_id, result)
+
+    def finish(self, error: str | None, synthesis: Strategy | None) -> RunReport:
+        """The run's report, then its run_finished, then the journal closed (a later resume may write it).
+
+        The report is made first because run_finished carries its verdict; it
+        ends the session at the same instant, so the journal rebuilds this report.
+        """
+        at = time.time()
+        report = self.journal.report(error, synthesis, until=at)
+        self.journal.append(RunFinished(success=report.success, error=error, interrupted=error == RUN_CANCELLED, at=at))
+        self.journal.close()
+        return report
+
+
+class PlanExecutor:
+    """Runs every task of `plan` not yet recorded in `run` on the `specialists` actors, at most `limit` at once.
+
+    With `use_first_result` the run is hedged: the first successful work task
+    wins and every other work task is cancelled, which closes its HTTP request
+    on the server side.
+    """
+
+    def __init__(
+        self,
+        plan: OrchestrationPlan,
+        run: RunRecorder,
+        specialists: Mapping[str, ActorHandle],
+        limit: int | None = None,
+    ) -> None:
+        self.plan = plan
+        self.recorder = run
+        self.journal = run.results  # what the DAG rules read: tasks recorded so far
+        self.specialists = specialists
+        self.run_id = run.run_id  # names the run's consensus groups at the balancer
+        self.limit = limit or len(plan.tasks)
+        self.waves = plan.wave_of()
+        self.priority = critical_path_priority(plan)
+        self.running: dict[asyncio.Task[TaskResult], Task] = {}
+
+    async def run(self) -> str | None:
+        """Run to the end; returns why the run was cut short, or None."""
+        try:
+            while self._dispatch_ready():
+                done, _ = await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+                await self._collect(done)
+        except asyncio.CancelledError:
+            await self._cancel(Cancel.RUN, RUN_CANCELLED)
+            return RUN_CANCELLED
+        return None
+
+    def _in_flight(self) -> set[str]:
+        return {t.task_id for t in self.running.values()}
+
+    def _dispatch_ready(self) -> bool:
+        """Record the tasks that will never run, start the ready ones; False when nothing is left in flight."""
+        step = next_step(self.plan, self.journal, self._in_flight(), self.limit)
+        for result in step.settled:
+            self.recorder.record(result)
+        for task in step.start:
+            self.recorder.queued(task)
+            self.running[asyncio.create_task(self._run_task(task))] = task
+        return bool(self.running)
+
+    async def _collect(self, done: set[asyncio.Task[TaskResult]]) -> None:
+        winners = []
+        for fut in done:
+            task = self.running.pop(fut)
+            result = fut.result()
+            self.recorder.record(result)
+            if hedge_won(self.plan, result):
+                winners.append(task.task_id)
+        if winners:
+            await self._cancel(Cancel.HEDGE, f"hedged: {winners[0]!r} finished first")
+
+    async def _cancel(self, scope: Cancel, reason: str) -> None:
+        for fut, task in list(self.running.items()):
+            if scope.stops(task):
+                fut.cancel()
+                del self.running[fut]
+                self.recorder.record(unrun(task, self.waves, "cancelled", f"{reason}; its request was closed"))
+        await asyncio.sleep(0)  # let the cancelled tasks reach ray.cancel before the run returns
+        for result in cancel_waiting(self.plan, self.journal, self._in_flight(), scope, reason):
+            self.recorder.record(result)
+
+    async def _run_task(self, task: Task) -> TaskResult:
+        handle = self.specialists.get(task.specialist)
+        if handle is None:
+            return unrun(task, self.waves, "failed", f"unknown specialist {task.specialist!r}")
+        ref = handle.run.remote(
+            Assignment(
+                task=task,
+                problem=self.plan.problem,
+                context=self.plan.context,
+                upstream=upstream_for(task, self.journal),
+                wave=self.waves[task.task_id],
+                priority=self.priority[task.task_id],
+                group=diversity_group(self.plan, task, self.run_id),
+                run_id=self.run_id,
+            )
+        )
+        try:
+            return await ref
+        except asyncio.CancelledError:
+            ray.cancel(ref)
+            raise
+        except Exception as exc:  # the specialist actor died or raised unexpectedly
+            return unrun(task, self.waves, "failed", f"specialist {task.specialist!r} crashed: {unwrap(exc)}")
+
+
+Execute = Callable[[OrchestrationPlan], Awaitable[str | None]]
+
+
+async def run_consensus(spec: ConsensusSpec, journal: Journal, execute: Execute) -> str | None:
+    """Debate rounds until agreement (or the last round), then the judge; returns why the run was cut short.
+
+    Each round's plan includes the earlier rounds, whose results are already
+    in `journal`, so `execute` only runs the new round's tasks; a resumed run
+    replays the rounds whose results it journaled without running them again
+    (the vote over the same answers agrees the same way).
+    """
+    tasks: list[Task] = []
+    error: str | None = None
+    for round_no in range(1, spec.rounds + 1):
+        tasks += consensus_round(spec, round_no)
+        error = await execute(plan_for(spec, "consensus", tasks))
+        result = vote([journal[t.task_id] for t in tasks if t.round == round_no])
+        if error or result["agreement"] >= spec.agreement_threshold:
+            break
+    if spec.synthesizer and not error:
+        tasks.append(consensus_judge(spec, round_no, vote_summary(result)))
+        error = await execute(plan_for(spec, "consensus", tasks))
+    return error

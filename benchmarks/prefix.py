@@ -1,0 +1,411 @@
+"""Routing where the prompt is cached and the model is loaded: two workloads, each on two fleets.
+
+**Shared prefix.** Several specialists with long role prompts (hundreds of
+words) and skewed task counts, on 2-slot servers whose prefill of a cold role
+prompt costs several times the answer's generation. The simulator keeps one
+prefix cache per slot and gives a request the free slot with the longest
+common prefix, as Ollama does; a request pays prefill only for what the slot
+does not hold. Lower bound: every task pays its own uncached part (what it
+does not share with the specialist's other tasks) plus its generation and
+time to first token, and each specialist pays one cold prefill of what its
+tasks share; that work over the fleet's capacity, or the longest task, if
+longer. Hit rate = cached / prompt tokens, counted by the servers.
+
+**Multi-model.** One specialist per model, 3-4 models, on servers that hold
+one model at a time (`max_loaded: 1`, Ollama's OLLAMA_MAX_LOADED_MODELS) and
+start empty; a load takes seconds and evicts the model in memory. Lower
+bound: each server used pays at least one load and each model at least one
+(the cheapest subset of servers is taken); plus the work, over the capacity
+of the servers used.
+
+Both fleets of a workload scale every rate of a server by one speed factor
+(tokens/s, prefill tokens/s and 1/ttft), so a task's time on a server is its
+time on a reference server divided by that factor and the bounds are exact
+sums. Routers: teamorch `peak_ewma` (the default), teamorch `round_robin`,
+hash affinity (each specialist pinned to one server by a hash of its role
+prompt, the "session affinity" of gateways; run through teamorch with
+`server:` set on its tasks) and LiteLLM's Router (default strategy) when
+installed. Each router starts from cold servers (every prefix cache empty,
+models as configured).
+
+Run: `.venv/bin/python -m benchmarks.prefix` (part of `make bench`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
+from benchmarks.routing import _quiet_litellm
+from teamorch import api
+from teamorch.config import SpecialistConfig
+from teamorch.messages import OrchestrationPlan, Task
+from teamorch.policies.prompting import build_messages
+from teamorch.sim import SimConfig
+from teamorch.sim_model import common_prefix, tokenize
+
+SEED = 11
+PROBLEM = "Review the payment service before the release and report what could lose or double charge money."
+# fmt: off
+WORDS = (
+    "check", "verify", "confirm", "that", "every", "input", "output", "value", "path", "branch",
+    "error", "state", "lock", "retry", "timeout", "request", "response", "amount", "currency",
+    "rounding", "ledger", "balance", "account", "refund", "charge", "invoice", "order", "customer",
+    "record", "log", "audit", "trace", "metric", "alert", "the", "a", "of", "to", "and", "in", "for",
+    "with", "on", "by", "when", "before", "after", "unless", "only", "always", "never", "must",
+    "should", "may", "report", "explain", "cite", "line", "file", "function", "module", "test", "case",
+    "risk", "severity", "impact",
+)
+# fmt: on
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One server: slots, a speed factor on the reference rates, and its model load time."""
+
+    name: str
+    slots: int
+    factor: float = 1.0
+    load_time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """Specialists (name -> role prompt, model, task count) and the reference rates of one workload."""
+
+    title: str
+    specialists: list[dict[str, Any]]
+    counts: list[int]
+    tps: float  # output tokens/s of a factor-1 slot
+    prefill_tps: float | None  # uncached prompt tokens/s of a factor-1 slot
+    ttft: float
+    predict: tuple[int, int]  # num_predict range of a task
+    max_loaded: int | None = None
+
+
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def shared_prefix_workload() -> Workload:
+    rng = random.Random(SEED)
+    names = ["Auditor", "Reviewer", "Tester", "Architect", "Security", "Writer"]
+    specialists = [
+        {"name": n, "system_prompt": f"You are the team's {n}. " + _text(rng, rng.randint(400, 600))} for n in names
+    ]
+    return Workload("shared prefix", specialists, [24, 14, 10, 8, 4, 4], 150, 400, 0.02, (25, 60))
+
+
+def multi_model_workload(models: int) -> Workload:
+    rng = random.Random(SEED + models)
+    specialists = [
+        {"name": f"Expert{i}", "model": f"model-{i}:7b", "system_prompt": "You answer briefly. " + _text(rng, 20)}
+        for i in range(models)
+    ]
+    counts = [24, 14, 8, 6][:models]
+    return Workload(f"multi-model ({models} models)", specialists, counts, 150, None, 0.02, (60, 140), max_loaded=1)
+
+
+def configs(work: Workload, fleet: list[Shape]) -> list[SimConfig]:
+    models = sorted({str(s.get("model", MODEL)) for s in work.specialists})
+    return [
+        SimConfig(
+            name=s.name,
+            slots=s.slots,
+            tokens_per_second=work.tps * s.factor,
+            prefill_tps=work.prefill_tps * s.factor if work.prefill_tps else None,
+            ttft=work.ttft / s.factor,
+            models=models,
+            loaded=[] if work.max_loaded else None,
+            max_loaded=work.max_loaded,
+            load_time=s.load_time,
+            seed=i,
+        )
+        for i, s in enumerate(fleet)
+    ]
+
+
+def tasks(work: Workload) -> list[Task]:
+    """Independent tasks, interleaved across specialists (as a plan's fan-out lists them), each with its own input."""
+    rng = random.Random(SEED)
+    per: list[list[Task]] = []
+    for spec, count in zip(work.specialists, work.counts, strict=True):
+        per.append(
+            [
+                Task(
+                    task_id=f"{spec['name']}-{k:02d}",
+                    specialist=spec["name"],
+                    input_data={"instruction": f"Item {k}: " + _text(rng, rng.randint(4, 8))},
+                    options={"num_predict": rng.randint(*work.predict)},
+                )
+                for k in range(count)
+            ]
+        )
+    return [t for group in itertools.zip_longest(*per) for t in group if t is not None]
+
+
+def prompt_of(work: Workload, task: Task) -> tuple[str, ...]:
+    """The prompt's tokens exactly as the simulator counts them (message contents joined, split on whitespace)."""
+    spec = next(s for s in work.specialists if s["name"] == task.specialist)
+    messages = build_messages(SpecialistConfig.model_validate(spec), task, PROBLEM, {}, {})
+    return tokenize("\n".join(m["content"] for m in messages))
+
+
+# ------------------------------------------------------------------------------ bounds
+
+
+@dataclass
+class Bound:
+    seconds: float
+    note: str
+
+
+def prefix_bound(work: Workload, fleet: list[Shape], plan: list[Task]) -> Bound:
+    """One cold prefill per specialist, every task's own uncached part, generation and ttft (reference seconds)."""
+    prompts = {t.task_id: prompt_of(work, t) for t in plan}
+    prefill = work.prefill_tps or float("inf")
+    work_s, cold, longest = 0.0, 0.0, 0.0
+    for spec in work.specialists:
+        mine = [t for t in plan if t.specialist == spec["name"]]
+        shared = min(common_prefix(prompts[a.task_id], prompts[b.task_id]) for a in mine for b in mine if a is not b)
+        shared = shared if len(mine) > 1 else 0  # a lone task's whole prompt is its own part
+        cold += shared / prefill
+        for t in mine:
+            own = len(prompts[t.task_id]) - max(
+                (common_prefix(prompts[t.task_id], prompts[o.task_id]) for o in mine if o is not t), default=0
+            )
+            cost = work.ttft + own / prefill + int(t.options["num_predict"]) / work.tps
+            work_s += cost
+            longest = max(longest, cost + len(prompts[t.task_id]) / prefill)
+    capacity = sum(s.slots * s.factor for s in fleet)
+    fastest = max(s.factor for s in fleet)
+    seconds = max(longest / fastest, (work_s + cold) / capacity)
+    return Bound(
+        seconds,
+        f"work {work_s:.1f} s + one cold prefill per specialist {cold:.1f} s (reference slot) over "
+        f"{capacity:g} reference slots; longest task {longest / fastest:.2f} s",
+    )
+
+
+def model_bound(work: Workload, fleet: list[Shape], plan: list[Task]) -> Bound:
+    """Each server used pays one load at least, each model one at least; the best subset of servers is taken."""
+    costs = [work.ttft + int(t.options["num_predict"]) / work.tps for t in plan]
+    total, models = sum(costs), len(work.specialists)
+    best = float("inf")
+    for k in range(1, len(fleet) + 1):
+        for used in itertools.combinations(fleet, k):
+            caps = [s.slots * s.factor for s in used]
+            losses = sorted(s.load_time * s.slots * s.factor for s in used)
+            lost = sum(losses) + max(0, models - k) * losses[0]
+            best = min(best, (total + lost) / sum(caps))
+    critical = min(s.load_time + max(costs) / s.factor for s in fleet)
+    return Bound(
+        max(best, critical),
+        f"work {total:.1f} s (reference slot) plus >= 1 load per server used and per model ({models})",
+    )
+
+
+# ------------------------------------------------------------------------------ routers
+
+
+@dataclass
+class Run:
+    router: str
+    makespan: float
+    ok: int
+    total: int
+    prompt_tokens: int
+    cached_tokens: int
+    loads: int
+    evictions: int
+    per_server: dict[str, int]
+    gap_median_ms: float
+
+
+def _plan(work: Workload, plan: list[Task], pin: dict[str, str] | None = None) -> OrchestrationPlan:
+    pinned = [t.model_copy(update={"server": pin[t.specialist]}) if pin else t for t in plan]
+    return OrchestrationPlan(problem=PROBLEM, tasks=pinned, success_criteria="any")
+
+
+def _measure(fleet: Fleet, router: str, makespan: float, ok: int, total: int) -> Run:
+    stats = fleet.stats()
+    gaps = [g for s in stats.values() for g in s["slot_gap_seconds"]]
+    return Run(
+        router=router,
+        makespan=makespan,
+        ok=ok,
+        total=total,
+        prompt_tokens=sum(s["prompt_tokens"] for s in stats.values()),
+        cached_tokens=sum(s["cached_prompt_tokens"] for s in stats.values()),
+        loads=sum(s["model_loads"] for s in stats.values()),
+        evictions=sum(s["evictions"] for s in stats.values()),
+        per_server={n: s["completed"] for n, s in stats.items()},
+        gap_median_ms=percentile(gaps, 50) * 1e3,
+    )
+
+
+def run_teamorch(fleet: Fleet, work: Workload, plan: list[Task], policy: str, pin: dict[str, str] | None = None) -> Run:
+    fleet.reset()
+    coordinator = api.start_coordinator(sim_team(fleet, work.specialists, policy))
+    try:
+        started = time.monotonic()
+        report = api.execute(coordinator, _plan(work, plan, pin))
+        makespan = time.monotonic() - started
+    finally:
+        api.stop_coordinator(coordinator)
+    ok = sum(1 for t in report.tasks if t.status == "succeeded")
+    name = "hash affinity (teamorch, pinned)" if pin else f"teamorch {policy}"
+    return _measure(fleet, name, makespan, ok, len(report.tasks))
+
+
+def affinity(work: Workload, fleet: Fleet) -> dict[str, str]:
+    """Specialist -> server by a hash of its role prompt (the first block of every prompt it sends)."""
+    names = list(fleet.urls)
+    return {
+        s["name"]: names[int(hashlib.sha256(s["system_prompt"].encode()).hexdigest(), 16) % len(names)]
+        for s in work.specialists
+    }
+
+
+def run_litellm(fleet: Fleet, work: Workload, plan: list[Task]) -> Run:
+    """One deployment per (server, model), default strategy; every task submitted at once, as it is used."""
+    litellm = _quiet_litellm()
+    fleet.reset()
+    deployments = [
+        {"model_name": m, "litellm_params": {"model": f"ollama_chat/{m}", "api_base": fleet.urls[name]}}
+        for name, cfg in fleet.configs.items()
+        for m in cfg.models
+    ]
+    specs = {s["name"]: s for s in work.specialists}
+
+    async def go() -> tuple[float, int]:
+        router = litellm.Router(model_list=deployments, num_retries=2)
+
+        async def one(t: Task) -> bool:
+            spec = specs[t.specialist]
+            messages = build_messages(SpecialistConfig.model_validate(spec), t, PROBLEM, {}, {})
+            await router.acompletion(
+                model=str(spec.get("model", MODEL)), messages=messages, max_tokens=int(t.options["num_predict"])
+            )
+            return True
+
+        began = time.monotonic()
+        results = await asyncio.gather(*(one(t) for t in plan), return_exceptions=True)
+        return time.monotonic() - began, sum(1 for r in results if r is True)
+
+    makespan, ok = asyncio.run(go())
+    return _measure(fleet, "LiteLLM Router (simple-shuffle)", makespan, ok, len(plan))
+
+
+def run_workload(work: Workload, shapes: list[Shape], label: str, with_pin: bool) -> dict[str, Any]:
+    plan = tasks(work)
+    bound = (prefix_bound if work.prefill_tps else model_bound)(work, shapes, plan)
+    runs: list[Run] = []
+    with Fleet(configs(work, shapes)) as fleet:
+        jobs: list[tuple[str, Any]] = [
+            ("peak_ewma", lambda: run_teamorch(fleet, work, plan, "peak_ewma")),
+            ("round_robin", lambda: run_teamorch(fleet, work, plan, "round_robin")),
+        ]
+        if with_pin:
+            jobs.append(("affinity", lambda: run_teamorch(fleet, work, plan, "peak_ewma", affinity(work, fleet))))
+        try:
+            _quiet_litellm()
+            jobs.append(("litellm", lambda: run_litellm(fleet, work, plan)))
+        except ImportError:
+            print("  LiteLLM not installed; install the bench extra: pip install -e '.[bench]'", flush=True)
+        for _key, job in jobs:
+            runs.append(job())
+            print(f"  measured {work.title} / {label} / {runs[-1].router}: {runs[-1].makespan:.1f} s", flush=True)
+    return {"work": work, "shapes": shapes, "label": label, "bound": bound, "runs": runs, "tasks": len(plan)}
+
+
+# ------------------------------------------------------------------------------ report
+
+
+def render(result: dict[str, Any]) -> str:
+    work: Workload = result["work"]
+    bound: Bound = result["bound"]
+    runs: list[Run] = result["runs"]
+    rr = next((r.makespan for r in runs if r.router == "teamorch round_robin"), float("nan"))
+    rows = [
+        [
+            r.router,
+            r.makespan,
+            r.makespan / bound.seconds,
+            rr / r.makespan,
+            r.cached_tokens / r.prompt_tokens if r.prompt_tokens else 0.0,
+            r.loads,
+            r.evictions,
+            r.gap_median_ms,
+            f"{r.ok}/{r.total}",
+            " ".join(f"{k}={v}" for k, v in r.per_server.items()),
+        ]
+        for r in runs
+    ]
+    shapes = " ".join(
+        f"{s.name}({s.slots} slots x{s.factor:g}{f', load {s.load_time:g} s' if s.load_time else ''})"
+        for s in result["shapes"]
+    )
+    rates = f"{work.tps:g} tok/s" + (f", prefill {work.prefill_tps:g} tok/s" if work.prefill_tps else "")
+    return "\n".join(
+        [
+            f"#### {work.title}, fleet {result['label']}: {shapes}",
+            f"{result['tasks']} tasks over {len(work.specialists)} specialists ({', '.join(map(str, work.counts))}); "
+            f"reference slot {rates}, ttft {work.ttft:g} s"
+            + (f"; max_loaded {work.max_loaded}, every server starts empty" if work.max_loaded else ""),
+            f"Lower bound {bound.seconds:.2f} s: {bound.note}.",
+            "",
+            table(
+                [
+                    "router",
+                    "makespan s",
+                    "x bound",
+                    "speedup vs round_robin",
+                    "prefix hit rate",
+                    "model loads",
+                    "evictions",
+                    "slot gap p50 ms",
+                    "ok",
+                    "completed per server",
+                ],
+                rows,
+            ),
+        ]
+    )
+
+
+PREFIX_FLEETS = {
+    "A": [Shape(f"p{i}", 2) for i in range(1, 5)],
+    "B": [Shape("fast", 2, 2.0), Shape("mid", 2, 1.0), Shape("slow", 2, 0.5)],
+}
+MODEL_FLEETS = {
+    "A": ([Shape(f"m{i}", 2, 1.0, 2.0) for i in range(1, 5)], 3),
+    "B": ([Shape("big", 2, 2.0, 1.5), Shape("mid", 2, 1.0, 2.5), Shape("small", 1, 1.0, 2.5)], 4),
+}
+
+
+def main() -> dict[str, Any]:
+    """Both workloads on both fleets; print and return the tables."""
+    ensure_ray()
+    sections = ["", "## Prefix caching and model residency", SIM_NOTE, ""]
+    for label, shapes in PREFIX_FLEETS.items():
+        sections += [render(run_workload(shared_prefix_workload(), shapes, label, with_pin=True)), ""]
+    for label, (shapes, models) in MODEL_FLEETS.items():
+        sections += [render(run_workload(multi_model_workload(models), shapes, label, with_pin=False)), ""]
+    sections.append(
+        "x bound: makespan / lower bound. Prefix hit rate: cached / prompt tokens as the servers counted them. "
+        "Slot gap: median idle time of a slot between two requests, as the servers saw it."
+    )
+    text = "\n".join(sections)
+    print(text, flush=True)
+    return {"text": text}
+
+
+if __name__ == "__main__":
+    main()

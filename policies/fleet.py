@@ -1,0 +1,331 @@
+"""What the balancer knows about each server, and how each event changes it.
+
+The balancer actor owns one `ServerStats` per server and calls these functions
+on its events: a grant (`record_grant`), a lease coming back (`record_outcome`),
+a health check (`record_probe`). Each server's `SlotIndex` (what its slots'
+prefix caches hold, `teamorch.policies.prefix`) and its resident models are
+kept here too: a grant takes the slot the server will choose and, for a model
+not resident, predicts the load and the eviction it causes; a load reported
+back clears that model's other slots; a health check drops what was evicted. Planning never reads `ServerStats` directly:
+it reads the `ServerLoad` row `to_load` builds, which is a copy, so a plan can
+neither see a half-updated server nor change one. Reading is pure: the 503 slot
+penalty expires by the clock inside `to_load` (and `slot_penalty`), not by a
+write when someone happens to look.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from teamorch.config import RetryConfig, ServerConfig
+from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
+from teamorch.policies.balancing import LOAD_PENALTY_SECONDS
+from teamorch.policies.prefix import SlotIndex
+from teamorch.policies.retry import CircuitBreaker
+
+EWMA_ALPHA = 0.3
+# Recent outcomes kept per server for its error rate (which the planner turns into a cost penalty).
+ERROR_WINDOW = 20
+# Diversity groups remembered (one per consensus round); the oldest are forgotten first.
+MAX_GROUPS = 1000
+# A prefill sample needs this many uncached prompt tokens: below it the fixed cost drowns the per-token rate.
+MIN_PREFILL_SAMPLE = 32
+
+OutcomeKind = Literal["ok", "busy", "cancelled", "failure"]
+
+
+@dataclass
+class ServerStats:
+    """One server as the balancer has measured it.
+
+    The fields named like `ServerLoad`'s are copied into every load row as they
+    are (see `to_load`); the rest is state the row only shows derived:
+    `outcomes` becomes `error_rate`, `slot_penalty`/`busy_until` become
+    `effective_slots`, `breaker` becomes `circuit`, `ready_at` becomes
+    `load_remaining`; `prefix` is read by planners through `SlotIndex.states`.
+    `models_loaded` is kept least recently used first.
+    """
+
+    config: ServerConfig
+    breaker: CircuitBreaker
+    in_flight: int = 0
+    healthy: bool = True
+    models_present: list[str] | None = None
+    models_loaded: list[str] | None = None
+    ewma_token_seconds: float | None = None  # server-side seconds per output token
+    ewma_ttft: float | None = None  # fixed cost of a warm request: everything but generating tokens
+    ewma_latency: float | None = None  # whole request, client side (shown, not planned with)
+    completed: int = 0
+    failed: int = 0
+    last_check: float | None = None
+    last_error: str | None = None
+    outcomes: deque[bool] = field(default_factory=lambda: deque(maxlen=ERROR_WINDOW))
+    # Slots taken away after a 503 (someone else is using the box), until `busy_until` (monotonic seconds).
+    slot_penalty: int = 0
+    busy_until: float = 0.0
+    ewma_prefill_seconds: float | None = None  # server-side seconds per uncached prompt token
+    ewma_load_seconds: float | None = None
+    resident_limit: int = 1
+    loading_model: str | None = None
+    ready_at: float = 0.0  # monotonic seconds when `loading_model` is expected to be ready
+    prefix: SlotIndex = field(default_factory=lambda: SlotIndex(1))
+
+    @classmethod
+    def new(cls, config: ServerConfig, retry: RetryConfig) -> ServerStats:
+        """A server nothing is known about yet, except the models its config lists."""
+        return cls(
+            config=config,
+            breaker=CircuitBreaker(retry.circuit_failures, retry.circuit_reset),
+            models_present=list(config.models) if config.models is not None else None,
+            prefix=SlotIndex(config.slots),
+        )
+
+
+# The ServerLoad fields a stats record holds under the same name, copied as they are.
+_SHARED_FIELDS = tuple(
+    name for name in ServerLoad.model_fields if name in {f.name for f in dataclasses.fields(ServerStats)}
+)
+
+
+def slot_penalty(stats: ServerStats, now: float) -> int:
+    """Slots withheld right now after 503s: none once the back-off has run out."""
+    return stats.slot_penalty if now < stats.busy_until else 0
+
+
+def to_load(stats: ServerStats, now: float, waiting: int) -> ServerLoad:
+    """The row planners read: a copy of `stats` at `now`, with the derived fields worked out."""
+    outcomes = stats.outcomes
+    return ServerLoad(
+        name=stats.config.name,
+        slots=stats.config.slots,
+        tags=stats.config.tags,
+        effective_slots=max(1, stats.config.slots - slot_penalty(stats, now)),
+        waiting=waiting,
+        circuit=stats.breaker.state(now),
+        error_rate=(outcomes.count(False) / len(outcomes)) if outcomes else 0.0,
+        load_remaining=max(0.0, stats.ready_at - now) if stats.loading_model else 0.0,
+        **{name: getattr(stats, name) for name in _SHARED_FIELDS},
+    )
+
+
+def is_cold(stats: ServerStats, model: str) -> bool:
+    """Whether a request for `model` granted now pays a model load (known to be not loaded)."""
+    return stats.models_loaded is not None and model not in stats.models_loaded
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a granted request went on its server, as the balancer predicts it.
+
+    `slot`: the slot the server will give it (None: not tracked); `cached`: its
+    prompt tokens that slot already holds; `cold`: the model was not loaded,
+    so the request pays a load; `prompt_tokens`: its whole prompt.
+    """
+
+    slot: int | None = None
+    cached: int = 0
+    cold: bool = False
+    prompt_tokens: int = 0
+
+
+def record_grant(stats: ServerStats, now: float, req: LeaseRequest | None = None, drain: float = 0.0) -> Placement:
+    """A slot is taken for `req`: the slot its prompt will use, and the model load it causes.
+
+    `drain`: seconds until the requests running there now end; a load that
+    evicts a model waits for them (as Ollama does).
+    """
+    stats.in_flight += 1
+    stats.breaker.on_acquire(now)
+    if req is None:
+        return Placement()
+    cold = is_cold(stats, req.model)
+    _hold_model(stats, req.model, now, drain)
+    slot, cached = stats.prefix.take(req.model, req.prefix, req.prefix_tokens)
+    return Placement(slot, cached, cold, req.prompt_tokens)
+
+
+def _base(model: str) -> str:
+    return model.removesuffix(":latest")
+
+
+def _hold_model(stats: ServerStats, model: str, now: float, drain: float) -> None:
+    """`model` becomes the most recently used; loading it evicts the least recently used beyond `resident_limit`."""
+    loaded = stats.models_loaded
+    if loaded is None:
+        return
+    if model in loaded:
+        stats.models_loaded = [m for m in loaded if _base(m) != _base(model)] + [
+            m for m in loaded if _base(m) == _base(model)
+        ]
+        return
+    kept = list(loaded)
+    evicted = False
+    while kept and len({_base(m) for m in kept}) >= stats.resident_limit:
+        victim = _base(kept[0])
+        kept = [m for m in kept if _base(m) != victim]
+        stats.prefix.forget([victim, f"{victim}:latest"])
+        evicted = True
+    stats.models_loaded = [*kept, model]
+    stats.loading_model = model
+    load = stats.ewma_load_seconds if stats.ewma_load_seconds is not None else LOAD_PENALTY_SECONDS
+    stats.ready_at = now + (drain if evicted else 0.0) + load
+
+
+def outcome_kind(outcome: LeaseOutcome) -> OutcomeKind:
+    """What a lease's end says about its server.
+
+    busy (a 503): the server works but someone else fills it, so back off, do
+    not blame it. cancelled: the caller gave up, which says nothing about the
+    server. Every other error is the server's failure.
+    """
+    if outcome.outcome in ("ok", "busy", "cancelled"):
+        return outcome.outcome
+    return "failure"
+
+
+def ewma(old: float | None, new: float) -> float:
+    return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new
+
+
+def fixed_cost(outcome: LeaseOutcome) -> float | None:
+    """Seconds of a request that were not spent generating tokens: prompt eval, transport, Ray hops.
+
+    latency - eval_seconds measures exactly that; the client-side ttft would
+    also include the first streamed chunk's tokens, so it is only the fallback
+    when the server did not report its eval time.
+    """
+    if outcome.latency is not None and outcome.eval_seconds:
+        return max(0.0, outcome.latency - outcome.eval_seconds)
+    return outcome.ttft
+
+
+def per_token_seconds(outcome: LeaseOutcome) -> float | None:
+    """Generation seconds per output token: the server's own eval time, else client time after the first token."""
+    if not outcome.tokens or not (outcome.eval_seconds or outcome.latency):
+        return None
+    seconds = outcome.eval_seconds if outcome.eval_seconds else (outcome.latency or 0.0) - (outcome.ttft or 0.0)
+    return max(seconds / outcome.tokens, 1e-6)
+
+
+def record_outcome(
+    stats: ServerStats,
+    outcome: LeaseOutcome,
+    cold: bool,
+    now: float,
+    backoff_seconds: float,
+    placed: Placement | None = None,
+) -> None:
+    """Account a lease that came back: its slot frees, and the server's speed and health are updated.
+
+    `cold`: the model was not loaded when the lease was granted, so the request
+    paid a model load and is not a sample of the server's fixed cost.
+    `placed`: what `record_grant` predicted for it (slot, cached tokens).
+    """
+    stats.in_flight -= 1
+    placed = placed or Placement(cold=cold)
+    kind = outcome_kind(outcome)
+    _record_residency(stats, outcome, placed)
+    if kind != "cancelled":
+        stats.breaker.record(outcome.ok, outcome.outcome, now)
+    if kind == "ok":
+        _record_success(stats, outcome, cold, placed)
+    elif kind == "busy":
+        # 503: the server's own queue is full (someone else is using it). Back off its slots for a while;
+        # a penalty whose back-off has run out no longer counts.
+        stats.slot_penalty = min(stats.config.slots - 1, slot_penalty(stats, now) + 1)
+        stats.busy_until = now + backoff_seconds
+    elif kind == "failure":
+        stats.failed += 1
+        stats.outcomes.append(False)
+        stats.last_error = outcome.error
+        if outcome.outcome == "unreachable":
+            stats.healthy = False
+
+
+def _record_residency(stats: ServerStats, outcome: LeaseOutcome, placed: Placement) -> None:
+    """The slot frees (forgetting its contents if the request failed); a load done clears the model's other slots."""
+    stats.prefix.release(placed.slot, known=outcome.ok)
+    if stats.loading_model == outcome.model and (placed.cold or outcome.load_seconds):
+        stats.loading_model = None
+    if outcome.load_seconds:  # the model was (re)loaded for this request: its other slots start empty
+        stats.ewma_load_seconds = ewma(stats.ewma_load_seconds, outcome.load_seconds)
+        stats.prefix.forget([outcome.model], keep=placed.slot)
+
+
+def uncached_tokens(outcome: LeaseOutcome, placed: Placement) -> int | None:
+    """Prompt tokens the server evaluated, in teamorch's token count (None: not known).
+
+    The server counts its own tokens; the fraction it did not find cached is
+    applied to teamorch's count, so prefill seconds per token are in the unit
+    the planner multiplies them by.
+    """
+    if outcome.prompt_tokens and outcome.cached_tokens is not None:
+        fraction = max(0, outcome.prompt_tokens - outcome.cached_tokens) / outcome.prompt_tokens
+        return round((placed.prompt_tokens or outcome.prompt_tokens) * fraction)
+    if placed.prompt_tokens:
+        return placed.prompt_tokens - placed.cached
+    return None
+
+
+def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, placed: Placement) -> None:
+    stats.completed += 1
+    stats.outcomes.append(True)
+    per_token = per_token_seconds(outcome)
+    if per_token is not None:
+        stats.ewma_token_seconds = ewma(stats.ewma_token_seconds, per_token)
+    uncached = uncached_tokens(outcome, placed)
+    if outcome.prompt_eval_seconds is not None and uncached is not None and uncached >= MIN_PREFILL_SAMPLE:
+        stats.ewma_prefill_seconds = ewma(stats.ewma_prefill_seconds, outcome.prompt_eval_seconds / uncached)
+    fixed = fixed_cost(outcome)
+    if fixed is not None and uncached and stats.ewma_prefill_seconds is not None:
+        fixed = max(0.0, fixed - uncached * stats.ewma_prefill_seconds)  # the planner adds prefill per token itself
+    if fixed is not None and not cold:
+        stats.ewma_ttft = ewma(stats.ewma_ttft, fixed)
+    if outcome.latency is not None:
+        stats.ewma_latency = ewma(stats.ewma_latency, outcome.latency)
+    if outcome.model and is_cold(stats, outcome.model):
+        stats.models_loaded = [*(stats.models_loaded or []), outcome.model]
+
+
+def record_probe(stats: ServerStats, probe: ProbeResult) -> None:
+    """Take in one health check; a model list the protocol cannot report (None) keeps what is known."""
+    stats.healthy = probe.healthy
+    stats.last_check = probe.checked_at
+    if not probe.healthy:
+        stats.last_error = probe.error
+        return
+    if probe.models_present is not None:
+        stats.models_present = probe.models_present
+    if probe.models_loaded is not None and stats.loading_model is None:
+        # While a granted load is under way the server may not list the model yet: the prediction stands.
+        now_loaded = probe.models_loaded
+        stats.resident_limit = max(stats.resident_limit, len({_base(m) for m in now_loaded}))
+        stats.prefix.forget(stats.prefix.models() - set(now_loaded))
+        known = [m for m in stats.models_loaded or () if m in now_loaded]
+        stats.models_loaded = known + [m for m in now_loaded if m not in known]  # least recently used first
+
+
+class GroupServers:
+    """Which servers each diversity group (e.g. one consensus round) already holds, newest groups last.
+
+    Bounded (`limit` groups): a group is only useful while its round runs, and
+    the balancer never learns when that ends.
+    """
+
+    def __init__(self, limit: int = MAX_GROUPS) -> None:
+        self.limit = limit
+        self._held: OrderedDict[str, set[str]] = OrderedDict()
+
+    def with_avoid(self, req: LeaseRequest) -> LeaseRequest:
+        """`req`, asked to avoid the servers its group already holds (itself when it has no group or none)."""
+        used = self._held.get(req.group or "")
+        return req.model_copy(update={"avoid": [*req.avoid, *sorted(used)]}) if used else req
+
+    def add(self, group: str, server: str) -> None:
+        self._held.setdefault(group, set()).add(server)
+        self._held.move_to_end(group)
+        while len(self._held) > self.limit:
+            self._held.popitem(last=False)

@@ -1,0 +1,20 @@
+"""Helpers tests import (pytest advises against importing from conftest: fixtures live there, functions here)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from teamorch.config import TeamConfig
+from teamorch.sim import SimServer
+
+
+def sim_team(servers: list[tuple[SimServer, int]], specialists: list[dict[str, Any]], **extra: Any) -> TeamConfig:
+    """A team whose servers are the given simulators (with their slots)."""
+    return TeamConfig.model_validate(
+        {
+            "servers": [{"name": s.config.name, "url": s.url, "slots": slots} for s, slots in servers],
+            "default_model": "gemma3:270m",
+            "specialists": specialists,
+            **extra,
+        }
+    )

@@ -1,0 +1,241 @@
+"""Prefix signatures, the per-slot prefix index and the cache- and residency-aware cost (pure: no Ray, no I/O)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from teamorch.config import RetryConfig, ServerConfig, SpecialistConfig
+from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad, Task
+from teamorch.policies.balancing import LOAD_PENALTY_SECONDS, Queued, plan_dispatch, planned_seconds
+from teamorch.policies.fleet import (
+    MIN_PREFILL_SAMPLE,
+    Placement,
+    ServerStats,
+    record_grant,
+    record_outcome,
+    record_probe,
+    to_load,
+)
+from teamorch.policies.prefix import SlotIndex, SlotState, matched_tokens, signature
+from teamorch.policies.prompting import build_messages, prompt_blocks
+from teamorch.sim_model import SlotCaches, tokenize
+
+ROLE = "You audit payment code. " + "Check every branch that moves money. " * 40  # ~280 words
+SPEC = SpecialistConfig(name="Auditor", system_prompt=ROLE)
+
+
+def task(name: str) -> Task:
+    return Task(task_id=name, specialist="Auditor", input_data={"instruction": f"Audit {name}.py line by line."})
+
+
+def blocks(name: str, spec: SpecialistConfig = SPEC) -> list[str]:
+    return prompt_blocks(spec, task(name), "Find the bugs.", {"repo": "payments"}, {})
+
+
+def req_for(name: str, spec: SpecialistConfig = SPEC, **kw: Any) -> LeaseRequest:
+    sig = signature(blocks(name, spec))
+    return LeaseRequest(
+        model="m", prefix=list(sig.chain), prefix_tokens=list(sig.tokens), prompt_tokens=sig.total, **kw
+    )
+
+
+# ---- signatures ---------------------------------------------------------------------------
+
+
+def test_signature_counts_the_tokens_the_simulator_counts_and_chains_the_blocks() -> None:
+    a, b = signature(blocks("a")), signature(blocks("b"))
+    rendered = "\n".join(
+        m["content"] for m in build_messages(SPEC, task("a"), "Find the bugs.", {"repo": "payments"}, {})
+    )
+    assert a.total == len(tokenize(rendered)) == a.tokens[-1]
+    assert len(a.chain) == 3, "role, shared, task: the empty upstream block is skipped"
+    assert a.chain[:2] == b.chain[:2] and a.chain[2] != b.chain[2]
+    # chained: the same task block after another role prompt hashes differently
+    other = signature(blocks("a", SpecialistConfig(name="Auditor", system_prompt="Someone else.")))
+    assert other.chain[2] != a.chain[2]
+
+
+def test_matched_tokens_is_the_shared_blocks_and_never_the_whole_prompt() -> None:
+    a, b = signature(blocks("a")), signature(blocks("b"))
+    assert matched_tokens(b.chain, b.tokens, a.chain) == b.tokens[1]
+    assert matched_tokens(a.chain, a.tokens, a.chain) == a.total - 1, "the last prompt token is always evaluated"
+    assert matched_tokens(a.chain, a.tokens, ()) == 0
+
+
+# ---- the index mirrors the server's slot choice --------------------------------------------
+
+
+def test_slot_index_takes_the_slot_the_server_takes() -> None:
+    a, b, c = (signature(blocks(n)) for n in "abc")
+    index, server = SlotIndex(2), SlotCaches()
+    prompts = {n: tokenize("\n".join(x for x in blocks(n) if x)) for n in "abc"}
+    # a then b run at once (two slots), both finish; c comes next: both sides pick a slot with the shared prefix.
+    sa, _ = index.take("m", a.chain, a.tokens)
+    sb, _ = index.take("m", b.chain, b.tokens)
+    ta, tb = server.take(prompts["a"], 2, 0.0), server.take(prompts["b"], 2, 0.0)
+    ta.slot.tokens, tb.slot.tokens = prompts["a"], prompts["b"]
+    index.release(sa)
+    index.release(sb)
+    SlotCaches.release(ta.slot, 1.0)
+    SlotCaches.release(tb.slot, 1.0)
+    slot, cached = index.take("m", c.chain, c.tokens)
+    tc = server.take(prompts["c"], 2, 2.0)
+    assert slot == server.slots.index(tc.slot) == 0
+    assert cached == c.tokens[1] <= tc.cached, "the index never promises more than the server reuses"
+
+
+def test_slot_index_forgets_a_failed_request_and_an_evicted_model() -> None:
+    a = signature(blocks("a"))
+    index = SlotIndex(2)
+    slot, _ = index.take("m", a.chain, a.tokens)
+    index.release(slot, known=False)
+    assert index.take("m", a.chain, a.tokens) == (0, 0)
+    index.take("x", a.chain, a.tokens)  # slot 1, stays busy
+    index.release(0)
+    index.forget(["m"])
+    assert index.models() == {"x"}
+    assert [s.busy for s in index.slots] == [False, True], "forgetting keeps a busy slot busy"
+
+
+# ---- cost: cached tokens, spill, residency -------------------------------------------------
+
+
+def srv(name: str, slots: int = 2, **kw: Any) -> ServerLoad:
+    kw.setdefault("effective_slots", slots)
+    kw.setdefault("ewma_ttft", 0.05)
+    kw.setdefault("ewma_token_seconds", 0.01)
+    kw.setdefault("ewma_prefill_seconds", 0.005)
+    return ServerLoad(name=name, slots=slots, **kw)
+
+
+def warm(r: LeaseRequest, free_in: float | None = None) -> SlotState:
+    return SlotState("m", tuple(r.prefix), tuple(r.prefix_tokens), free_in)
+
+
+def test_the_cost_counts_only_the_uncached_prompt() -> None:
+    r = req_for("b", expected_tokens=50)
+    s = srv("s")
+    cold = planned_seconds(s, r, [s])
+    assert cold == pytest.approx(0.05 + 0.01 * 50 + 0.005 * r.prompt_tokens)
+    assert planned_seconds(s, r, [s], cached=r.prefix_tokens[1]) == pytest.approx(cold - 0.005 * r.prefix_tokens[1])
+
+
+def test_a_request_goes_where_its_prefix_is_and_a_cold_one_is_not_sent_there() -> None:
+    earlier = req_for("a")
+    loads = [srv("x"), srv("y")]
+    caches = {"x": [SlotState(), SlotState()], "y": [warm(earlier), SlotState()]}
+    assert plan_dispatch("peak_ewma", loads, [Queued(req_for("b", expected_tokens=50))], caches=caches) == {0: "y"}
+
+
+def test_it_waits_briefly_for_its_warm_slot_rather_than_prefill_cold() -> None:
+    # y's only slot holds the prefix and frees in 0.2 s; a cold prefill on idle x costs ~1.5 s more.
+    loads = [srv("x", slots=1), srv("y", slots=1, in_flight=1)]
+    caches = {"x": [SlotState()], "y": [warm(req_for("a"), free_in=0.2)]}
+    assert plan_dispatch("peak_ewma", loads, [Queued(req_for("b", expected_tokens=50))], caches=caches) == {}
+
+
+def test_a_hot_prefix_spills_to_a_cold_server_once_waiting_costs_more_than_a_cold_prefill() -> None:
+    # Both of y's slots hold the prefix but stay busy for 5 s: a cold prefill on x (~1.6 s) finishes first.
+    loads = [srv("x"), srv("y", in_flight=2)]
+    hot = req_for("a")
+    caches = {"x": [SlotState(), SlotState()], "y": [warm(hot, 5.0), warm(hot, 5.0)]}
+    queue = [Queued(req_for(n, expected_tokens=50)) for n in "bcd"]
+    decisions = plan_dispatch("peak_ewma", loads, queue, caches=caches)
+    assert sorted(decisions.values()) == ["x", "x"], "two start cold on x; the third waits for a warm slot"
+
+
+def test_a_server_holding_another_model_is_used_only_when_the_backlog_outweighs_the_load() -> None:
+    # "b" holds model n (one model at a time); "a" holds m and is busy for `busy` seconds.
+    def plan(busy: float) -> dict[int, Any]:
+        loads = [
+            srv("a", slots=1, in_flight=1, models_loaded=["m"]),
+            srv("b", slots=1, models_loaded=["n"], ewma_load_seconds=2.0),
+        ]
+        return plan_dispatch(
+            "peak_ewma", loads, [Queued(LeaseRequest(model="m", expected_tokens=50))], running={"a": [busy]}
+        )
+
+    assert plan(1.0) == {}, "waiting 1 s for the loaded server beats a 2 s load"
+    assert plan(4.0) == {0: "b"}
+
+
+def test_after_a_switch_the_plan_charges_the_evicted_model_its_load_back() -> None:
+    # One idle server holding n, two requests: m (long) then n. If m took the server, n would pay a load back:
+    # the plan starts m there only if waiting elsewhere costs more than that.
+    loads = [
+        srv("b", slots=2, models_loaded=["n"], ewma_load_seconds=2.0),
+        srv("a", slots=1, in_flight=1, models_loaded=["m"]),
+    ]
+    queue = [Queued(LeaseRequest(model="m", expected_tokens=300)), Queued(LeaseRequest(model="n", expected_tokens=50))]
+    assert plan_dispatch("peak_ewma", loads, queue, running={"a": [1.0]}) == {1: "b"}
+
+
+def test_an_unknown_load_time_costs_the_default_penalty() -> None:
+    s = srv("s", models_loaded=["other"])
+    r = LeaseRequest(model="m", expected_tokens=10)
+    assert planned_seconds(s, r, [s]) == pytest.approx(0.05 + 0.1 + LOAD_PENALTY_SECONDS)
+
+
+# ---- what the balancer learns -------------------------------------------------------------
+
+
+def stats(slots: int = 2, **kw: Any) -> ServerStats:
+    config = ServerConfig(name="s", url="http://127.0.0.1:1", slots=slots)
+    out = ServerStats.new(config, RetryConfig())
+    for name, value in kw.items():
+        setattr(out, name, value)
+    return out
+
+
+def test_a_grant_takes_a_slot_and_a_second_task_finds_the_first_ones_prefix() -> None:
+    s = stats()
+    first = record_grant(s, 0.0, req_for("a"))
+    record_outcome(s, LeaseOutcome(lease_id="1", outcome="ok", model="m"), False, 1.0, 5.0, first)
+    second = record_grant(s, 1.0, req_for("b"))
+    assert (first.cached, second.slot, second.cached) == (0, first.slot, req_for("b").prefix_tokens[1])
+
+
+def test_prefill_rate_is_measured_in_teamorchs_tokens_from_the_uncached_fraction() -> None:
+    s = stats()
+    placed = Placement(slot=None, cached=0, prompt_tokens=400)
+    # the server counted 600 of its tokens, 300 cached: half of teamorch's 400 were evaluated, in 1 s
+    done = LeaseOutcome(
+        lease_id="1", outcome="ok", model="m", tokens=10, eval_seconds=0.1, latency=1.3,
+        prompt_tokens=600, cached_tokens=300, prompt_eval_seconds=1.0,
+    )  # fmt: skip
+    record_grant(s, 0.0)
+    record_outcome(s, done, False, 1.0, 5.0, placed)
+    assert s.ewma_prefill_seconds == pytest.approx(1.0 / 200)
+    assert s.ewma_ttft == pytest.approx(1.3 - 0.1 - 1.0), "prefill is not also counted as fixed cost"
+    # a nearly fully cached request is no prefill sample
+    record_grant(s, 1.0)
+    few = done.model_copy(update={"cached_tokens": 600 - MIN_PREFILL_SAMPLE // 2, "prompt_eval_seconds": 0.5})
+    record_outcome(s, few, False, 2.0, 5.0, placed)
+    assert s.ewma_prefill_seconds == pytest.approx(1.0 / 200)
+
+
+def test_a_cold_grant_predicts_the_eviction_and_the_load_until_its_lease_returns() -> None:
+    s = stats(models_loaded=["n"], ewma_load_seconds=2.0)
+    other = record_grant(s, 0.0, LeaseRequest(model="n"))
+    record_outcome(s, LeaseOutcome(lease_id="0", outcome="ok", model="n"), False, 0.5, 5.0, other)
+    placed = record_grant(s, 1.0, req_for("a"), drain=0.5)
+    assert placed.cold and s.models_loaded == ["m"] and s.prefix.models() == {"m"}
+    row = to_load(s, now=2.0, waiting=0)
+    assert (row.loading_model, row.load_remaining) == ("m", pytest.approx(1.5))
+    # a probe during the load does not undo the prediction (the server may not list m yet)
+    record_probe(s, ProbeResult(healthy=True, checked_at=0.0, models_loaded=["n"]))
+    assert s.models_loaded == ["m"]
+    done = LeaseOutcome(lease_id="1", outcome="ok", model="m", load_seconds=3.0)
+    record_outcome(s, done, placed.cold, 4.0, 5.0, placed)
+    assert (s.loading_model, s.ewma_load_seconds) == (None, pytest.approx(0.7 * 2.0 + 0.3 * 3.0))
+
+
+def test_a_probe_learns_how_many_models_fit_and_drops_what_was_evicted() -> None:
+    s = stats(models_loaded=["m"])
+    record_grant(s, 0.0, req_for("a"))
+    record_probe(s, ProbeResult(healthy=True, checked_at=0.0, models_loaded=["x", "m"]))
+    assert (s.resident_limit, s.models_loaded) == (2, ["m", "x"]), "least recently used first"
+    record_probe(s, ProbeResult(healthy=True, checked_at=1.0, models_loaded=["x"]))
+    assert s.prefix.models() == set() and s.resident_limit == 2
