@@ -16,7 +16,7 @@ else
 LLAMA_CMAKE_ARGS ?= $(LLAMA_SLIM)
 endif
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-faults clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,11 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/pip install -q -e ".[bench]"
 	$(BIN)/python -m benchmarks.run_all
+
+# Each fault (server killed, 503 storm, stall, bad stream, actor kills, driver SIGKILL + resume, server restart)
+# against the same run without it, on simulators: a Markdown table, ~3 min.
+bench-faults: $(STAMP)
+	$(BIN)/python -m benchmarks.faults
 
 clean:
 	rm -rf $(VENV) out .pytest_cache .ruff_cache *.egg-info

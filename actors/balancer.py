@@ -17,8 +17,11 @@ import asyncio
 import itertools
 import random
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
+
+import ray
 
 from teamorch.actors.metrics import fleet_metrics
 from teamorch.config import TeamConfig
@@ -38,11 +41,14 @@ from teamorch.policies.fleet import (
     Placement,
     ServerStats,
     record_grant,
+    record_orphan_release,
     record_outcome,
     record_probe,
+    record_restart,
     to_load,
 )
 from teamorch.policies.prefix import SlotState
+from teamorch.policies.retry import restarting_verdict
 
 # Circuits turn half-open and requests age on the clock, not on events: the queue is re-planned this often.
 TICK_SECONDS = 0.25
@@ -56,6 +62,7 @@ class _Lease:
     granted: float  # monotonic seconds
     expected: float  # seconds the plan expected it to take
     placed: Placement
+    key: str | None = None  # the (run, task, attempt) it was granted for, if the caller named one
 
 
 @dataclass
@@ -65,6 +72,7 @@ class _Waiter:
     seq: int
     enqueued: float  # monotonic seconds
     future: asyncio.Future[Lease]
+    key: str | None = None
 
 
 class LoadBalancer:
@@ -83,6 +91,13 @@ class LoadBalancer:
       how long it was expected to take and which server slot it took, so a
       plan can predict when a busy slot frees up and what it will hold;
     * `groups`: which servers each diversity group already holds;
+    * `keyed` / `pending`: the lease held, or the request waiting, for each
+      dispatch key, so a specialist that Ray restarted mid-task, asking again
+      for the same task, gets the slot its dead predecessor held (or waits
+      for the same grant) instead of taking a second one that nobody releases;
+    * `epoch`: this incarnation's id, part of every lease id, so a lease
+      granted before a restart is recognised when it comes back (and never
+      mistaken for a new lease with the same number);
     * the health poll loop, the re-planning tick and the coalescing timer, and
       the server actors' `handles` it polls.
     """
@@ -92,28 +107,56 @@ class LoadBalancer:
         self.policy = team.balancer.policy
         self.servers = {s.name: ServerStats.new(s, team.retry) for s in team.servers}
         self.handles = servers or {}
+        self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
         self.waiters: list[_Waiter] = []
         self.leases: dict[str, _Lease] = {}
         self.groups = GroupServers()
+        self.keyed: dict[str, str] = {}
+        self.pending: dict[str, _Waiter] = {}
+        self.epoch = uuid.uuid4().hex[:8]
         self._seq = itertools.count()
         self._rr = itertools.count()
         self._rng = random.Random(0)
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
+        self._ready: asyncio.Future[None] | None = None
+        if ray.get_runtime_context().was_current_actor_reconstructed:
+            now = time.monotonic()
+            for stats in self.servers.values():
+                record_restart(stats, now)  # it cannot know what was in flight: every slot may be busy
 
     async def start(self) -> None:
-        """Start the health/model poll loop and the re-dispatch tick (needs the actor's loop)."""
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._poll_forever()), asyncio.create_task(self._tick_forever())]
-            await self.poll_once()
+        """Start the health/model poll loop and the re-dispatch tick (needs the actor's loop).
+
+        Ray restarts a dead balancer by running its constructor again, not
+        this; so every entry point calls it, and a restarted balancer probes
+        the fleet before it grants anything.
+        """
+        if self._ready is None:
+            self._ready = asyncio.ensure_future(self._begin())
+        await asyncio.shield(self._ready)  # every caller waits for the first probes, none cancels them
+
+    async def _begin(self) -> None:
+        self._tasks = [asyncio.create_task(self._poll_forever()), asyncio.create_task(self._tick_forever())]
+        await self.poll_once()
 
     # ---- leases -------------------------------------------------------------------------
 
-    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None) -> Lease:
-        """Wait for a server with a free slot."""
+    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
+        """Wait for a server with a free slot; the lease already held for `key` if there is one."""
+        await self.start()
+        held = self.keyed.get(key or "")
+        if held in self.leases:
+            return Lease(lease_id=held, server=self.leases[held].server)
+        twin = self.pending.get(key or "")
+        if twin is not None and not twin.future.done():
+            # The dead incarnation's call still waits here (Ray does not cancel it): one grant serves both.
+            return await asyncio.shield(twin.future)
         loop = asyncio.get_running_loop()
-        waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future())
+        waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key)
+        if key:
+            self.pending[key] = waiter
         self.waiters.append(waiter)
         self.waiters.sort(key=lambda w: (-w.req.priority, w.seq))
         self._dispatch(arrived=waiter)
@@ -122,12 +165,18 @@ class LoadBalancer:
         finally:
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
+            if key and self.pending.get(key) is waiter:
+                del self.pending[key]
 
     async def release(self, done: LeaseOutcome) -> None:
         """Hand a slot back; the outcome updates the server's speed and health. Releasing twice is harmless."""
+        await self.start()
         lease = self.leases.pop(done.lease_id, None)
         if lease is None:
+            self._orphan(done.lease_id)
             return
+        if lease.key:
+            self.keyed.pop(lease.key, None)
         stats = self.servers[lease.server]
         fleet_metrics().lease_released(lease.server, done)
         record_outcome(
@@ -140,14 +189,23 @@ class LoadBalancer:
             probe.add_done_callback(self._probing.discard)
         self._dispatch()
 
+    def _orphan(self, lease_id: str) -> None:
+        """A lease this balancer never granted: one from before a restart frees a slot; a repeat release is moot."""
+        parts = lease_id.rsplit("-", 2)  # server-epoch-seq (a server name may hold dashes itself)
+        if len(parts) == 3 and parts[1] != self.epoch and parts[0] in self.servers:
+            record_orphan_release(self.servers[parts[0]], time.monotonic())
+            self._dispatch()
+
     def _grant(self, waiter: _Waiter, name: str, loads: list[ServerLoad], now: float) -> None:
-        lease_id = f"{name}-{next(self._seq)}"
+        lease_id = f"{name}-{self.epoch}-{next(self._seq)}"
         stats = self.servers[name]
         row = next(s for s in loads if s.name == name)
         drain = max(self._running(now).get(name, []), default=0.0)
         placed = record_grant(stats, now, waiter.req, drain)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
-        self.leases[lease_id] = _Lease(name, now, expected, placed)
+        self.leases[lease_id] = _Lease(name, now, expected, placed, waiter.key)
+        if waiter.key:
+            self.keyed[waiter.key] = lease_id
         fleet_metrics().lease_granted(name, now - waiter.enqueued)
         if waiter.req.group:
             self.groups.add(waiter.req.group, name)
@@ -229,6 +287,7 @@ class LoadBalancer:
         return [to_load(s, now, waiting) for s in self.servers.values()]
 
     async def snapshot(self) -> list[ServerLoad]:
+        await self.start()
         return self.snapshot_now()
 
     async def poll_once(self) -> None:
@@ -241,9 +300,18 @@ class LoadBalancer:
             return
         try:
             probe: ProbeResult = await handle.probe.remote()
+            self._restarting.pop(name, None)
+        except ray.exceptions.ActorUnavailableError:
+            # Ray is restarting the server actor: it says nothing about the box, the next poll will; unless it
+            # has been gone too long (its node lost), when it is out of rotation like any unreachable server.
+            since = self._restarting.setdefault(name, time.monotonic())
+            if restarting_verdict(since, time.monotonic()) == "busy":
+                return
+            why = f"server actor not back after {time.monotonic() - since:.0f}s (its node may be gone)"
+            probe = ProbeResult(healthy=False, error=why, checked_at=time.time())
         except Exception as exc:  # the server actor itself died
             probe = ProbeResult(healthy=False, error=f"server actor lost: {exc}", checked_at=time.time())
-        record_probe(self.servers[name], probe)
+        record_probe(self.servers[name], probe, time.monotonic())
         if dispatch:
             self._dispatch()
 

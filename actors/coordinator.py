@@ -15,9 +15,11 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any, Literal
 
 import ray
 from ray.actor import ActorHandle
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from teamorch.actors import await_ref
 from teamorch.actors.balancer import LoadBalancer
@@ -48,6 +50,23 @@ from teamorch.policies.synthesis import Strategy, merge_statistics, resolve_stra
 
 KEEP_FINISHED_JOURNALS = 16
 ACTOR_OPTIONS = {"num_cpus": 0, "max_concurrency": 1000}  # they wait on the network, not the CPU
+# Server, balancer and specialist actors are restarted by Ray when their process dies, and the calls that were
+# running on them are sent again to the new incarnation: each call is safe to repeat (a chat or a lease names its
+# dispatch key, a release is idempotent, a probe reads). Bounded, so an actor that crashes on start-up fails the
+# run instead of looping.
+SUPERVISED = {"max_restarts": 5, "max_task_retries": 3}
+ActorKind = Literal["server", "balancer", "specialist"]
+
+
+def _placed(resources: dict[str, float], here: NodeAffinitySchedulingStrategy) -> dict[str, Any]:
+    """Options of an actor the coordinator starts: where its Ray `resources` say (a server next to its
+    Ollama box), else on the coordinator's node, so that losing another node costs only the actors
+    pinned there, never the balancer or a specialist. Hard affinity: a soft one spills to other nodes
+    whenever this one is slow to start workers (measured), and the node cannot be gone while the
+    coordinator runs on it."""
+    if resources:
+        return {**ACTOR_OPTIONS, "resources": resources}
+    return {**ACTOR_OPTIONS, "scheduling_strategy": here}
 
 
 class Coordinator:
@@ -85,14 +104,19 @@ class Coordinator:
         """Create server, balancer and specialist actors; returns the server names once all are ready."""
         if self._started:
             return list(self.servers)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         for cfg in self.team.servers:
-            placed = {**ACTOR_OPTIONS, "resources": cfg.ray_resources}
+            # A request to a server that died is failed over by its specialist (to another server, within the
+            # task deadline), never retried by Ray: a server pinned to a lost node would never come back.
+            placed = {**_placed(cfg.ray_resources, here), **SUPERVISED, "max_task_retries": 0}
             self.servers[cfg.name] = ray.remote(ModelServer).options(**placed).remote(cfg)
-        self.balancer = ray.remote(LoadBalancer).options(**ACTOR_OPTIONS).remote(self.team, self.servers)
+        self.balancer = (
+            ray.remote(LoadBalancer).options(**_placed({}, here), **SUPERVISED).remote(self.team, self.servers)
+        )
         for spec in specialist_roles(self.team):
             self.specialists[spec.name] = (
                 ray.remote(Specialist)
-                .options(**ACTOR_OPTIONS, resources=spec.ray_resources)
+                .options(**_placed(spec.ray_resources, here), **SUPERVISED)
                 .remote(spec, self.balancer, self.servers, self.team.retry, ray.get_runtime_context().current_actor)
             )
         names = await asyncio.gather(*(await_ref(h.ready.remote()) for h in self.servers.values()))
@@ -105,6 +129,24 @@ class Coordinator:
             if handle is not None:
                 ray.kill(handle)
         self.specialists, self.servers, self.balancer, self._started = {}, {}, None, False
+
+    async def crash(self, kind: ActorKind, name: str = "") -> str:
+        """Fault drill: kill one of the team's actors as a crash would (Ray restarts it); returns what was killed.
+
+        The coordinator holds the only handles, so a drill (the fault suite, a
+        test) goes through it. `name` is the server's or specialist's name.
+        """
+        await self.start()
+        actors: dict[str, ActorHandle | None] = {
+            "server": self.servers.get(name),
+            "specialist": self.specialists.get(name),
+            "balancer": self.balancer,
+        }
+        handle = actors[kind]
+        if handle is None:
+            raise ConfigError(f"no {kind} named {name!r} in this team", field=kind)
+        ray.kill(handle, no_restart=False)
+        return f"{kind} {name}".strip()
 
     # ---- observation ---------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping
 
 import ray
@@ -177,7 +178,10 @@ class PlanExecutor:
                 priority=self.priority[task.task_id],
                 group=diversity_group(self.plan, task, self.run_id),
                 run_id=self.run_id,
-            )
+            ),
+            # One id per hand-out: a specialist Ray restarts mid-task re-runs it under the same id (no second
+            # generation), while a later session of a resumed run asks afresh.
+            dispatch=f"{self.run_id}/{task.task_id}/{uuid.uuid4().hex[:8]}",
         )
         try:
             return await ref

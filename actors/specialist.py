@@ -21,7 +21,7 @@ from ray.actor import ActorHandle
 
 from teamorch.actors import await_ref
 from teamorch.config import RetryConfig, SpecialistConfig
-from teamorch.errors import NoServerAvailable, ServerError, ServerTimeout, ServerUnreachable, unwrap
+from teamorch.errors import NoServerAvailable, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, unwrap
 from teamorch.journal import AttemptFailed, LiveEvent, TaskStarted
 from teamorch.messages import (
     Assignment,
@@ -36,7 +36,7 @@ from teamorch.messages import (
 )
 from teamorch.policies.prefix import signature
 from teamorch.policies.prompting import messages_from_blocks, prompt_blocks
-from teamorch.policies.retry import next_step
+from teamorch.policies.retry import next_step, restarting_verdict
 
 
 class Specialist:
@@ -62,9 +62,19 @@ class Specialist:
         self.retry = retry or RetryConfig()
         self.coordinator = coordinator  # told of each attempt as it starts and fails (live events)
         self._rng = random.Random(hash(config.name) & 0xFFFF)
+        self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
 
-    async def run(self, assignment: Assignment) -> TaskResult:
-        """Run one task to a final status; never raises for server trouble."""
+    async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
+        """Run one task to a final status; never raises for server trouble.
+
+        `dispatch` names this hand-out of the task (the executor makes one per
+        dispatch). If this actor dies mid-task, Ray restarts it and calls `run`
+        again with the same arguments: the attempt then asks the balancer and
+        the server with the same `dispatch` key, and gets the lease its dead
+        predecessor held and the request already running (or its answer)
+        instead of a second generation. Attempts of one dispatch never overlap,
+        so the key needs no attempt number: a failed attempt frees it for the next.
+        """
         task, wave = assignment.task, assignment.wave
         started = time.time()
         opts = {**self.config.options, **task.options}
@@ -89,7 +99,7 @@ class Specialist:
             prompt_tokens=prefix.total,
         )
         attempts: list[Attempt] = []
-        response, error = await self._until_done(assignment, req, lease_req, attempts)
+        response, error = await self._until_done(assignment, req, lease_req, attempts, dispatch)
         ended = time.time()
         on_server = sum(a.ended_at - a.started_at for a in attempts)
         return TaskResult(
@@ -111,7 +121,12 @@ class Specialist:
         )
 
     async def _until_done(
-        self, assignment: Assignment, req: ChatRequest, lease_req: LeaseRequest, attempts: list[Attempt]
+        self,
+        assignment: Assignment,
+        req: ChatRequest,
+        lease_req: LeaseRequest,
+        attempts: list[Attempt],
+        key: str | None = None,
     ) -> tuple[ChatResponse | None, str | None]:
         """Attempts until one answers or the retry policy gives up: (response, None) or (None, why it failed)."""
         task = assignment.task
@@ -120,9 +135,9 @@ class Specialist:
         error: str | None = None
         while (remaining := deadline - time.monotonic()) > 0:
             try:
-                return await self._attempt(assignment, req, lease_req, remaining, attempts), None
+                return await self._attempt(assignment, req, lease_req, remaining, attempts, key), None
             except NoServerAvailable as exc:
-                return None, exc.message if not error else f"{error}; then {exc.message}"
+                return None, f"{_tried(attempts) or error}; then {exc.message}" if error else exc.message
             except ServerError as exc:
                 error = str(exc)
                 failures.append(exc.error_class)
@@ -133,6 +148,13 @@ class Specialist:
                     lease_req.exclude.append(exc.server)
                 await asyncio.sleep(step.delay)
         return None, error or f"timed out after {task.timeout:g}s"
+
+    def _restarting_error(self, server: str) -> ServerError:
+        """Ray is restarting the server actor: like a 503 (try again shortly) until it has been gone too long."""
+        since = self._restarting.setdefault(server, time.monotonic())
+        if restarting_verdict(since, time.monotonic()) == "busy":
+            return ServerBusy(server, "server actor restarting")
+        return ServerUnreachable(server, f"server actor not back after {time.monotonic() - since:.0f}s (node lost?)")
 
     def _tell(self, assignment: Assignment, event: LiveEvent) -> None:
         """Fire-and-forget: the coordinator journals the same facts from the result, so a lost report costs
@@ -147,10 +169,11 @@ class Specialist:
         lease_req: LeaseRequest,
         remaining: float,
         attempts: list[Attempt],
+        key: str | None = None,
     ) -> ChatResponse:
         try:
             lease = await asyncio.wait_for(
-                await_ref(self.balancer.acquire.remote(lease_req, self.config.capabilities)), remaining
+                await_ref(self.balancer.acquire.remote(lease_req, self.config.capabilities, key)), remaining
             )
         except asyncio.TimeoutError as exc:
             raise NoServerAvailable(f"no server slot became free within {remaining:.1f}s") from exc
@@ -160,12 +183,13 @@ class Specialist:
         task_id, number = assignment.task.task_id, len(attempts) + 1
         self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         started_wall, started = time.time(), time.monotonic()
-        ref = self.servers[server].chat.remote(req)
+        ref = self.servers[server].chat.remote(req, key)
         outcome: Outcome = "ok"
         error_text: str | None = None
         response: ChatResponse | None = None
         try:
             response = await asyncio.wait_for(await_ref(ref), max(0.001, remaining - (time.monotonic() - started)))
+            self._restarting.pop(server, None)
             return response
         except asyncio.TimeoutError as exc:
             ray.cancel(ref)
@@ -175,6 +199,10 @@ class Specialist:
             ray.cancel(ref)
             outcome, error_text = "cancelled", "cancelled"
             raise
+        except ray.exceptions.ActorUnavailableError as exc:
+            lost = self._restarting_error(server)
+            outcome, error_text = lost.error_class, lost.message
+            raise lost from exc
         except ray.exceptions.RayActorError as exc:
             outcome, error_text = "unreachable", f"server actor died: {exc}"
             raise ServerUnreachable(server, error_text) from exc
@@ -199,6 +227,12 @@ class Specialist:
             self.balancer.release.remote(
                 _lease_outcome(lease.lease_id, outcome, req.model, started, response, error_text)
             )
+
+
+def _tried(attempts: list[Attempt]) -> str:
+    """Every server this task failed on, with its last error: a task that ran out of servers says why for each."""
+    last = {a.server: a.error or a.outcome for a in attempts if a.outcome not in ("ok", "cancelled")}
+    return "; ".join(f"server {server!r}: {why}" for server, why in last.items())
 
 
 def _lease_outcome(

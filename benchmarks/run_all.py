@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import overhead, prefix, routing, speedup
+from benchmarks import overhead, prefix, routing, scale, speedup, startup
 from benchmarks.common import SIM_NOTE, ensure_ray, machine_info, table
 
 
@@ -39,7 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(header, flush=True)
     sections = [header]
-    for name, module in (("overhead", overhead), ("speedup", speedup), ("routing", routing), ("prefix", prefix)):
+    for name, module in (
+        ("overhead", overhead),
+        ("speedup", speedup),
+        ("routing", routing),
+        ("prefix", prefix),
+        ("scale", scale),
+        ("startup", startup),
+    ):
         print(f"\n... running {name}", flush=True)
         started = time.monotonic()
         result = module.main()

@@ -25,9 +25,10 @@ Two smaller decisions of the balancer's dispatch live here as well:
 
 from __future__ import annotations
 
+import bisect
 import random
-from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from teamorch.errors import NoServerAvailable
@@ -534,6 +535,24 @@ class _Fit:
     switch: bool
 
 
+class _Counts:
+    """Counts of the queue minus what this round has planned so far.
+
+    The incremental planner keeps the queue's counts between rounds; a round
+    records its subtractions here instead of copying them (10,000 prefixes).
+    """
+
+    def __init__(self, base: Counter[str]) -> None:
+        self.base = base
+        self.used: Counter[str] = Counter()
+
+    def __getitem__(self, key: str) -> int:
+        return self.base[key] - self.used[key]
+
+    def subtract(self, keys: Iterable[str]) -> None:
+        self.used.update(keys)
+
+
 class _Demand:
     """What the rest of the queue still needs: cached prefixes (and how many virtual slots hold each), and models
     (and how many servers hold each).
@@ -547,12 +566,18 @@ class _Demand:
     not in the timeline.
     """
 
-    def __init__(self, queue: Sequence[Queued], order: Iterable[int], servers: Mapping[str, _Server]) -> None:
-        order = list(order)
-        self.queued: Counter[str] = Counter(h for i in order for h in queue[i].req.prefix)
+    def __init__(self, queued: _Counts, models: _Counts, servers: Mapping[str, _Server]) -> None:
+        self.queued = queued
         self.held: Counter[str] = Counter(h for server in servers.values() for slot in server.slots for h in slot.chain)
-        self.models: Counter[str] = Counter(queue[i].req.model for i in order)
+        self.models = models
         self.resident: Counter[str] = Counter(m for server in servers.values() for m in server.resident or ())
+
+    @classmethod
+    def of(cls, queue: Sequence[Queued], order: Iterable[int], servers: Mapping[str, _Server]) -> _Demand:
+        """The demand of the queued requests `order` (indices into `queue`)."""
+        order = list(order)
+        prefixes = Counter(h for i in order for h in queue[i].req.prefix)
+        return cls(_Counts(prefixes), _Counts(Counter(queue[i].req.model for i in order)), servers)
 
     def evicts_needed(self, server: _Server, req: LeaseRequest) -> bool:
         """Whether loading `req.model` on `server` evicts a model the queue still has requests for.
@@ -583,7 +608,7 @@ class _Demand:
 
     def planned(self, req: LeaseRequest) -> None:
         self.queued.subtract(req.prefix)
-        self.models[req.model] -= 1
+        self.models.subtract((req.model,))
 
     def overwrite(self, slot: _Slot, chain: Sequence[str]) -> None:
         self.held.subtract(slot.chain)
@@ -666,7 +691,7 @@ def _earliest_finish(
     free time to the request's expected finish.
     """
     decisions: dict[int, Decision] = {}
-    demand = _Demand(queue, order, servers)
+    demand = _Demand.of(queue, order, servers)
     for index in order:
         if not any(server.free_now() for server in servers.values()):
             break  # nothing can start now; what is left waits for the next event
@@ -799,3 +824,470 @@ def apply_group_diversity(
             granted.add((group, decision))
         kept[index] = decision
     return kept, held_back
+
+
+# ---- the incremental planner ----------------------------------------------------------------
+
+# Relative slack on the scan's lower bounds, so a rounding difference between the bound and the exact cost can never
+# prune a server whose cost equals the best one.
+_BOUND_SLACK = 1e-9
+# Events a kept tentative schedule serves before `Planner` plans the whole queue again: bounds how long a drift of the
+# fleet from its estimates (a slot's cache, a speed within the tolerance) can steer grants.
+REPLAN_EVENTS = 256
+# A release this close to the end the tentative schedule expects is on schedule; any other one re-plans everything.
+_ON_TIME = 1e-6
+
+
+@dataclass
+class _Entry:
+    """One queued request in `Planner`: `base` as asked, `req` with the servers its group holds added to `avoid`."""
+
+    key: int
+    base: LeaseRequest
+    req: LeaseRequest
+    enqueued: float
+    capabilities: tuple[str, ...]
+    bucket: tuple[object, ...] = ()
+
+
+def _bucket(req: LeaseRequest) -> tuple[object, ...]:
+    """Requests with one bucket have the same candidates and the same size: only their arrival orders them."""
+    elig = (req.model, tuple(req.requires), tuple(req.exclude), req.server, tuple(req.avoid))
+    return (elig, req.priority, _tokens(req))
+
+
+class Planner:
+    """`plan_dispatch` over a queue kept between rounds, so an event costs what it changes, not the queue's size.
+
+    The balancer adds each waiting request once (`add`) and removes it once it
+    is granted, refused or cancelled (`remove`); `plan` then gives the same
+    decisions as `plan_dispatch` over that queue, keyed by the caller's keys
+    (its arrival sequence numbers, which order requests of equal priority).
+    For peak_ewma, what a round of `plan_dispatch` rebuilds from the whole
+    queue is kept here instead:
+
+    * the queue ordered as `_longest_first` asks, in buckets of requests with
+      the same candidates, priority and size (`_bucket`), each bucket in
+      arrival order: a round merges the buckets' heads lazily, so it reads
+      only the requests it plans, not the 10,000 behind them (waiting time
+      counts toward size, but equally for all, so arrival order within a
+      bucket is the planner's order at any time);
+    * the counts of queued prefixes and models (`_Demand`), updated per request;
+    * eligibility once per bucket, not per request.
+
+    And a request's best slot is searched among servers in order of their
+    earliest free slot, skipping a server as soon as its earliest slot plus
+    its fastest possible service cannot beat the best fit found, and
+    stopping once no server can (`_BestFit`). Exact ties (equal score,
+    finish and start) are broken by `rng` among the tied servers, as
+    `plan_dispatch` does, with other draws: the same decisions up to ties.
+    The cold start and the other policies run `plan_dispatch` itself over
+    the queue in order (they plan one request at a time anyway).
+
+    Planning from scratch still costs the requests a round reserves on busy
+    slots before the freed one wins one (30 to 4,000 on 100 x 4 slots). So
+    the last peak_ewma plan is kept and continued (`_Tentative`) while the
+    fleet does what it expected, for up to `keep` events (REPLAN_EVENTS): an event then costs about one request's search. Its
+    decisions are those of the reference except where the reference would
+    re-plan around a request running past its estimate (OVERDUE_SECONDS) or
+    an estimate that drifted within SPEED_DRIFT; `keep=0` plans every event
+    from scratch (plan_dispatch's decisions up to ties).
+    """
+
+    def __init__(
+        self, policy: str, *, affinity: bool = True, rng: random.Random | None = None, keep: int = REPLAN_EVENTS
+    ) -> None:
+        _check_policy(policy)
+        self.policy = policy
+        self.keep = keep  # events a plan is continued (`_Tentative`); 0: every event plans from scratch
+        self.affinity = affinity
+        self.rng = rng or random.Random(0)
+        self.entries: dict[int, _Entry] = {}
+        self.buckets: dict[tuple[object, ...], list[tuple[float, int]]] = {}
+        self.prefixes: Counter[str] = Counter()
+        self.models: Counter[str] = Counter()
+        self._ranked: list[tuple[object, ...]] | None = None  # `_order`'s, for `_ranked_for`
+        self._ranked_for: tuple[float, frozenset[str] | None] = (0.0, None)
+        self._kept: _Tentative | None = None  # the last plan, continued while the fleet follows it
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, key: int, req: LeaseRequest, enqueued: float, capabilities: Sequence[str] = ()) -> None:
+        """Queue `req` under `key` (a larger key arrived later), `enqueued` at that monotonic time."""
+        entry = _Entry(key, req, req, enqueued, tuple(capabilities))
+        self.entries[key] = entry
+        self._kept = None  # it may rank ahead of requests already reserved
+        self._file(entry)
+        self.prefixes.update(req.prefix)
+        self.models[req.model] += 1
+
+    def remove(self, key: int) -> None:
+        """Forget `key` (granted, refused or cancelled); unknown keys are ignored."""
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return
+        if self._kept is not None and not self._kept.forget(key, entry.req):
+            self._kept = None
+        self._unfile(entry)
+        self.prefixes.subtract(entry.req.prefix)
+        self.models[entry.req.model] -= 1
+
+    def _file(self, entry: _Entry) -> None:
+        entry.bucket = _bucket(entry.req)
+        bisect.insort(self.buckets.setdefault(entry.bucket, []), (entry.enqueued, entry.key))
+        if self._ranked is not None:
+            bisect.insort(self._ranked, self._rank(entry))
+
+    def _unfile(self, entry: _Entry) -> None:
+        members = self.buckets[entry.bucket]
+        del members[bisect.bisect_left(members, (entry.enqueued, entry.key))]
+        if not members:
+            del self.buckets[entry.bucket]
+        if self._ranked is not None:
+            del self._ranked[bisect.bisect_left(self._ranked, self._rank(entry))]
+
+    def queue(self, now: float) -> list[tuple[int, Queued]]:
+        """The queue in the balancer's order (priority, then arrival), as `plan_dispatch` takes it."""
+        ordered = sorted(self.entries.values(), key=lambda e: (-e.req.priority, e.key))
+        return [(e.key, Queued(e.req, now - e.enqueued, e.capabilities)) for e in ordered]
+
+    def regroup(self, with_avoid: Callable[[LeaseRequest], LeaseRequest]) -> None:
+        """Re-derive `avoid` for the requests that have a diversity group (the balancer's `GroupServers`)."""
+        for entry in [e for e in self.entries.values() if e.base.group]:
+            req = with_avoid(entry.base)
+            if req.avoid != entry.req.avoid:
+                self._kept = None
+                self._unfile(entry)
+                entry.req = req
+                self._file(entry)
+
+    def plan(
+        self,
+        loads: Sequence[ServerLoad],
+        now: float,
+        *,
+        caches: Mapping[str, Sequence[SlotState]] | None = None,
+        counter: Iterator[int] | None = None,
+    ) -> dict[int, Decision]:
+        """`plan_dispatch(policy, loads, queue, caches=caches, ...)` for the queue held here, keyed by key.
+
+        Refused requests are removed here; granted ones stay until `remove`.
+        """
+        if self._kept is not None:  # only ever kept for peak_ewma past its cold start
+            grants = self._kept.advance(loads, now, self.entries)
+            if grants is not None:
+                return grants
+            self._kept = None
+        speeds = _speeds(loads)
+        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()):
+            keyed = self.queue(now)
+            queue = [q for _, q in keyed]
+            done = plan_dispatch(
+                self.policy, loads, queue, caches=caches, counter=counter, rng=self.rng, affinity=self.affinity
+            )
+            decisions = {keyed[i][0]: d for i, d in done.items()}
+            for key, decision in decisions.items():
+                if isinstance(decision, NoServerAvailable):
+                    self.remove(key)
+            return decisions
+        refused, cands = self._eligibility(loads)
+        if not cands or not any(has_capacity(s) for s in loads):
+            return refused
+        servers = _virtual_slots(loads, speeds, {}, caches or {})
+        keys = [rank[-1] for rank in self._order(speeds, servers)]
+        demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
+        search = _BestFit(servers, speeds, self.affinity, self.rng)
+        kept = _Tentative(now, loads, keys, cands, servers, demand, search, self.keep)
+        refused.update(kept.extend(self.entries))
+        self._kept = kept if self.keep else None
+        return refused
+
+    def _eligibility(self, loads: Sequence[ServerLoad]) -> tuple[dict[int, Decision], dict[object, set[str]]]:
+        """Refuse every request no server can serve (removing it); candidates per eligibility key for the rest."""
+        refused: dict[int, Decision] = {}
+        cands: dict[object, set[str]] = {}
+        for bucket in list(self.buckets):
+            elig = bucket[0]
+            if elig in cands or bucket not in self.buckets:  # done, or refused with an earlier bucket
+                continue
+            req = self.entries[self.buckets[bucket][0][1]].req
+            try:
+                cands[elig] = {s.name for s in honour_avoid(eligible(loads, req), req)}
+            except NoServerAvailable as exc:
+                for other in [b for b in self.buckets if b[0] == elig]:
+                    for _, key in list(self.buckets[other]):
+                        refused[key] = exc
+                        self.remove(key)
+        return refused, cands
+
+    def _order(self, speeds: Mapping[str, _Speed], servers: Mapping[str, _Server]) -> list[tuple[object, ...]]:
+        """The queue in `_longest_first`'s order, kept between rounds while its inputs stay the same.
+
+        `_longest_first` ranks by size + seconds waited = size + now - enqueued:
+        `now` shifts every request alike, so ranking by size - enqueued is the
+        same order at any time (up to float rounding), and only a new fastest
+        per-token speed or a change in which models are held re-sorts it.
+        """
+        best_tok = min((sp.per_token for sp in speeds.values()), default=PRIOR_TOKEN_SECONDS)
+        held: frozenset[str] | None = frozenset(m for server in servers.values() for m in server.resident or ())
+        if any(server.resident is None for server in servers.values()):
+            held = None
+        if self._ranked is None or self._ranked_for != (best_tok, held):
+            self._ranked_for = (best_tok, held)
+            self._ranked = sorted(self._rank(e) for e in self.entries.values())
+        return self._ranked
+
+    def _rank(self, entry: _Entry) -> tuple[object, ...]:
+        best_tok, held = self._ranked_for
+        req = entry.req
+        homeless = held is not None and req.model not in held
+        return (-req.priority, homeless, entry.enqueued - best_tok * _tokens(req), entry.key)
+
+
+class _BestFit:
+    """The best slot for a request, searching servers by their earliest free slot and pruning by lower bounds.
+
+    A request's score on a server is at least that server's earliest slot plus
+    its service time with every prompt token cached (`_Speed.seconds(tokens)`;
+    prefill, loads and lost caches only add), and that is at least the
+    earliest slot plus the fleet's cheapest fixed and per-token costs. So in
+    order of earliest slot, a server is skipped when the first bound cannot
+    beat the best fit found, and the search ends when the second cannot.
+    A slot's cache can only hold part of a prompt that starts with the same
+    first block (`matched_tokens`), so the first bound is tightened by
+    `warm`: per server, the earliest slot holding each (model, first block);
+    any other slot prefills the whole prompt (`_bound`).
+    """
+
+    def __init__(
+        self, servers: dict[str, _Server], speeds: Mapping[str, _Speed], affinity: bool, rng: random.Random
+    ) -> None:
+        self.servers, self.speeds, self.affinity, self.rng = servers, speeds, affinity, rng
+        self.ranked = sorted((self._earliest(name), name) for name in servers)
+        self.warm = {name: self._warm(name) for name in servers}
+        self.free = sum(self._free(name) for name in servers)
+        usable = [speeds[name] for name, server in servers.items() if server.slots]
+        self.min_fixed = min((sp.fixed * sp.penalty for sp in usable), default=0.0)
+        self.min_tok = min((sp.per_token * sp.penalty for sp in usable), default=0.0)
+
+    def _earliest(self, name: str) -> float:
+        return min((slot.free_at for slot in self.servers[name].slots), default=float("inf"))
+
+    def _free(self, name: str) -> int:
+        return sum(1 for slot in self.servers[name].slots if slot.free_at <= 0.0)
+
+    def _warm(self, name: str) -> dict[tuple[str | None, str], float]:
+        warm: dict[tuple[str | None, str], float] = {}
+        for slot in self.servers[name].slots:
+            if slot.chain:
+                head = (slot.model, slot.chain[0])
+                warm[head] = min(warm.get(head, slot.free_at), slot.free_at)
+        return warm
+
+    def _bound(self, name: str, earliest: float, req: LeaseRequest, tokens: int) -> float:
+        """A lower bound of `req`'s score on `name`: no slot there starts sooner or prefills less than this assumes."""
+        speed = self.speeds[name]
+        bound = earliest + speed.seconds(tokens, max(0, req.prompt_tokens))
+        warm = self.warm[name].get((req.model, req.prefix[0])) if req.prefix else None
+        if warm is not None:
+            bound = min(bound, warm + speed.seconds(tokens))
+        return bound * (1.0 - _BOUND_SLACK)
+
+    def best(self, req: LeaseRequest, cands: set[str], demand: _Demand) -> tuple[str, _Fit] | None:
+        tokens = _tokens(req)
+        floor = (self.min_fixed + self.min_tok * tokens) * (1.0 - _BOUND_SLACK)
+        best: tuple[str, _Fit] | None = None
+        ties = 0
+        for earliest, name in self.ranked:
+            if best is not None and earliest + floor > best[1].score:
+                break
+            if name not in cands or (best is not None and self._bound(name, earliest, req, tokens) > best[1].score):
+                continue
+            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand)
+            if fit is None:
+                continue
+            rank = (fit.score, fit.finish, fit.start)
+            if best is None or rank < (best[1].score, best[1].finish, best[1].start):
+                best, ties = (name, fit), 1
+            elif rank == (best[1].score, best[1].finish, best[1].start):
+                ties += 1
+                if self.rng.random() * ties < 1.0:  # each of the tied servers equally likely
+                    best = (name, fit)
+        return best
+
+    def reserve(self, name: str, fit: _Fit, req: LeaseRequest, demand: _Demand) -> None:
+        """Book `fit` (`_reserve`) and re-rank its server."""
+        self.free -= self._free(name)
+        self.ranked.remove((self._earliest(name), name))
+        _reserve(self.servers[name], fit, req, demand)
+        self.warm[name] = self._warm(name)
+        self.free += self._free(name)
+        bisect.insort(self.ranked, (self._earliest(name), name))
+
+
+# Relative change of a server's speed estimates that a kept tentative schedule tolerates before it is re-planned.
+SPEED_DRIFT = 0.05
+
+
+def _shape(row: ServerLoad) -> tuple[object, ...]:
+    """What of a load row decides eligibility and slots: any change there invalidates a kept schedule."""
+    return (
+        row.name,
+        row.healthy,
+        row.circuit,
+        row.effective_slots,
+        row.models_present,
+        row.models_loaded,
+        row.tags,
+        row.resident_limit,
+        row.loading_model,
+        row.load_remaining,
+        row.error_rate,
+    )
+
+
+def _drifted(row: ServerLoad, base: ServerLoad) -> bool:
+    """Whether `row` left what the kept schedule assumed: its shape, or a speed estimate by more than SPEED_DRIFT."""
+    if _shape(row) != _shape(base):
+        return True
+    for now, then in (
+        (row.ewma_token_seconds, base.ewma_token_seconds),
+        (row.ewma_ttft, base.ewma_ttft),
+        (row.ewma_prefill_seconds, base.ewma_prefill_seconds),
+        (row.ewma_load_seconds, base.ewma_load_seconds),
+    ):
+        if (now is None) != (then is None) or (now is not None and then and abs(now - then) > SPEED_DRIFT * then):
+            return True
+    return False
+
+
+class _Tentative:
+    """One peak_ewma plan of the whole queue, kept and continued while the fleet does what it expected.
+
+    A round of `_earliest_finish` reserves requests on busy slots (their
+    expected end plus the reservations before them) until no slot is free
+    now. When the fleet follows those estimates, the next round from
+    scratch rebuilds the same reservations: only the times shift, and the
+    first request reserved on the slot that was just released is the one
+    that starts there. So a release here pops that slot's first reservation,
+    and only a release onto an empty line continues the list scheduling from
+    where it stopped (`extend`). Times are seconds after `t0`, the time of
+    the full plan. `advance` gives up (the caller plans from scratch) when a
+    release is not where and when expected, a grant was not applied, a
+    server's eligibility, slots or models changed, its speeds drifted by more
+    than SPEED_DRIFT, or after `events` events (`Planner.keep`).
+    """
+
+    def __init__(
+        self,
+        t0: float,
+        loads: Sequence[ServerLoad],
+        keys: list[int],
+        cands: dict[object, set[str]],
+        servers: dict[str, _Server],
+        demand: _Demand,
+        search: _BestFit,
+        events: int,
+    ) -> None:
+        self.t0, self.events, self.keys, self.pos, self.cands = t0, events, keys, 0, cands
+        self.servers, self.demand, self.search = servers, demand, search
+        self.rows = {row.name: row for row in loads}  # as planned: drift is measured from these
+        self.seen = dict(self.rows)  # as last checked
+        self.in_flight = {row.name: row.in_flight for row in loads}
+        self.ends = {n: {i: s.free_at for i, s in enumerate(sv.slots) if s.free_at > 0.0} for n, sv in servers.items()}
+        self.idle = {(n, i) for n, sv in servers.items() for i, s in enumerate(sv.slots) if s.free_at <= 0.0}
+        # Requests already past their estimate: `_virtual_slots` expects them in OVERDUE_SECONDS, they may end any time.
+        self.due = {(n, i) for n, e in self.ends.items() for i, end in e.items() if end <= OVERDUE_SECONDS}
+        self.booked: dict[tuple[str, int], deque[tuple[int, float]]] = {}  # per slot: (key, expected finish)
+        self.planned: set[int] = set()  # keys out of `demand`'s counts
+        self.waiting: set[int] = set()  # keys reserved, not granted
+        self.stale = False
+
+    def forget(self, key: int, req: LeaseRequest) -> bool:
+        """`key` leaves the queue; False when the plan relied on it waiting (a reserved request was cancelled)."""
+        if key in self.waiting:
+            return False
+        if key in self.planned:
+            self.planned.discard(key)
+            self.demand.queued.used.subtract(req.prefix)  # the queue's own counts drop it now
+            self.demand.models.used.subtract((req.model,))
+        return True
+
+    def advance(
+        self, loads: Sequence[ServerLoad], now: float, entries: Mapping[int, _Entry]
+    ) -> dict[int, Decision] | None:
+        """The grants of this event, or None when the fleet left the plan and the queue must be planned again."""
+        self.events -= 1
+        r = now - self.t0
+        if self.stale or self.events < 0 or len(loads) != len(self.rows):
+            return None
+        grants: dict[int, Decision] = {}
+        for row in loads:
+            base = self.rows.get(row.name)
+            if base is None or (row is not self.seen[row.name] and _drifted(row, base)):
+                return None
+            self.seen[row.name] = row
+            gap = self.in_flight[row.name] - row.in_flight
+            if gap < 0:
+                return None
+            self.in_flight[row.name] = row.in_flight
+            for _ in range(gap):
+                if not self._release(row.name, r, grants):
+                    return None
+        grants.update(self.extend(entries, r))
+        return grants
+
+    def _release(self, name: str, r: float, grants: dict[int, Decision]) -> bool:
+        """The slot of `name` expected to end first ended: its first reservation starts, or it waits idle."""
+        ends = self.ends[name]
+        if not ends:
+            return False
+        slot = min(ends, key=ends.__getitem__)
+        end = ends.pop(slot)
+        due = (name, slot) in self.due and r <= end + _ON_TIME
+        self.due.discard((name, slot))
+        if abs(end - r) > _ON_TIME and not due:
+            return False
+        line = self.booked.get((name, slot))
+        if line:
+            key, finish = line.popleft()
+            self.waiting.discard(key)
+            grants[key] = name
+            self.in_flight[name] += 1
+            ends[slot] = finish
+        else:
+            self.idle.add((name, slot))
+        return True
+
+    def extend(self, entries: Mapping[int, _Entry], r: float = 0.0) -> dict[int, Decision]:
+        """`_earliest_finish` from where it stopped, until no slot is idle: those whose slot is idle start."""
+        grants: dict[int, Decision] = {}
+        while self.idle and self.pos < len(self.keys):
+            key = self.keys[self.pos]
+            self.pos += 1
+            entry = entries.get(key)
+            if entry is None or entry.bucket[0] not in self.cands:
+                continue
+            self.demand.planned(entry.req)
+            self.planned.add(key)
+            found = self.search.best(entry.req, self.cands[entry.bucket[0]], self.demand)
+            if found is None:
+                continue
+            name, fit = found
+            at = (name, fit.slot)
+            starts = at in self.idle
+            self.search.reserve(name, fit, entry.req, self.demand)
+            if fit.switch:  # the load drains the server's other slots: later releases there are not predicted
+                self.stale = True
+                slots = self.servers[name].slots
+                self.idle -= {(name, i) for i, slot in enumerate(slots) if slot.free_at > r}
+            self.idle.discard(at)
+            if starts:
+                grants[key] = name
+                self.in_flight[name] += 1
+                self.ends[name][fit.slot] = fit.finish
+            else:
+                self.booked.setdefault(at, deque()).append((key, fit.finish))
+                self.waiting.add(key)
+        return grants

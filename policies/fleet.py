@@ -72,6 +72,9 @@ class ServerStats:
     loading_model: str | None = None
     ready_at: float = 0.0  # monotonic seconds when `loading_model` is expected to be ready
     prefix: SlotIndex = field(default_factory=lambda: SlotIndex(1))
+    # Slots a restarted balancer cannot account for (leases granted before it died), until `unaccounted_until`.
+    unaccounted: int = 0
+    unaccounted_until: float = 0.0
 
     @classmethod
     def new(cls, config: ServerConfig, retry: RetryConfig) -> ServerStats:
@@ -95,9 +98,20 @@ def slot_penalty(stats: ServerStats, now: float) -> int:
     return stats.slot_penalty if now < stats.busy_until else 0
 
 
+def unaccounted(stats: ServerStats, now: float) -> int:
+    """Slots still held by leases from before a balancer restart, as far as anyone can tell at `now`."""
+    return stats.unaccounted if now < stats.unaccounted_until else 0
+
+
 def to_load(stats: ServerStats, now: float, waiting: int) -> ServerLoad:
-    """The row planners read: a copy of `stats` at `now`, with the derived fields worked out."""
+    """The row planners read: a copy of `stats` at `now`, with the derived fields worked out.
+
+    Slots a restarted balancer cannot account for count as in flight, so no
+    planner hands them out twice.
+    """
     outcomes = stats.outcomes
+    shared = {name: getattr(stats, name) for name in _SHARED_FIELDS}
+    shared["in_flight"] = stats.in_flight + unaccounted(stats, now)
     return ServerLoad(
         name=stats.config.name,
         slots=stats.config.slots,
@@ -107,8 +121,30 @@ def to_load(stats: ServerStats, now: float, waiting: int) -> ServerLoad:
         circuit=stats.breaker.state(now),
         error_rate=(outcomes.count(False) / len(outcomes)) if outcomes else 0.0,
         load_remaining=max(0.0, stats.ready_at - now) if stats.loading_model else 0.0,
-        **{name: getattr(stats, name) for name in _SHARED_FIELDS},
+        **shared,
     )
+
+
+def record_restart(stats: ServerStats, now: float) -> None:
+    """The balancer came back from a crash knowing nothing of the leases it had granted.
+
+    Those requests may still be running, and granting their slots again would
+    put more than `slots` requests on the server, the one thing admission
+    control promises never to do. So every slot counts as busy until it is
+    shown free: each pre-restart lease that comes back (`record_orphan_release`)
+    frees one. A lease whose specialist died too never comes back; after
+    `read_timeout` (the longest a stalled request holds its slot before its
+    owner gives up on it) the rest are assumed free, so a lost lease costs
+    capacity for a bounded time, not forever. Erring this way costs some idle
+    seconds; erring the other way costs a server queueing without bound.
+    """
+    stats.unaccounted = stats.config.slots
+    stats.unaccounted_until = now + stats.config.read_timeout
+
+
+def record_orphan_release(stats: ServerStats, now: float) -> None:
+    """A lease granted before the balancer restarted came back: one unaccounted slot is free."""
+    stats.unaccounted = max(0, unaccounted(stats, now) - 1)
 
 
 def is_cold(stats: ServerStats, model: str) -> bool:
@@ -290,13 +326,20 @@ def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, place
         stats.models_loaded = [*(stats.models_loaded or []), outcome.model]
 
 
-def record_probe(stats: ServerStats, probe: ProbeResult) -> None:
-    """Take in one health check; a model list the protocol cannot report (None) keeps what is known."""
+def record_probe(stats: ServerStats, probe: ProbeResult, now: float | None = None) -> None:
+    """Take in one health check; a model list the protocol cannot report (None) keeps what is known.
+
+    `now` (monotonic seconds) lets a healthy answer end an open circuit early
+    (`CircuitBreaker.answered`): a server that came back is in rotation again
+    within one `poll_interval` rather than after the whole `circuit_reset`.
+    """
     stats.healthy = probe.healthy
     stats.last_check = probe.checked_at
     if not probe.healthy:
         stats.last_error = probe.error
         return
+    if now is not None:
+        stats.breaker.answered(now)
     if probe.models_present is not None:
         stats.models_present = probe.models_present
     if probe.models_loaded is not None and stats.loading_model is None:

@@ -49,6 +49,17 @@ class Step:
     reason: str = ""  # why the task gives up, for the user's error text
 
 
+# A server actor that Ray is restarting says nothing about the box for a while: a worker process restarts in
+# a second or two. Past this grace it is not coming back soon (its node is gone and no other node offers
+# its `ray_resources`), and waiting on it as if it were busy would hold every task to its deadline.
+RESTART_GRACE_SECONDS = 10.0
+
+
+def restarting_verdict(since: float, now: float) -> ErrorClass:
+    """What a server actor restarting since `since` means: back-pressure for a while, then a lost server."""
+    return "busy" if now - since < RESTART_GRACE_SECONDS else "unreachable"
+
+
 def next_step(
     failures: Sequence[ErrorClass],
     remaining: float,
@@ -102,6 +113,17 @@ class CircuitBreaker:
         if now - self.opened_at >= self.reset:
             return "half_open"
         return "open"
+
+    def answered(self, now: float) -> None:
+        """A health check answered: an open circuit turns half-open now rather than after `reset`.
+
+        The box is back (restarted, network healed), so one real request may
+        test it; if chat is what is broken, that request fails and the circuit
+        opens again, so a server that answers health checks but not requests
+        costs one request per poll, not a stream of them.
+        """
+        if self.state(now) == "open":
+            self.opened_at = now - self.reset
 
     def on_acquire(self, now: float) -> None:
         if self.state(now) == "half_open":

@@ -27,6 +27,7 @@ _EXPORTS = {
         "stop_coordinator",
     ),
     "plans": ("load_plan",),
+    "team": ("attach", "down", "up"),
     "config": ("ServerConfig", "SpecialistConfig", "TeamConfig", "load_team"),
     "errors": (
         "ConfigError",
@@ -76,7 +77,9 @@ __all__ = [
     "TeamConfig",
     "TeamOrchestrator",
     "TeamorchError",
+    "attach",
     "connect",
+    "down",
     "execute",
     "follow_run",
     "get_coordinator",
@@ -85,6 +88,7 @@ __all__ = [
     "start_coordinator",
     "stop_coordinator",
     "stream",
+    "up",
 ]  # the same names as _EXPORTS (a test checks)
 
 if TYPE_CHECKING:
@@ -122,6 +126,7 @@ if TYPE_CHECKING:
         TaskResult,
     )
     from teamorch.plans import load_plan
+    from teamorch.team import attach, down, up
 
 
 def __getattr__(name: str) -> Any:

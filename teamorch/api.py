@@ -15,7 +15,6 @@ not start; both poll `Coordinator.events(run_id, since=last_seq)`.
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -43,27 +42,19 @@ from teamorch.messages import (
 from teamorch.plans import Runnable
 
 NAMESPACE = "teamorch"
+HEAD_NODE_RESOURCE = "node:__internal_head__"  # every Ray head advertises it (Ray Serve pins its controller so)
 DEFAULT_NAME = "teamorch"
 
 
 def connect(address: str | None = None, namespace: str = NAMESPACE, num_cpus: int | None = None) -> None:
-    """Join a Ray cluster (`address="auto"` for one started with `ray start`), or start a private local one.
+    """Join a Ray cluster ('auto', 'HOST:PORT', 'ray://HOST:PORT'), or start a private local one (None).
 
-    `address=None` always starts a fresh local instance, even if RAY_ADDRESS is set,
-    so a plain `teamorch run` never lands on somebody else's cluster by accident.
+    Token authentication is handled (see `teamorch.cluster.connect`): joining fails within seconds,
+    saying what to set, when the cluster rejects this machine.
     """
-    if ray.is_initialized():
-        return
-    kwargs: dict[str, Any] = {"namespace": namespace, "log_to_driver": False, "logging_level": "ERROR"}
-    if address is None:
-        kwargs.update(address="local", include_dashboard=False, num_cpus=num_cpus or os.cpu_count() or 1)
-    else:
-        kwargs["address"] = address
-    try:
-        ray.init(**kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = f"join the Ray cluster at {address!r}" if address else "start a local Ray instance"
-        raise TeamorchError(f"cannot {where}: {exc}") from exc
+    from teamorch.cluster import connect as join
+
+    join(address, namespace, num_cpus)
 
 
 def start_coordinator(
@@ -76,9 +67,11 @@ def start_coordinator(
     """
     from teamorch.actors.coordinator import Coordinator
 
-    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000}
+    # The coordinator lives on the head node: a cluster that loses its head is gone anyway, while losing a
+    # worker node (the one next to an Ollama box) must cost only what was pinned there, never the team.
+    options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "resources": {HEAD_NODE_RESOURCE: 0.001}}
     if name:
-        options.update(name=name, get_if_exists=False)
+        options.update(name=name, namespace=NAMESPACE, get_if_exists=False)
     if detached:
         options["lifetime"] = "detached"
     handle = ray.remote(Coordinator).options(**options).remote(team, max_workers)
@@ -87,8 +80,10 @@ def start_coordinator(
 
 
 def get_coordinator(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> ActorHandle:
-    """A handle to a named coordinator started elsewhere on the cluster."""
-    return ray.get_actor(name, namespace=namespace)
+    """A handle to a named coordinator started elsewhere on the cluster (a clear error if it is absent or dead)."""
+    from teamorch.team import get_coordinator as lookup  # teamorch.team builds on this module
+
+    return lookup(name, namespace)
 
 
 def stop_coordinator(handle_or_name: ActorHandle | str = DEFAULT_NAME) -> None:

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from teamorch.cli_team import add_team_commands, default_team
 from teamorch.config import TeamConfig, read_yaml
 from teamorch.errors import ConfigError, RunCancelled, RunInterrupted, TeamorchError
 from teamorch.journal import (
@@ -239,6 +240,22 @@ def _progress(
         yield view
 
 
+def _open_team(args: argparse.Namespace, team: TeamConfig) -> tuple[Any, bool]:
+    """The coordinator a command runs on, and whether the command owns it (and so must stop it).
+
+    `--coordinator NAME` attaches to the team `teamorch up` started (no actor starts: ~0.3 s after
+    `import ray`); otherwise a fleet is started for this command alone.
+    """
+    from teamorch import api
+
+    if getattr(args, "coordinator", None):
+        from teamorch.team import attach
+
+        return attach(args.coordinator, args.address), False
+    api.connect(args.address)
+    return api.start_coordinator(team), True
+
+
 def _run(
     args: argparse.Namespace, runnable: Runnable, team: TeamConfig, run_id: str, journal: JournalSpec, session: int
 ) -> int:
@@ -248,9 +265,9 @@ def _run(
         print(EMBEDDED_NOTE)
     print(f"Problem: {runnable.problem.strip().splitlines()[0][:100]}  ({_describe(runnable)})")
     t0 = time.monotonic()
-    api.connect(args.address)
-    coordinator = api.start_coordinator(team)
-    print(f"Team ready in {time.monotonic() - t0:.1f}s: servers {', '.join(s.name for s in team.servers)}", flush=True)
+    coordinator, owned = _open_team(args, team)
+    fleet = f"servers {', '.join(s.name for s in team.servers)}" if owned else f"team {args.coordinator!r}"
+    print(f"Team ready in {time.monotonic() - t0:.1f}s: {fleet}", flush=True)
     try:
         with _progress(args, coordinator, session) as on_event:
             report = api.execute(coordinator, runnable, on_event=on_event, run_id=run_id, journal=journal)
@@ -262,7 +279,8 @@ def _run(
         _write_json(args.json, {"error": str(exc), "tasks": [r.model_dump() for r in exc.finished]})
         return EXIT_INTERRUPTED if isinstance(exc, RunCancelled) else EXIT_ERROR
     finally:
-        api.stop_coordinator(coordinator)
+        if owned:
+            api.stop_coordinator(coordinator)
     return _report(args, report, runnable, team)
 
 
@@ -289,12 +307,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from teamorch.config import load_team
     from teamorch.messages import AutoSpec
 
-    team = load_team(args.team) if args.team else None
+    team = load_team(args.team) if args.team else default_team()
     context = {"notes": Path(args.context_file).read_text(encoding="utf-8")} if args.context_file else {}
-    if team is None:
-        raise ConfigError("teamorch plan needs --team TEAM.yaml (the roster the planner chooses from)", field="--team")
-    api.connect(args.address)
-    coordinator = api.start_coordinator(team)
+    coordinator, owned = _open_team(args, team)
     try:
         plan = ray.get(coordinator.create_plan.remote(AutoSpec(problem=args.problem, context=context)))
         print(f"# plan_source: {plan.plan_source}")
@@ -310,7 +325,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
             return EXIT_OK
         report = api.execute(coordinator, plan)
     finally:
-        api.stop_coordinator(coordinator)
+        if owned:
+            api.stop_coordinator(coordinator)
     print_report(report)
     _write_json(args.json, report.model_dump())
     return EXIT_OK if report.success else EXIT_FAILED
@@ -362,9 +378,12 @@ def cmd_servers(args: argparse.Namespace) -> int:
     from teamorch import api
     from teamorch.config import load_team
 
-    api.connect(args.address)
-    own = args.team is not None
-    coordinator = api.start_coordinator(load_team(args.team)) if own else api.get_coordinator(args.name)
+    if args.team is not None:
+        coordinator, own = _open_team(args, load_team(args.team))
+    else:
+        from teamorch.team import attach
+
+        coordinator, own = attach(args.coordinator or args.name, args.address), False
     try:
         while True:
             loads = ray.get(coordinator.servers_load.remote())
@@ -434,6 +453,7 @@ def _add_run_commands(sub: Any) -> None:
     run.add_argument("--trace", metavar="OUT.json", help="write a Chrome/Perfetto trace of the run (ui.perfetto.dev)")
     run.add_argument("--run-id", help="name the run (default: UTC time + random suffix); printed first")
     run.add_argument("--runs-dir", help=RUNS_DIR_HELP)
+    run.add_argument("--coordinator", metavar="NAME", help=COORDINATOR_HELP)
     run.set_defaults(func=cmd_run)
 
     res = sub.add_parser("resume", help="continue a journaled run whose driver died; finished tasks are not rerun")
@@ -444,11 +464,18 @@ def _add_run_commands(sub: Any) -> None:
     res.add_argument("--address", help="Ray address; default: a private local Ray")
     res.add_argument("--quiet", action="store_true", help="no per-task progress lines")
     res.add_argument("--plain", action="store_true", help="plain progress lines even on a terminal (no live display)")
+    res.add_argument("--coordinator", metavar="NAME", help=COORDINATOR_HELP)
     res.set_defaults(func=cmd_resume)
 
     runs = sub.add_parser("runs", help="list journaled runs: id, started, status, tasks done/total")
     runs.add_argument("--runs-dir", help=RUNS_DIR_HELP)
     runs.set_defaults(func=cmd_runs)
+
+
+COORDINATOR_HELP = (
+    "run on the team `teamorch up` started under NAME (--address: where its Ray is; default: RAY_ADDRESS, the "
+    "last `ray start` here, or teamorch's private head) instead of starting a fleet for this command"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -471,6 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
     pln.add_argument("--run", action="store_true", help="run the plan after printing it")
     pln.add_argument("--json", help="with --run: write the RunReport as JSON here")
     pln.add_argument("--address", help="Ray address; default: a private local Ray")
+    pln.add_argument("--coordinator", metavar="NAME", help=COORDINATOR_HELP)
     pln.set_defaults(func=cmd_plan)
 
     srv = sub.add_parser("servers", help="show the balancer's live load table")
@@ -479,6 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--address", help="Ray address; default: a private local Ray")
     srv.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
     srv.add_argument("--interval", type=float, default=1.0)
+    srv.add_argument("--coordinator", metavar="NAME", help=COORDINATOR_HELP)
     srv.set_defaults(func=cmd_servers)
 
     sim = sub.add_parser("simulate", help="serve the Ollama-API simulator (for tests, benchmarks, capacity planning)")
@@ -508,6 +537,8 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--team", help="with --plan: the team YAML the run used (slot counts per server)")
     tl.add_argument("--runs-dir", help=RUNS_DIR_HELP)
     tl.set_defaults(func=cmd_timeline)
+
+    add_team_commands(sub)  # up, status, down
     return parser
 
 

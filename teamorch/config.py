@@ -52,6 +52,8 @@ class ServerConfig(_Model):
     connect_timeout: float = Field(default=5.0, gt=0)  # seconds: a box that does not answer is down, fail over fast
     read_timeout: float = Field(default=120.0, gt=0)  # seconds of silence mid-stream before a request counts as stalled
     poll_interval: float = Field(default=10.0, gt=0)  # seconds between health and model checks
+    # Bytes one response may carry (counted as they arrive): a misbehaving server cannot exhaust the actor's memory.
+    max_response_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     model_path: str | None = None  # embedded only: a GGUF file; default the Gemma 3 270M shipped on PyPI
     n_threads: int = Field(default=1, ge=1)  # embedded only: one thread each lets two servers use two cores
     n_ctx: int = Field(default=2048, ge=256)  # embedded only: context window in tokens

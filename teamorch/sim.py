@@ -105,6 +105,7 @@ class SimConfig(BaseModel):
     die_after: int | None = Field(default=None, ge=1)
     stall: bool = False
     malformed: bool = False
+    reply_bytes: int | None = Field(default=None, ge=1)  # pad every answer to this size: a runaway response
     echo: bool = False
     replies: list[SimReply] = []
     seed: int = 0
@@ -184,28 +185,34 @@ class SimServer:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self._rng = random.Random(config.seed)
-        self._residency = Residency(config.initially_loaded())
+        self._fresh_box()
+        self._gaps: deque[float] = deque(maxlen=GAP_SAMPLES)
+        self._log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG)
+        self._gap_count = 0
+        self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._peak = 0
+        self._peak_model: dict[str, int] = {}
+        self._busy_total = 0.0
+        self._runner: web.AppRunner | None = None
+        self._port: int | None = None
+        self.restarts: list[float] = []  # wall-clock times `restart` listened again
+        self._die_task: asyncio.Task[None] | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._ids = itertools.count(1)
+
+    def _fresh_box(self) -> None:
+        """What a process starts with and a restart loses: resident models, slots and their caches, queues,
+        and the asyncio primitives, which belong to the loop that made them."""
+        self._residency = Residency(self.config.initially_loaded())
         self._loading: dict[str, asyncio.Task[None]] = {}
         self._scheduler = asyncio.Lock()  # one placement decision at a time, FIFO, as Ollama's scheduler
         self._changed = asyncio.Event()  # a slot freed, a pin dropped or a load ended: the scheduler looks again
         self._pins: Counter[str] = Counter()  # requests between their model's load and their slot
         self._slots: dict[str, _Slots] = {}
-        self._gaps: deque[float] = deque(maxlen=GAP_SAMPLES)
-        self._log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG)
-        self._gap_count = 0
-        self._counts = dict.fromkeys(_COUNTERS, 0)
         self._in_flight = 0
-        self._peak = 0
-        self._peak_model: dict[str, int] = {}
-        self._busy_total = 0.0
         self._busy_since: float | None = None
-        self._runner: web.AppRunner | None = None
-        self._port: int | None = None
         self._dead = False
-        self._die_task: asyncio.Task[None] | None = None
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._ids = itertools.count(1)
 
     @property
     def url(self) -> str:
@@ -235,7 +242,8 @@ class SimServer:
         # went away; we need it so queued/generating requests notice disconnects.
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1.0)
         await runner.setup()
-        await web.TCPSite(runner, self.config.host, self.config.port).start()
+        port = self._port if self._port is not None else self.config.port  # a restart keeps its address
+        await web.TCPSite(runner, self.config.host, port).start()
         self._runner, self._port = runner, runner.addresses[0][1]
 
     async def close(self) -> None:
@@ -285,6 +293,17 @@ class SimServer:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
 
+    def restart(self, down: float = 0.0) -> Self:
+        """The box's process dies (in-flight streams drop) and comes back after `down` seconds on the SAME
+        port, empty, as `systemctl restart ollama` would. Counters and the request log are kept: they are
+        the test's record of the box, not the box's memory."""
+        self.stop()
+        time.sleep(down)
+        self._fresh_box()
+        self.start_in_thread()
+        self.restarts.append(time.time())
+        return self
+
     def __enter__(self) -> Self:
         return self.start_in_thread()
 
@@ -323,7 +342,7 @@ class SimServer:
             "slot_gaps": self._gap_count,
             "slot_gap_median": statistics.median(gaps) if (gaps := list(self._gaps)) else None,
             "slot_gap_seconds": [round(g, 6) for g in gaps],  # the last GAP_SAMPLES, to pool across servers
-            "requests_log": list(self._log),  # the last REQUEST_LOG requests: {at, model, prompt}
+            "requests_log": [dict(e) for e in self._log],  # the last REQUEST_LOG: {at, model, prompt, completed}
         }
 
     async def _reset(self, _request: web.Request) -> web.Response:
@@ -555,6 +574,8 @@ class SimServer:
         for canned in cfg.replies:
             if re.search(canned.match, prompt):
                 return canned.reply
+        if cfg.reply_bytes:
+            return "pad " * (cfg.reply_bytes // 4)
         if cfg.echo:
             return f"[{name}] {prompt}"
         head = [f"[{name}]", model, "answer:", hashlib.sha1(prompt.encode()).hexdigest()[:8]]
@@ -593,19 +614,20 @@ class SimServer:
         if not isinstance(body, dict):
             return self._error(400, "expected a JSON object", dialect, "invalid_request_error")
         self._counts["requests"] += 1
-        self._log.append({"at": time.time(), "model": body.get("model"), "prompt": _parse(body, dialect)[0]})
+        entry = {"at": time.time(), "model": body.get("model"), "prompt": _parse(body, dialect)[0], "completed": False}
+        self._log.append(entry)  # marked completed when its answer is sent: who got an output, and how often
         die_after = self.config.die_after
         if die_after is not None and self._counts["requests"] >= die_after and not self._dead:
             self._dead = True  # this request was accepted; now the box "crashes" under it
             self._die_task = asyncio.ensure_future(self._die())
         try:
-            return await self._serve(request, body, dialect, began)
+            return await self._serve(request, body, dialect, began, entry)
         except (asyncio.CancelledError, ConnectionResetError):
             self._counts["cancelled"] += 1
             raise
 
     async def _serve(
-        self, request: web.Request, body: dict[str, Any], dialect: Dialect, began: float
+        self, request: web.Request, body: dict[str, Any], dialect: Dialect, began: float, entry: dict[str, Any]
     ) -> web.StreamResponse:
         cfg = self.config
         if cfg.stall:
@@ -633,7 +655,9 @@ class SimServer:
         try:
             n = asked if isinstance(asked, int) and asked > 0 else cfg.default_tokens
             gen = _Gen(self, request, dialect, model, n, prompt, taken, began, load_wait)
-            return await gen.run(self._reply_text(cfg.name, model, text, n), stream, fail_line and stream)
+            response = await gen.run(self._reply_text(cfg.name, model, text, n), stream, fail_line and stream)
+            entry["completed"] = gen.completed
+            return response
         finally:
             self._release(model, taken)
 
@@ -667,6 +691,7 @@ class _Gen:
         self.openai = dialect == "openai"
         self.id = f"chatcmpl-{next(sim._ids)}"
         self.resp: web.StreamResponse | None = None
+        self.completed = False  # the whole answer was generated (an output the client may have received)
 
     async def _send(self, obj: Any) -> None:
         if self.resp is None:  # headers go out with the first token, as with Ollama
@@ -749,6 +774,7 @@ class _Gen:
         self.taken.slot.tokens = self.prompt + tokenize(text)  # Ollama keeps the whole context in the slot
         final = self._final(text if not stream or self.openai else "", prefill, eval_start)
         sim._counts["completed"] += 1
+        self.completed = True
         if not stream:
             return web.json_response(final)
         if self.openai:

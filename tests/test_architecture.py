@@ -26,6 +26,7 @@ PURE = [
     "teamorch.journal",
     "teamorch.actors.metrics",
     "teamorch.plans",
+    "teamorch.cli_team",
     "teamorch.sim_model",
     "teamorch.trace",
     *(f"teamorch.policies.{m.name}" for m in pkgutil.iter_modules(teamorch.policies.__path__)),

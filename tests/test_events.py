@@ -49,9 +49,8 @@ def test_events_arrive_in_order_without_gaps_for_every_client(sims, ray_cluster)
         [{"name": "Analyst", "options": {"num_predict": 20}}],
         balancer={"policy": "round_robin"},
     )
-    namespace = ray.get_runtime_context().namespace
     with TeamOrchestrator(team, name="events-test") as orch:
-        other = api.get_coordinator("events-test", namespace=namespace)  # a second client's own handle
+        other = api.get_coordinator("events-test")  # a second client's own handle (named teams live in `teamorch`)
         watched: list[JournalEvent] = []
         run_ids: list[str] = []
 

@@ -16,8 +16,10 @@ from teamorch.policies.fleet import (
     is_cold,
     outcome_kind,
     record_grant,
+    record_orphan_release,
     record_outcome,
     record_probe,
+    record_restart,
     slot_penalty,
     to_load,
 )
@@ -232,6 +234,46 @@ def test_a_failed_probe_marks_the_server_down_and_keeps_its_models() -> None:
     s = stats(models_loaded=["m"])
     record_probe(s, ProbeResult(healthy=False, checked_at=6.0, error="connection refused", models_loaded=[]))
     assert (s.healthy, s.last_check, s.last_error, s.models_loaded) == (False, 6.0, "connection refused", ["m"])
+
+
+def test_a_healthy_probe_puts_a_server_with_an_open_circuit_back_in_rotation() -> None:
+    s = stats(failures=1)
+    end(s, done("unreachable", error="refused"), now=100.0)
+    assert (s.healthy, s.breaker.state(101.0)) == (False, "open")
+    record_probe(s, ProbeResult(healthy=True, checked_at=1.0), now=101.0)
+    row = to_load(s, 101.0, 0)
+    assert (row.healthy, row.circuit) == (True, "half_open")  # one request may go there now, not after the reset
+
+
+def test_a_probe_without_a_clock_leaves_the_circuit_to_its_reset() -> None:
+    s = stats(failures=1)
+    end(s, done("error"), now=100.0)
+    record_probe(s, ProbeResult(healthy=True, checked_at=1.0))
+    assert s.breaker.state(101.0) == "open"
+
+
+# ---- a restarted balancer -----------------------------------------------------------------
+
+
+def test_after_a_restart_every_slot_counts_as_busy_until_its_lease_comes_back() -> None:
+    s = stats(slots=2)
+    record_restart(s, 10.0)
+    assert to_load(s, 10.0, 0).in_flight == 2  # nothing may be granted: the old leases may all be running
+    record_orphan_release(s, 11.0)
+    assert to_load(s, 11.0, 0).in_flight == 1
+    record_grant(s, 11.0)
+    assert to_load(s, 11.0, 0).in_flight == 2  # the freed slot was granted; the other old lease still counts
+    record_orphan_release(s, 12.0)
+    record_orphan_release(s, 12.0)  # a release beyond what was unaccounted frees nothing of the new leases
+    assert to_load(s, 12.0, 0).in_flight == 1
+
+
+def test_unaccounted_slots_are_freed_after_read_timeout_if_their_leases_never_come_back() -> None:
+    s = stats(slots=3)
+    record_restart(s, 10.0)
+    timeout = s.config.read_timeout
+    assert to_load(s, 10.0 + timeout - 0.1, 0).in_flight == 3
+    assert to_load(s, 10.0 + timeout, 0).in_flight == 0
 
 
 # ---- diversity groups ---------------------------------------------------------------------

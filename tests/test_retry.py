@@ -260,3 +260,27 @@ def test_on_acquire_marks_a_probe_only_when_half_open() -> None:
     assert cb.probing is False
     cb.on_acquire(10.0)
     assert cb.probing is True
+
+
+def test_a_health_check_answer_turns_an_open_circuit_half_open_at_once() -> None:
+    cb = broken(n=1, reset=30.0, at=100.0)
+    cb.answered(105.0)
+    assert cb.state(105.0) == "half_open"  # the box is back: one request may test it now, not at 130
+    cb.on_acquire(105.0)
+    cb.record(False, "error", 106.0)
+    assert cb.state(106.0) == "open" and cb.state(135.9) == "open"  # chat still broken: a full reset again
+
+
+def test_a_health_check_answer_leaves_a_closed_circuit_alone() -> None:
+    cb = CircuitBreaker(failures=2, reset=30.0)
+    cb.record(False, "error", 0.0)
+    cb.answered(1.0)
+    cb.record(False, "error", 2.0)
+    assert cb.state(2.0) == "open"  # the earlier breakage still counts
+
+
+def test_a_restarting_server_actor_is_busy_then_lost() -> None:
+    from teamorch.policies.retry import RESTART_GRACE_SECONDS, restarting_verdict
+
+    assert restarting_verdict(100.0, 100.0 + RESTART_GRACE_SECONDS / 2) == "busy"
+    assert restarting_verdict(100.0, 100.0 + RESTART_GRACE_SECONDS) == "unreachable"

@@ -334,3 +334,25 @@ def test_slot_caches_and_residency_rules() -> None:
     assert residency.victim(lambda m: m == "m2") == "m1"  # an idle model goes before a busy one
     with pytest.raises(ValidationError, match="max_loaded"):
         SimConfig(models=["a", "b"], loaded=["a", "b"], max_loaded=1)
+
+
+def test_restart_drops_in_flight_then_serves_again_on_the_same_port() -> None:
+    with sim(ttft=0.0, tokens_per_second=20.0) as s:
+        url = s.url
+        with ThreadPoolExecutor(1) as pool:
+            running = pool.submit(chat, url, 20)
+            wait_for(lambda: s.stats()["in_flight"] == 1)
+            s.restart(down=0.2)
+            with pytest.raises(httpx.TransportError):
+                running.result()
+        assert s.url == url and s.restarts and s.restarts[0] <= time.time()
+        assert chat(url, n=2).status_code == 200  # back, on the same address, with empty slots
+        log = s.stats()["requests_log"]
+        assert [e["completed"] for e in log] == [False, True]  # the log survives; only the second got an answer
+        assert log[1]["at"] >= s.restarts[0]
+
+
+def test_reply_bytes_makes_a_runaway_answer() -> None:
+    with sim(ttft=0.0, tokens_per_second=1000.0, reply_bytes=200_000) as s:
+        r = chat(s.url, n=10, stream=True)
+        assert len(r.content) > 200_000 and json.loads(r.text.splitlines()[-1])["done"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -93,16 +94,47 @@ class HttpBackend(Backend):
             return ServerBusy(self.name, message, status)
         return ServerError(self.name, message, status)
 
+    def too_big(self) -> MalformedResponse:
+        limit = self.config.max_response_bytes
+        return MalformedResponse(
+            self.name, f"response larger than max_response_bytes={limit} ({self.config.url}): stream closed"
+        )
+
+    async def capped_bytes(self, response: httpx.Response) -> AsyncIterator[bytes]:
+        """The body as it arrives, counted: past `max_response_bytes` the attempt fails (and, raised inside
+        the caller's `stream()` block, the connection closes) before the excess is ever held in memory."""
+        received = 0
+        async for chunk in response.aiter_bytes():
+            received += len(chunk)
+            if received > self.config.max_response_bytes:
+                raise self.too_big()
+            yield chunk
+
+    async def capped_lines(self, response: httpx.Response) -> AsyncIterator[str]:
+        """NDJSON lines of a capped body; split here, not by httpx, whose line reader would buffer an
+        endless line whole."""
+        pending = b""
+        async for chunk in self.capped_bytes(response):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+        if pending:
+            yield pending.decode("utf-8", "replace")
+
+    async def read_capped(self, response: httpx.Response) -> bytes:
+        return b"".join([chunk async for chunk in self.capped_bytes(response)])
+
     async def get_json(self, path: str) -> Any:
         try:
-            response = await self.client.get(path)
+            async with self.client.stream("GET", path) as response:
+                body = await self.read_capped(response)
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from exc
         if response.status_code != 200:
-            raise self.error_for(response.status_code, response.content, "")
+            raise self.error_for(response.status_code, body, "")
         try:
-            return response.json()
-        except json.JSONDecodeError as exc:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise MalformedResponse(self.name, f"{path} returned invalid JSON") from exc
 
 

@@ -34,8 +34,8 @@ class OllamaBackend(HttpBackend):
         try:
             async with self.client.stream("POST", "/api/chat", json=payload) as response:
                 if response.status_code != 200:
-                    raise self.error_for(response.status_code, await response.aread(), req.model)
-                async for line in response.aiter_lines():
+                    raise self.error_for(response.status_code, await self.read_capped(response), req.model)
+                async for line in self.capped_lines(response):
                     chunk = self._chunk(line)
                     if chunk is None:
                         continue

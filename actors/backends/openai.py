@@ -39,15 +39,16 @@ class OpenAIBackend(HttpBackend):
             payload["response_format"] = {"type": "json_object"}
         started = time.monotonic()
         try:
-            response = await self.client.post("/v1/chat/completions", json=payload)
+            async with self.client.stream("POST", "/v1/chat/completions", json=payload) as response:
+                body = await self.read_capped(response)
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from exc
         if response.status_code != 200:
-            raise self.error_for(response.status_code, response.content, req.model)
+            raise self.error_for(response.status_code, body, req.model)
         try:
-            data = response.json()
+            data = json.loads(body)
             text = data["choices"][0]["message"]["content"] or ""
-        except (json.JSONDecodeError, KeyError, IndexError, TypeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as exc:
             raise MalformedResponse(self.name, "not an OpenAI chat.completion object") from exc
         usage = data.get("usage") or {}
         elapsed = time.monotonic() - started
