@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
+from benchmarks.faults import cli as cli_process  # one way to start a killable `teamorch` process
 from teamorch import api, cli
 from teamorch.journal import EVENTS_FILE, REDACTED, PlanResolved, RunJournal, TaskFinished
 from teamorch.messages import AutoSpec, ConsensusSpec, JournalSpec
@@ -81,25 +82,13 @@ def finished_in(events_file: Path) -> list[str]:
     return done
 
 
-def teamorch(cwd: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "teamorch.cli", *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,  # its private Ray lives in this process group: the kill takes the whole "machine"
-    )
-
-
 @pytest.mark.timeout(120)
 def test_slow_a_killed_run_resumes_without_asking_a_server_again(sims, tmp_path: Path) -> None:
     """Slow (~30 s): two real `teamorch` processes, each starting its own private Ray."""
     sim = sims(name="box", slots=1, tokens_per_second=10)
     plan, team = write_files(tmp_path, sim)
     runs = tmp_path / "runs"
-    run = teamorch(tmp_path, "run", str(plan), "--team", str(team), "--runs-dir", str(runs), "--run-id", "killed")
+    run = cli_process(tmp_path, "run", str(plan), "--team", str(team), "--runs-dir", str(runs), "--run-id", "killed")
     events = runs / "killed" / EVENTS_FILE
     deadline = time.monotonic() + 60
     while len(finished_in(events)) < 2 and run.poll() is None and time.monotonic() < deadline:
