@@ -29,7 +29,7 @@ from teamorch.actors.server import ModelServer
 from teamorch.actors.specialist import Specialist
 from teamorch.config import TeamConfig
 from teamorch.errors import ConfigError
-from teamorch.journal import MIN_SECRET_LENGTH, JournalEvent, LiveEvent, RunJournal
+from teamorch.journal import MIN_SECRET_LENGTH, JournalEvent, LiveEvent, RunJournal, RunState
 from teamorch.messages import (
     Assignment,
     AutoSpec,
@@ -178,6 +178,10 @@ class Coordinator:
         run = self.runs.get(run_id)
         if run is not None:
             run.live(event)
+
+    async def runs(self) -> list[RunState]:
+        """Runs in progress on this coordinator, then the last finished ones it keeps (`teamorch status`)."""
+        return [run.journal.state() for run in [*self.runs.values(), *self.finished.values()]]
 
     async def statistics(self) -> RunTotals:
         """Totals over every run this coordinator made (the seed's `get_statistics`)."""

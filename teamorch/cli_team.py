@@ -66,6 +66,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     t = state.totals
     print(f"Team {state.name!r}: {t.runs} runs finished, {t.successful_tasks}/{t.total_tasks} tasks succeeded")
     print_loads(state.loads)
+    for run in state.runs:
+        total = "?" if run.total is None else run.total
+        print(f"  run {run.run_id}: {run.status}, {run.done}/{total} tasks done, session {run.sessions}")
     return EXIT_OK
 
 

@@ -24,6 +24,7 @@ from teamorch.api import DEFAULT_NAME, NAMESPACE, start_coordinator, stop_coordi
 from teamorch.cluster import Head, connect, find_cluster, running_head, start_head, stop_head
 from teamorch.config import TeamConfig
 from teamorch.errors import TeamorchError
+from teamorch.journal import RunState
 from teamorch.messages import RunTotals, ServerLoad
 
 
@@ -42,6 +43,7 @@ class TeamStatus:
     name: str
     loads: list[ServerLoad]
     totals: RunTotals
+    runs: list[RunState]  # in progress first, then the last finished ones the coordinator keeps
 
 
 def locate() -> str | None:
@@ -129,8 +131,9 @@ def _where(address: str | None) -> str:
 
 def status(name: str = DEFAULT_NAME, address: str | None = None) -> TeamStatus:
     coordinator = attach(name, address)
-    loads, totals = ray.get([coordinator.servers_load.remote(), coordinator.statistics.remote()])
-    return TeamStatus(name=name, loads=loads, totals=totals)
+    refs = [coordinator.servers_load.remote(), coordinator.statistics.remote(), coordinator.runs.remote()]
+    loads, totals, runs = ray.get(refs)
+    return TeamStatus(name=name, loads=loads, totals=totals, runs=runs)
 
 
 def death_of(name: str, namespace: str = NAMESPACE) -> str | None:

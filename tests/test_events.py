@@ -99,6 +99,9 @@ def test_events_answer_while_a_run_is_busy_and_live_reports_are_written_once(sim
     while not any(isinstance(e, TaskQueued) for e in ray.get(handle.events.remote("busy-run"))):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    # `teamorch status` lists the run while it is in progress.
+    (listed,) = [r for r in ray.get(handle.runs.remote()) if r.run_id == "busy-run"]
+    assert (listed.status, listed.done, listed.total) == ("running", 0, 1)
     # The task takes ~2 s on the server; the events call does not wait behind it.
     asked = time.monotonic()
     events = ray.get(handle.events.remote("busy-run", 1))
@@ -108,6 +111,8 @@ def test_events_answer_while_a_run_is_busy_and_live_reports_are_written_once(sim
     ray.get(handle.task_event.remote("busy-run", TaskStarted(task_id="only", server="slow", attempt=1)))
     report = ray.get(ref)
     assert report.success
+    (listed,) = [r for r in ray.get(handle.runs.remote()) if r.run_id == "busy-run"]
+    assert (listed.status, listed.done, listed.success) == ("finished", 1, True)
     every = ray.get(handle.events.remote("busy-run"))
     assert [(e.task_id, e.attempt) for e in every if isinstance(e, TaskStarted)] == [("only", 1)]
     assert ray.get(handle.events.remote("busy-run", every[-1].seq)) == []

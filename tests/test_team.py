@@ -154,6 +154,8 @@ def test_two_processes_share_the_teams_slots_and_each_gets_its_report(team: Team
     stats = team.sim.stats()
     assert stats["requests"] == 8
     assert stats["max_in_flight"] == 2  # the team's 2 slots held across both processes (the simulator takes 4)
+    status = teamorch(team.env, "status", "it")  # a third process sees both runs
+    assert all(f"run {r['run_id']}: finished, 4/4 tasks done" in status.stdout for r in reports), status.stdout
 
 
 IN_ACTOR = """
