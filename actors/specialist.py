@@ -210,6 +210,7 @@ class Specialist:
             cause = unwrap(exc)
             if not isinstance(cause, ServerError):
                 cause = ServerError(server, f"{type(cause).__name__}: {cause}")
+            self._restarting.pop(server, None)  # the server actor answered (with the box's error): it is up
             outcome, error_text = cause.error_class, str(cause)
             raise cause from None
         finally:
