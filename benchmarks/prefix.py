@@ -1,4 +1,4 @@
-"""Routing where the prompt is cached and the model is loaded: two workloads, each on two fleets.
+"""Routing where the prompt is cached and the model is loaded: two workloads, on three and two fleets.
 
 **Shared prefix.** Several specialists with long role prompts (hundreds of
 words) and skewed task counts, on 2-slot servers whose prefill of a cold role
@@ -383,6 +383,8 @@ def render(result: dict[str, Any]) -> str:
 PREFIX_FLEETS = {
     "A": [Shape(f"p{i}", 2) for i in range(1, 5)],
     "B": [Shape("fast", 2, 2.0), Shape("mid", 2, 1.0), Shape("slow", 2, 0.5)],
+    # Five servers in three speeds, the slowest at 0.4x: its cold first prefills are long, so learning shows.
+    "C": [Shape("c1", 2, 1.5), Shape("c2", 2, 1.5), Shape("c3", 2, 0.7), Shape("c4", 2, 0.7), Shape("c5", 2, 0.4)],
 }
 MODEL_FLEETS = {
     "A": ([Shape(f"m{i}", 2, 1.0, 2.0) for i in range(1, 5)], 3),

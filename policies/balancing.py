@@ -463,8 +463,9 @@ def _virtual_slots(
         limit = 0
         if s.healthy:
             limit = 1 if s.circuit == "half_open" else max(1, s.effective_slots)
+        starts = limit
         if not sp.measured and probing_one:
-            limit = min(limit, 1)  # one probe at a time until measured
+            starts = min(limit, 1)  # one probe at a time until measured; its busy slots still show what they hold
         states = list((caches or {}).get(s.name, ()))
         if not states:
             states = [SlotState(free_in=r) for r in running.get(s.name, ())]
@@ -483,7 +484,7 @@ def _virtual_slots(
         free += [_Slot(0.0) for _ in range(max(0, limit - len(free)))]
         # The `limit` latest-ending requests hold the usable slots; any slot left over is free now.
         kept = busy[max(0, len(busy) - limit) :]
-        slots = kept + free[: max(0, limit - len(kept))]
+        slots = kept + free[: max(0, min(limit, starts) - len(kept))]
         servers[s.name] = _Server(
             slots=[_Slot(x.free_at, x.model, x.chain, x.tokens) for x in slots],
             resident=list(s.models_loaded) if s.models_loaded is not None else None,
@@ -526,7 +527,8 @@ def _longest_first(
 @dataclass(frozen=True)
 class _Fit:
     """Where a request would run on one server: its finish and start, the slot, whether it loads the model,
-    and `score` (finish plus the prefill it makes others pay by overwriting a cache they still need)."""
+    and `score` (finish plus the prefill it makes others pay by overwriting a cache they still need, and, while
+    the queue is long, the prefill of a second copy of a prefix the fleet holds elsewhere: `_Demand.busy`)."""
 
     score: float
     finish: float
@@ -571,6 +573,31 @@ class _Demand:
         self.held: Counter[str] = Counter(h for server in servers.values() for slot in server.slots for h in slot.chain)
         self.models = models
         self.resident: Counter[str] = Counter(m for server in servers.values() for m in server.resident or ())
+        self.slots = sum(len(server.slots) for server in servers.values())
+
+    def busy(self) -> float:
+        """How much a second copy of a prefix costs the rest of the queue, as a fraction of its prefill.
+
+        A prefix the fleet holds elsewhere, prefilled again on another slot, is
+        duplicate work. While the queue still has a request for every slot
+        (1.0), that work is capacity the queue loses, so it counts on top of
+        this request's own delay (in `_Fit.finish`): a hot prefix spills only
+        once its wait exceeds two prefills. With a shorter queue, idle capacity
+        pays for the copy and only the delay counts (0.0 with no queue left).
+        """
+        left = sum(self.models.base.values()) - sum(self.models.used.values())
+        return min(1.0, max(0, left) / self.slots) if self.slots else 0.0
+
+    def fleet_match(self, req: LeaseRequest) -> int:
+        """Prompt tokens of `req` that some slot of the fleet holds (its longest prefix held anywhere).
+
+        Read from `held`, whose chained hashes each cover everything before
+        them, so the deepest block held anywhere is the longest prefix held.
+        """
+        k = 0
+        while k < len(req.prefix) and self.held[req.prefix[k]] > 0:
+            k += 1
+        return max(0, min(req.prefix_tokens[k - 1], req.prompt_tokens - 1)) if k else 0
 
     @classmethod
     def of(cls, queue: Sequence[Queued], order: Iterable[int], servers: Mapping[str, _Server]) -> _Demand:
@@ -630,6 +657,7 @@ def _fit(server: _Server, speed: _Speed, req: LeaseRequest, affinity: bool, dema
         ready = server.ready_at
     tokens = _tokens(req)
     taken = _server_pick(server, req)
+    held, share = demand.fleet_match(req), demand.busy()
     best: _Fit | None = None
     for i, slot in enumerate(server.slots):
         if slot.free_at <= 0.0 and i != taken:
@@ -637,7 +665,8 @@ def _fit(server: _Server, speed: _Speed, req: LeaseRequest, affinity: bool, dema
         start = max(slot.free_at, ready)
         cached = 0 if switch else slot.cached(req)
         finish = start + speed.seconds(tokens, max(0, req.prompt_tokens - cached))
-        score = finish + penalty + speed.prefill * demand.lost(slot, req, cached)
+        copied = share * max(0, held - cached)
+        score = finish + penalty + speed.prefill * (demand.lost(slot, req, cached) + copied)
         if best is None or (score, finish, start) < (best.score, best.finish, best.start):
             best = _Fit(score, finish, start, i, switch)
     return best

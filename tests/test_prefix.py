@@ -146,6 +146,43 @@ def test_a_hot_prefix_spills_to_a_cold_server_once_waiting_costs_more_than_a_col
     assert sorted(decisions.values()) == ["x", "x"], "two start cold on x; the third waits for a warm slot"
 
 
+def test_a_second_copy_of_a_prefix_held_elsewhere_pays_its_prefill_twice() -> None:
+    # y's only slot holds the prefix and frees in `busy` s; a cold prefill on idle x costs P ~ 1.5 s. Three more
+    # requests (pinned to busy z) keep every slot's queue non-empty: a copy on x is then duplicate work the rest of
+    # the queue loses, so it wins only when the wait exceeds two prefills, not one.
+    def plan(busy: float) -> dict[int, Any]:
+        loads = [srv("x", slots=1), srv("y", slots=1, in_flight=1), srv("z", slots=1, in_flight=1)]
+        caches = {"x": [SlotState()], "y": [warm(req_for("a"), free_in=busy)], "z": [SlotState(free_in=9.0)]}
+        backlog = [Queued(LeaseRequest(model="m", server="z", expected_tokens=10)) for _ in range(3)]
+        return plan_dispatch("peak_ewma", loads, [Queued(req_for("b", expected_tokens=50)), *backlog], caches=caches)
+
+    prefill = 0.005 * req_for("b").prefix_tokens[1]
+    assert 1.2 * prefill < 2.0 < 1.8 * prefill
+    assert plan(2.0) == {}, "waiting 2 s beats a second copy (~3 s counted)"
+    assert plan(4.0) == {0: "x"}
+
+
+def test_a_prefix_nobody_holds_pays_one_cold_prefill_only() -> None:
+    # Busy 2 s with another prompt: the prefix is held nowhere, so a cold start on idle x costs ~1.5 s, not ~3 s.
+    loads = [srv("x", slots=1), srv("y", slots=1, in_flight=1)]
+    other = req_for("a", SpecialistConfig(name="Other", system_prompt="Someone else entirely."))
+    caches = {"x": [SlotState()], "y": [warm(other, free_in=2.0)]}
+    assert plan_dispatch("peak_ewma", loads, [Queued(req_for("b", expected_tokens=50))], caches=caches) == {0: "x"}
+
+
+def test_an_unmeasured_servers_busy_slots_still_show_what_they_hold() -> None:
+    # y is not measured yet (one probe at a time) but its two first requests run; the one holding the prefix ends in
+    # 0.2 s. Waiting for it beats a cold prefill on x; hiding that slot (only one counted) would start cold on x.
+    r = req_for("b", expected_tokens=50)
+    other = req_for("a", SpecialistConfig(name="Other", system_prompt="Someone else entirely."))
+    loads = [
+        srv("x", slots=1),
+        srv("y", in_flight=2, ewma_ttft=None, ewma_token_seconds=None, ewma_prefill_seconds=None),
+    ]
+    caches = {"x": [SlotState()], "y": [warm(other, free_in=3.0), warm(req_for("a"), free_in=0.2)]}
+    assert plan_dispatch("peak_ewma", loads, [Queued(r)], caches=caches) == {}
+
+
 def test_a_server_holding_another_model_is_used_only_when_the_backlog_outweighs_the_load() -> None:
     # "b" holds model n (one model at a time); "a" holds m and is busy for `busy` seconds.
     def plan(busy: float) -> dict[int, Any]:
