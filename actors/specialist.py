@@ -118,6 +118,9 @@ class Specialist:
             tokens=response.tokens if response else 0,
             kind=task.kind,
             round=task.round,
+            prompt_tokens=response.prompt_tokens if response else 0,
+            cached_tokens=response.prompt_cached_tokens if response else None,
+            prompt_eval_seconds=response.prompt_eval_seconds if response else None,
         )
 
     async def _until_done(

@@ -127,6 +127,8 @@ def compute_statistics(results: Sequence[TaskResult], wall: float) -> Statistics
             name: min(1.0, _union_length(iv) / wall) if wall > 0 else 0.0 for name, iv in sorted(per_server.items())
         },
         tokens=sum(r.tokens for r in results),
+        prompt_tokens=sum(r.prompt_tokens for r in results),
+        cached_tokens=sum(r.cached_tokens or 0 for r in results),
     )
 
 
@@ -158,6 +160,8 @@ def merge_statistics(a: Statistics, b: Statistics) -> Statistics:
         else 0.0,
         server_utilization={name: seconds / wall if wall > 0 else 0.0 for name, seconds in sorted(busy.items())},
         tokens=a.tokens + b.tokens,
+        prompt_tokens=a.prompt_tokens + b.prompt_tokens,
+        cached_tokens=a.cached_tokens + b.cached_tokens,
     )
 
 

@@ -92,6 +92,9 @@ def print_report(report: RunReport, out: Any = None) -> None:
     )
     util = ", ".join(f"{k} {v:.0%}" for k, v in s.server_utilization.items()) or "-"
     print(f"  server utilization: {util}   tokens: {s.tokens}", file=out)
+    if s.prompt_tokens:
+        share = s.cached_tokens / s.prompt_tokens
+        print(f"  prompt cache: {s.cached_tokens} of {s.prompt_tokens} prompt tokens reused ({share:.0%})", file=out)
     if len(report.sessions) > 1:
         print("\nSessions (the run was resumed):", file=out)
         for span in report.sessions:

@@ -243,6 +243,11 @@ class TaskResult(_Model):
     tokens: int = 0
     kind: TaskKind = "work"
     round: int = 1
+    # The answering call's prompt as the server counted it: how much of it came from the server's prefix cache
+    # (None: the server does not say) and how long evaluating the rest took; what prefix-aware routing buys, per task.
+    prompt_tokens: int = 0
+    cached_tokens: int | None = None
+    prompt_eval_seconds: float | None = None
 
 
 class Synthesis(_Model):
@@ -277,6 +282,8 @@ class Statistics(_Model):
     parallelism_factor: float = 0.0
     server_utilization: dict[str, float] = Field(default_factory=dict)
     tokens: int = 0  # output tokens generated
+    prompt_tokens: int = 0  # prompt tokens of the answering calls, as the servers counted them
+    cached_tokens: int = 0  # of which the servers took from their prefix caches (where they say)
 
 
 class RunTotals(Statistics):

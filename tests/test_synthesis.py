@@ -180,8 +180,10 @@ def test_compute_statistics_on_a_known_timeline() -> None:
     results = [
         res("t3", started_at=2.0, ended_at=8.0, duration=5.0, tokens=30,
             attempts=[att("s2", 2.0, 3.0, "unreachable"), att("s1", 4.0, 8.0)]),
-        res("t1", started_at=0.0, ended_at=4.0, duration=4.0, tokens=10, attempts=[att("s1", 0.0, 4.0)]),
-        res("t2", started_at=1.0, ended_at=3.0, duration=2.0, tokens=20, attempts=[att("s1", 1.0, 3.0)]),
+        res("t1", started_at=0.0, ended_at=4.0, duration=4.0, tokens=10, attempts=[att("s1", 0.0, 4.0)],
+            prompt_tokens=100, cached_tokens=80),
+        res("t2", started_at=1.0, ended_at=3.0, duration=2.0, tokens=20, attempts=[att("s1", 1.0, 3.0)],
+            prompt_tokens=50),
         res("t4", status="skipped"),
         res("t5", status="failed", started_at=8.0, ended_at=9.0, duration=1.0,
             attempts=[att(None, 8.0, 8.5, "no_server"), att("s2", 8.0, 9.0, "timeout")]),
@@ -198,6 +200,8 @@ def test_compute_statistics_on_a_known_timeline() -> None:
     # s1: [0,4] ∪ [1,3] ∪ [4,8] = [0,8] -> 0.8 (a plain sum would say 10 s); s2: [2,3] ∪ [8,9] = 2 s.
     assert stats.server_utilization == {"s1": pytest.approx(0.8), "s2": pytest.approx(0.2)}
     assert stats.tokens == 60
+    # t2's server did not say what it cached: its prompt counts, its cache share does not
+    assert (stats.prompt_tokens, stats.cached_tokens) == (150, 80)
 
 
 def test_utilization_unions_nested_partial_and_disjoint_intervals() -> None:
@@ -258,12 +262,33 @@ def test_parallelism_counts_time_on_servers_not_time_queued() -> None:
 
 def test_merge_statistics_equals_statistics_of_all_runs_together() -> None:
     run1 = [
-        res("a", started_at=0.0, ended_at=2.0, duration=2.0, tokens=5, attempts=[att("s", 0.0, 2.0)]),
+        res(
+            "a",
+            started_at=0.0,
+            ended_at=2.0,
+            duration=2.0,
+            tokens=5,
+            attempts=[att("s", 0.0, 2.0)],
+            prompt_tokens=40,
+            cached_tokens=30,
+        ),
         res("b", status="failed", started_at=0.0, ended_at=1.0, duration=1.0, attempts=[att("t", 0.0, 1.0)]),
     ]
-    run2 = [res("c", started_at=10.0, ended_at=13.0, duration=3.0, tokens=7, attempts=[att("s", 10.0, 13.0)])]
+    run2 = [
+        res(
+            "c",
+            started_at=10.0,
+            ended_at=13.0,
+            duration=3.0,
+            tokens=7,
+            attempts=[att("s", 10.0, 13.0)],
+            prompt_tokens=60,
+            cached_tokens=5,
+        )
+    ]
     merged = merge_statistics(compute_statistics(run1, wall=4.0), compute_statistics(run2, wall=6.0))
     assert (merged.total_tasks, merged.successful_tasks, merged.failed_tasks, merged.tokens) == (3, 2, 1, 12)
+    assert (merged.prompt_tokens, merged.cached_tokens) == (100, 35)
     assert merged.success_rate == pytest.approx(2 / 3)
     assert merged.total_duration == pytest.approx(10.0)
     assert merged.sequential_duration == pytest.approx(6.0)
