@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from teamorch.config import parse_plan
 from teamorch.journal import (
     EVENTS_FILE,
     AttemptFailed,
+    PlanResolved,
+    RunFinished,
     RunJournal,
     TaskFinished,
     TaskStarted,
@@ -98,3 +101,23 @@ def test_progress_is_kept_only_while_its_attempt_runs(journal: RunJournal) -> No
     ok = Attempt(server="a", started_at=100.0, ended_at=101.0, outcome="ok")
     journal.append(TaskFinished(result=TaskResult(task_id="t1", specialist="s", status="succeeded", attempts=[ok])))
     assert not journal.append(progress(8, attempt=2))  # arrived after the result: never shown past the end
+
+
+def test_progress_changes_neither_the_report_nor_the_one_the_journal_rebuilds(tmp_path: Path) -> None:
+    plan_raw = {"problem": "p", "tasks": [{"task_id": "t1", "specialist": "s"}]}
+    ok = Attempt(server="a", started_at=101.0, ended_at=104.0, outcome="ok")
+    done = TaskResult(task_id="t1", specialist="s", server="a", status="succeeded", attempts=[ok], tokens=40)
+    reports = []
+    for runs, streamed in ((tmp_path / "plain", []), (tmp_path / "streamed", [20, 35])):
+        journal = RunJournal.create(runs, "run-r", plan_raw, at=100.0)
+        journal.append(PlanResolved(plan=parse_plan(plan_raw), at=100.0))
+        journal.append(TaskStarted(task_id="t1", server="a", at=101.0))
+        for n, tokens in enumerate(streamed):
+            assert journal.append(progress(tokens).model_copy(update={"at": 102.0 + n}))
+        journal.append(TaskFinished(result=done, at=104.0))
+        given = journal.report(None, until=105.0)
+        journal.append(RunFinished(success=given.success, at=105.0))
+        journal.close()
+        assert RunJournal.open(runs, "run-r").rebuild_report() == given
+        reports.append(given)
+    assert reports[0] == reports[1]
