@@ -169,11 +169,13 @@ class Coordinator:
         return run.journal.since(since) if run else []
 
     async def task_event(self, run_id: str, event: LiveEvent) -> None:
-        """A specialist reports a task's attempt as it happens (`Assignment.run_id` names the run).
+        """A specialist reports a task's attempt as it happens (`Assignment.run_id` names the run), and a
+        server actor the tokens it has streamed for one (`tokens_generated`, throttled at the server).
 
         The same facts are journaled from the result's attempts when it arrives
         (keyed by session, task and attempt, so written once): a report lost or
-        late costs liveness, never the record.
+        late costs liveness, never the record. Progress has no such copy: the
+        journal drops it once its attempt is no longer running.
         """
         run = self.runs.get(run_id)
         if run is not None:

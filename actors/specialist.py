@@ -20,6 +20,7 @@ import ray
 from ray.actor import ActorHandle
 
 from teamorch.actors import await_ref
+from teamorch.actors.server import ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
 from teamorch.errors import NoServerAvailable, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, unwrap
 from teamorch.journal import AttemptFailed, LiveEvent, TaskStarted
@@ -165,6 +166,14 @@ class Specialist:
         if self.coordinator is not None and assignment.run_id:
             self.coordinator.task_event.remote(assignment.run_id, event)
 
+    def _progress_to(self, assignment: Assignment, attempt: int) -> ProgressTo | None:
+        """Where the server tells this attempt's tokens as they stream: the coordinator running the task."""
+        if self.coordinator is None or not assignment.run_id:
+            return None
+        return ProgressTo(
+            coordinator=self.coordinator, run_id=assignment.run_id, task_id=assignment.task.task_id, attempt=attempt
+        )
+
     async def _attempt(
         self,
         assignment: Assignment,
@@ -186,7 +195,7 @@ class Specialist:
         task_id, number = assignment.task.task_id, len(attempts) + 1
         self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         started_wall, started = time.time(), time.monotonic()
-        ref = self.servers[server].chat.remote(req, key)
+        ref = self.servers[server].chat.remote(req, key, self._progress_to(assignment, number))
         outcome: Outcome = "ok"
         error_text: str | None = None
         response: ChatResponse | None = None

@@ -8,7 +8,8 @@ coordinator outlives the process that created it: stop it with
 
 A run can be followed as it happens: `stream(coordinator, plan)` (or
 `TeamOrchestrator.stream`) yields its events (`teamorch.journal`: run
-started, task queued/started, attempt failed, task finished, run finished),
+started, task queued/started, tokens generated (throttled progress while a
+server streams), attempt failed, task finished, run finished),
 and `follow_run(coordinator, run_id)` lets another client watch a run it did
 not start; both poll `Coordinator.events(run_id, since=last_seq)`.
 """
@@ -259,8 +260,8 @@ class TeamOrchestrator:
             )
 
     def stream(self, runnable: Runnable) -> Generator[JournalEvent, None, RunReport]:
-        """Run a plan or pattern, yielding its events (task queued, started, failed attempts, finished, ...)
-        as they happen until `run_finished`; the generator's return value is the `RunReport`."""
+        """Run a plan or pattern, yielding its events (task queued, started, tokens generated, failed attempts,
+        finished, ...) as they happen until `run_finished`; the generator's return value is the `RunReport`."""
         return (yield from stream(self.coordinator, runnable))
 
     def _run(self, runnable: Runnable) -> dict[str, Any]:

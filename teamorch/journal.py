@@ -4,9 +4,12 @@ A run lives in `<runs_dir>/<run_id>/`: `plan.yaml` and `team.yaml` as the user
 wrote them (`${ENV}` stays `${ENV}`, so the copies hold no secret), and
 `events.jsonl`, one JSON event per line, append-only. Each append is written,
 flushed and fsynced before `append` returns, so whatever the coordinator acts on
-(a result handed to dependants, a task counted done) is already durable. A crash
-can only tear the last line, which readers ignore and the next writer cuts off;
-damage anywhere else is reported with its file and line, never skipped.
+(a result handed to dependants, a task counted done) is already durable; only
+`tokens_generated` progress is written without an fsync (it is not a fact
+anyone acts on, and a run streams many; a machine crash may lose those written
+since the last fact, a process crash loses none). A crash can only tear the
+last line, which readers ignore and the next writer cuts off; damage anywhere
+else is reported with its file and line, never skipped.
 
 The idea is LangGraph's `put_writes`: a checkpointer keeps every finished task's
 writes keyed by (task_id, idx) and ignores a second write of the same key, so a
@@ -33,7 +36,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Annotated, Any, Literal
+from typing import IO, Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
@@ -79,6 +82,10 @@ class JournalError(TeamorchError):
 
 class _Event(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    # Whether `append` fsyncs the line before returning: a fact the coordinator or a resume acts on must be on
+    # disk first; progress need not be (see TokensGenerated).
+    durable: ClassVar[bool] = True
 
     seq: int = 0  # assigned by RunJournal.append: strictly increasing over the whole run
     session: int = 0  # 0: the journal's current session (append fills it in); 1 for the first, +1 per resume
@@ -144,6 +151,38 @@ class AttemptFailed(_Event):
         return (self.type, self.session, self.task_id, self.attempt)
 
 
+class TokensGenerated(_Event):
+    """How far one attempt's answer has streamed: sent by its server actor while it generates, at most every
+    `policies.progress.REPORT_EVERY` seconds and not at all for a call that ends sooner.
+
+    It is progress, not a fact a resume acts on (nothing reads it back but a
+    display), yet it is journaled like every event, so `seq` has no gaps
+    whether a reader follows `events()` or reads `events.jsonl`. It is not
+    fsynced: the next fact's fsync makes it durable with everything before it,
+    so a crash loses at most the progress written since the last fact. The
+    journal keeps it only while its attempt runs (its `task_started` is
+    journaled, neither its `attempt_failed` nor the task's `task_finished`), so
+    a late report never follows the task's end. `tokens` counts streamed
+    chunks: one per token from Ollama and llama.cpp (which also counts the
+    end-of-text token), while the simulator sends several tokens per chunk (at
+    most 20 chunks per answer); the exact count is the result's `tokens`. `tokens_per_second` is the decode rate since the
+    first token, `ttft` the seconds from the call to its first token.
+    """
+
+    durable: ClassVar[bool] = False
+
+    type: Literal["tokens_generated"] = "tokens_generated"
+    task_id: str
+    attempt: int = Field(default=1, ge=1)
+    server: str
+    tokens: int = Field(ge=1)
+    tokens_per_second: float = Field(default=0.0, ge=0)
+    ttft: float | None = None
+
+    def key(self) -> tuple[Any, ...]:
+        return (self.type, self.session, self.task_id, self.attempt, self.tokens)
+
+
 class TaskFinished(_Event):
     type: Literal["task_finished"] = "task_finished"
     result: TaskResult
@@ -172,11 +211,19 @@ class RunResumed(_Event):
 
 
 JournalEvent = Annotated[
-    RunStarted | PlanResolved | TaskQueued | TaskStarted | AttemptFailed | TaskFinished | RunFinished | RunResumed,
+    RunStarted
+    | PlanResolved
+    | TaskQueued
+    | TaskStarted
+    | AttemptFailed
+    | TokensGenerated
+    | TaskFinished
+    | RunFinished
+    | RunResumed,
     Field(discriminator="type"),
 ]
-# What a specialist may report while its task runs (`Coordinator.task_event`).
-LiveEvent = TaskStarted | AttemptFailed
+# What a specialist or a server actor may report while a task runs (`Coordinator.task_event`).
+LiveEvent = TaskStarted | AttemptFailed | TokensGenerated
 EVENT: TypeAdapter[JournalEvent] = TypeAdapter(JournalEvent)
 
 
@@ -584,11 +631,14 @@ class RunJournal:
             key = stored.key()
             if key in self._keys or (isinstance(stored, TaskFinished) and stored.result.task_id in self._final):
                 return None
+            if isinstance(stored, TokensGenerated) and not self._running(stored):
+                return None
             stored = stored.model_copy(update={"seq": self.events[-1].seq + 1})
             if self._file is not None:
                 self._file.write(self._line(stored))
                 self._file.flush()
-                os.fsync(self._file.fileno())
+                if stored.durable:
+                    os.fsync(self._file.fileno())
             self.events.append(stored)
             self._session = max(self._session, stored.session)
             if key is not None:
@@ -596,6 +646,18 @@ class RunJournal:
             if isinstance(stored, TaskFinished) and stored.result.status in FINAL_STATUSES:
                 self._final.add(stored.result.task_id)
             return stored
+
+    def _running(self, progress: TokensGenerated) -> bool:
+        """Whether the attempt `progress` reports on is running, as far as the journal knows: its start
+        journaled, its failure and its task's end not. A report that arrives late (it travels from the server
+        actor, the result through the specialist) is dropped rather than shown after the end."""
+        session, task_id, attempt = progress.session, progress.task_id, progress.attempt
+        return (
+            ("task_started", session, task_id, attempt) in self._keys
+            and ("attempt_failed", session, task_id, attempt) not in self._keys
+            and ("task_finished", session, task_id) not in self._keys
+            and task_id not in self._final
+        )
 
     # ---- reading -------------------------------------------------------------------------------
 

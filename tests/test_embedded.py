@@ -88,7 +88,7 @@ def test_embedded_json_schema_format_is_enforced_by_grammar() -> None:
 
     from teamorch.actors.backends.embedded import EmbeddedBackend
     from teamorch.config import ServerConfig
-    from teamorch.messages import ChatRequest
+    from teamorch.messages import ChatRequest, ChatResponse
 
     schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}, "required": ["answer"]}
     backend = EmbeddedBackend(ServerConfig(name="e", protocol="embedded"))
@@ -100,10 +100,15 @@ def test_embedded_json_schema_format_is_enforced_by_grammar() -> None:
         format=schema,
     )
 
-    async def ask() -> str:
+    counts: list[int] = []  # what the server actor's progress reporter is told, token by token
+
+    async def ask() -> ChatResponse:
         try:
-            return (await backend.chat(req)).text
+            return await backend.chat(req, counts.append)
         finally:
             await backend.aclose()
 
-    assert json.loads(asyncio.run(ask()))["answer"] in ("yes", "no")
+    response = asyncio.run(ask())
+    assert json.loads(response.text)["answer"] in ("yes", "no")
+    # Every sampled token is counted as it comes, including the end-of-text one llama.cpp leaves out of its total.
+    assert counts == list(range(1, len(counts) + 1)) and counts[-1] >= response.tokens > 0

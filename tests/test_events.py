@@ -7,6 +7,7 @@ every event once, in order, and so does a second client that did not start it.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -23,8 +24,10 @@ from teamorch.journal import (
     TaskFinished,
     TaskQueued,
     TaskStarted,
+    TokensGenerated,
 )
 from teamorch.messages import OrchestrationPlan
+from teamorch.policies.progress import REPORT_EVERY
 from tests.helpers import sim_team
 
 
@@ -117,3 +120,24 @@ def test_events_answer_while_a_run_is_busy_and_live_reports_are_written_once(sim
     assert [(e.task_id, e.attempt) for e in every if isinstance(e, TaskStarted)] == [("only", 1)]
     assert ray.get(handle.events.remote("busy-run", every[-1].seq)) == []
     assert ray.get(handle.events.remote("no-such-run")) == []
+
+
+def test_tokens_generated_arrive_while_a_task_streams_throttled_and_in_seq(sims, coordinator) -> None:
+    # The simulator (a real HTTP server on loopback) streams 30 tokens at 20 tokens/s: about 1.5 s of generation.
+    slow = sims(name="slow", tokens_per_second=20)
+    handle = coordinator(sim_team([(slow, 1)], [{"name": "Analyst", "options": {"num_predict": 30}}]))
+    plan = OrchestrationPlan.model_validate({"problem": "p", "tasks": [{"task_id": "only", "specialist": "Analyst"}]})
+    seen = list(api.stream(handle, plan, poll=0.05))
+
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+    (started,) = [e.seq for e in seen if isinstance(e, TaskStarted)]
+    (finished,) = [e for e in seen if isinstance(e, TaskFinished)]
+    progress = [e for e in seen if isinstance(e, TokensGenerated)]
+    assert len(progress) >= 2, seen  # ~1.5 s of streaming, reported every 0.5 s after the first 0.5 s
+    assert all(started < e.seq < finished.seq for e in progress)
+    assert all((e.task_id, e.attempt, e.server) == ("only", 1, "slow") for e in progress)
+    counts = [e.tokens for e in progress]
+    assert counts == sorted(set(counts)) and counts[-1] <= finished.result.tokens == 30
+    assert all(b.at - a.at >= REPORT_EVERY - 0.05 for a, b in itertools.pairwise(progress))
+    assert all(e.tokens_per_second > 0 and e.ttft is not None for e in progress)
+    assert slow.stats()["completed"] == 1  # one generation on the server, whatever was reported about it

@@ -22,6 +22,7 @@ from teamorch.journal import (
     TaskFinished,
     TaskQueued,
     TaskStarted,
+    TokensGenerated,
     attempt_events,
 )
 from teamorch.live import LiveView, render, summarize, use_live
@@ -163,6 +164,29 @@ def test_render_shows_the_counts_the_server_rows_and_the_failures(journal: RunJo
     assert s1.split() == ["s1", "up", "closed", "0/2", "1", "0", "2", "100", "5.0", "50"]
     assert s2.split() == ["s2", "DOWN", "half_open", "2/2", "0", "2", "0", "0", "0.0", "-"]
     assert "c on s1 attempt 1: timeout: no answer in 1s" in text
+
+
+def test_streamed_tokens_count_while_tasks_run_and_give_way_to_the_result(journal: RunJournal) -> None:
+    journal.append(TokensGenerated(task_id="b", server="s2", tokens=30, tokens_per_second=6.0, at=T0 + 12))
+    journal.append(TokensGenerated(task_id="b", server="s2", tokens=40, tokens_per_second=8.0, at=T0 + 14))
+    journal.append(TokensGenerated(task_id="c", server="s2", attempt=2, tokens=20, tokens_per_second=4.0, at=T0 + 15))
+    # A report of c's failed first attempt, fed to the display directly (the journal would drop it): not counted.
+    stale = TokensGenerated(task_id="c", server="s1", attempt=1, tokens=99, at=T0 + 16)
+
+    state = summarize([*journal.events, stale], _loads(), now=T0 + 20)
+
+    assert [(r.task_id, r.tokens, r.tokens_per_second) for r in state.running] == [("b", 40, 8.0), ("c", 20, 4.0)]
+    assert (state.tokens, state.tokens_per_second) == (160, 8.0)  # a's 100 finished, 60 streaming on s2
+    rows = {row.name: row for row in state.servers}
+    assert (rows["s1"].tokens, rows["s2"].tokens, rows["s2"].tokens_per_second) == (100, 60, 3.0)
+    console = Console(file=io.StringIO(), record=True, width=120, color_system=None)
+    console.print(render(state))
+    b_row = next(line for line in console.export_text().splitlines() if line.startswith("b "))
+    assert b_row.split() == ["b", "sp_b", "s2", "1", "18.0", "40", "8.0"]
+
+    _record(journal, _result("b", "succeeded", [("s2", T0 + 2, T0 + 18, "ok")], tokens=45), at=T0 + 18)
+    after = summarize(journal.events, _loads(), now=T0 + 20)
+    assert (after.tokens, [r.task_id for r in after.running]) == (165, ["c"])  # b's result replaces its progress
 
 
 def test_live_view_draws_the_events_it_is_fed_and_ends_on_the_fleet_as_the_run_left_it(journal: RunJournal) -> None:

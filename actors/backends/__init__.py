@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -20,6 +20,10 @@ from teamorch.config import ServerConfig
 from teamorch.errors import MalformedResponse, ModelNotFound, ServerBusy, ServerError, ServerTimeout, ServerUnreachable
 from teamorch.messages import ChatRequest, ChatResponse
 
+# Called on the server actor's event loop with the tokens generated so far, as a stream advances: the server
+# actor turns it into throttled progress reports (`policies.progress`), the backend only counts.
+TokenSink = Callable[[int], None]
+
 
 class Backend(ABC):
     def __init__(self, config: ServerConfig) -> None:
@@ -27,8 +31,9 @@ class Backend(ABC):
         self.name = config.name
 
     @abstractmethod
-    async def chat(self, req: ChatRequest) -> ChatResponse:
-        """One completion; raises a `teamorch.errors.ServerError` subclass on failure."""
+    async def chat(self, req: ChatRequest, on_tokens: TokenSink | None = None) -> ChatResponse:
+        """One completion; raises a `teamorch.errors.ServerError` subclass on failure. A streaming backend
+        calls `on_tokens` as tokens arrive; one that is not streaming never does."""
 
     @abstractmethod
     async def models(self) -> tuple[list[str] | None, list[str] | None]:

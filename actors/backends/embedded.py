@@ -14,10 +14,11 @@ import fcntl
 import json
 import threading
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from teamorch.actors.backends import Backend
+from teamorch.actors.backends import Backend, TokenSink
 from teamorch.config import ServerConfig
 from teamorch.errors import ModelNotFound, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
@@ -105,7 +106,7 @@ class EmbeddedBackend(Backend):
                     raise ServerError(self.name, f"cannot load embedded model: {exc}") from exc
         return self._llm
 
-    async def chat(self, req: ChatRequest) -> ChatResponse:
+    async def chat(self, req: ChatRequest, on_tokens: TokenSink | None = None) -> ChatResponse:
         if req.model not in (self.config.models or []):
             raise ModelNotFound(
                 self.name, f"model {req.model!r} not found (embedded server has {self.config.models})", 404
@@ -114,14 +115,23 @@ class EmbeddedBackend(Backend):
         max_tokens = int(req.options.get("num_predict") or DEFAULT_MAX_TOKENS)
         prompt = render_prompt(req, max_chars=max(400, (self.config.n_ctx - max_tokens - 16) * 3))
         cancel = threading.Event()
+        loop = asyncio.get_running_loop()
+        # The count is made in the generating thread; `on_tokens` belongs to the actor's event loop.
+        counted = None if on_tokens is None else partial(loop.call_soon_threadsafe, on_tokens)
         try:
-            return await asyncio.to_thread(self._generate, llm, req, prompt, max_tokens, cancel)
+            return await asyncio.to_thread(self._generate, llm, req, prompt, max_tokens, cancel, counted)
         except asyncio.CancelledError:
             cancel.set()
             raise
 
     def _generate(
-        self, llm: Any, req: ChatRequest, prompt: str, max_tokens: int, cancel: threading.Event
+        self,
+        llm: Any,
+        req: ChatRequest,
+        prompt: str,
+        max_tokens: int,
+        cancel: threading.Event,
+        counted: TokenSink | None = None,
     ) -> ChatResponse:
         from llama_cpp import LlamaGrammar, StoppingCriteriaList
         from llama_cpp.llama_grammar import JSON_GBNF
@@ -142,11 +152,15 @@ class EmbeddedBackend(Backend):
                 prompt = llm.detokenize(tokens[:8] + tokens[-(room - 8) :]).decode("utf-8", "replace")
             cached = _cached_prefix(llm, tokens)
             first_token_at: list[float] = []
+            generated = [0]
 
             def stop_or_note(_ids: Any, _logits: Any) -> bool:
-                # Called once per generated token: note the first one, stop at once if cancelled.
+                # Called once per generated token: note the first one, count it, stop at once if cancelled.
                 if not first_token_at:
                     first_token_at.append(time.monotonic())
+                generated[0] += 1
+                if counted is not None:
+                    counted(generated[0])
                 return cancel.is_set()
 
             out = llm.create_completion(

@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from teamorch.actors.backends import HttpBackend
+from teamorch.actors.backends import HttpBackend, TokenSink
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -21,7 +21,7 @@ NS = 1e-9
 
 
 class OllamaBackend(HttpBackend):
-    async def chat(self, req: ChatRequest) -> ChatResponse:
+    async def chat(self, req: ChatRequest, on_tokens: TokenSink | None = None) -> ChatResponse:
         payload: dict[str, Any] = {"model": req.model, "messages": req.messages, "stream": True}
         if req.options:
             payload["options"] = req.options
@@ -44,6 +44,8 @@ class OllamaBackend(HttpBackend):
                         if ttft is None:
                             ttft = time.monotonic() - started
                         pieces.append(content)
+                        if on_tokens is not None:
+                            on_tokens(len(pieces))  # Ollama streams one token per line
                     if chunk.get("done"):
                         final = chunk
                         break

@@ -2,7 +2,7 @@
 
 Non-streaming: these servers report token usage reliably only on the final
 object, and cancellation still works because closing the request closes the
-connection.
+connection. So a call here reports no progress (`tokens_generated`) while it runs.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-from teamorch.actors.backends import HttpBackend
+from teamorch.actors.backends import HttpBackend, TokenSink
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -28,7 +28,7 @@ _OPTION_MAP = {
 
 
 class OpenAIBackend(HttpBackend):
-    async def chat(self, req: ChatRequest) -> ChatResponse:
+    async def chat(self, req: ChatRequest, on_tokens: TokenSink | None = None) -> ChatResponse:
         payload: dict[str, Any] = {"model": req.model, "messages": req.messages, "stream": False}
         for key, value in req.options.items():
             if key in _OPTION_MAP:
