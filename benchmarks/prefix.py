@@ -42,8 +42,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
-from benchmarks.routing import _quiet_litellm
-from teamorch import api
 from teamorch.config import SpecialistConfig
 from teamorch.messages import OrchestrationPlan, Task
 from teamorch.policies.prompting import build_messages
@@ -251,6 +249,8 @@ def _measure(fleet: Fleet, router: str, makespan: float, ok: int, total: int) ->
 
 
 def run_teamorch(fleet: Fleet, work: Workload, plan: list[Task], policy: str, pin: dict[str, str] | None = None) -> Run:
+    from teamorch import api  # Ray only where a router runs: `benchmarks.replay` and its fast test use the workloads
+
     fleet.reset()
     coordinator = api.start_coordinator(sim_team(fleet, work.specialists, policy))
     try:
@@ -275,6 +275,8 @@ def affinity(work: Workload, fleet: Fleet) -> dict[str, str]:
 
 def run_litellm(fleet: Fleet, work: Workload, plan: list[Task]) -> Run:
     """One deployment per (server, model), default strategy; every task submitted at once, as it is used."""
+    from benchmarks.routing import _quiet_litellm
+
     litellm = _quiet_litellm()
     fleet.reset()
     deployments = [
@@ -315,6 +317,8 @@ def run_workload(work: Workload, shapes: list[Shape], label: str, with_pin: bool
         if with_pin:
             jobs.append(("affinity", lambda: run_teamorch(fleet, work, plan, "peak_ewma", affinity(work, fleet))))
         try:
+            from benchmarks.routing import _quiet_litellm
+
             _quiet_litellm()
             jobs.append(("litellm", lambda: run_litellm(fleet, work, plan)))
         except ImportError:
