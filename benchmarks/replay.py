@@ -44,6 +44,7 @@ from benchmarks.prefix import (
     PROBLEM,
     Shape,
     Workload,
+    cache_floor,
     model_bound,
     multi_model_workload,
     prefix_bound,
@@ -465,6 +466,11 @@ def bound_of(case: Case) -> float:
     return (prefix_bound if case.work.prefill_tps else model_bound)(case.work, case.shapes, plan).seconds
 
 
+def floor_of(case: Case) -> float | None:
+    """The shared-prefix workload's cache floor (`benchmarks.prefix.cache_floor`); None for the multi-model one."""
+    return cache_floor(case.work, case.shapes, tasks(case.work)).seconds if case.work.prefill_tps else None
+
+
 def timeline(result: Result) -> str:
     """Each slot's requests in order: start time, `*` for a cold prefill, the specialist's first and last letters."""
     lines = []
@@ -490,7 +496,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
     for case in cases():
         if args.only and not (case.workload.startswith(args.only) or case.label == args.only):
             continue
-        bound = bound_of(case)
+        bound, floor = bound_of(case), floor_of(case)
         for policy in args.policy or ["peak_ewma"]:
             result = replay(case, policy, args.planner, args.trace)
             rows.append(
@@ -500,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
                     policy,
                     result.makespan,
                     result.makespan / bound,
+                    f"{result.makespan / floor:.2f}" if floor else "-",
                     result.hit_rate,
                     result.loads,
                 ]
@@ -507,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
             if args.trace:
                 print(f"--- {case.workload} / fleet {case.label} / {policy}\n{timeline(result)}")
     print("REPLAY (a development tool, not a measurement: see the module docstring)")
-    print(table(["workload", "fleet", "policy", "makespan s", "x bound", "hit rate", "loads"], rows))
+    print(table(["workload", "fleet", "policy", "makespan s", "x bound", "x cache floor", "hit rate", "loads"], rows))
     return rows
 
 

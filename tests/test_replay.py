@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.prefix import tasks
+from benchmarks.prefix import PREFIX_FLEETS, cache_floor, prefix_bound, shared_prefix_workload, tasks
 from benchmarks.replay import Case, Replay, bound_of, cases, jobs, replay
 
 
@@ -33,3 +33,25 @@ def test_slots_never_run_more_than_their_count_and_the_planner_replays_too() -> 
         overlapping = [o for o in result.spans if o.server == span.server and o.start <= span.start < o.end]
         assert len(overlapping) <= slots[span.server]
     assert result.makespan >= bound_of(case)
+
+
+@pytest.mark.parametrize("label", ["A", "B", "C"])
+def test_cache_floor_is_a_tighter_bound_that_no_replayed_schedule_beats(label: str) -> None:
+    work, shapes = shared_prefix_workload(), PREFIX_FLEETS[label]
+    plan = tasks(work)
+    floor, bound = cache_floor(work, shapes, plan), prefix_bound(work, shapes, plan).seconds
+    assert floor.seconds >= bound and floor.cold >= len(work.specialists)
+    assert 0.0 < floor.best_hit < 1.0
+    for policy in ("peak_ewma", "round_robin"):
+        result = Replay(work, shapes, policy).run(jobs(work, plan))
+        assert result.makespan >= floor.seconds
+        if result.makespan <= floor.target * bound:
+            assert result.hit_rate <= floor.best_hit
+
+
+def test_four_equal_two_slot_servers_cannot_have_both_hit_rate_085_and_13x_the_bound() -> None:
+    """The feasibility argument in benchmarks/README.md: on fleet A the two targets of issue 10 exclude each other."""
+    work = shared_prefix_workload()
+    floor = cache_floor(work, PREFIX_FLEETS["A"], tasks(work))
+    assert floor.best_hit < 0.85
+    assert floor.seconds > prefix_bound(work, PREFIX_FLEETS["A"], tasks(work)).seconds * 1.15
