@@ -9,7 +9,10 @@ does not hold. Lower bound: every task pays its own uncached part (what it
 does not share with the specialist's other tasks) plus its generation and
 time to first token, and each specialist pays one cold prefill of what its
 tasks share; that work over the fleet's capacity, or the longest task, if
-longer. Hit rate = cached / prompt tokens, counted by the servers.
+longer. Hit rate = cached / prompt tokens, counted by the servers. A second,
+tighter bound (`cache_floor`) counts the cold prefill every slot a hot
+specialist needs pays, and with it the best hit rate any schedule within
+1.3x the first bound can reach.
 
 **Multi-model.** One specialist per model, 3-4 models, on servers that hold
 one model at a time (`max_loaded: 1`, Ollama's OLLAMA_MAX_LOADED_MODELS) and
