@@ -9,7 +9,10 @@ does not hold. Lower bound: every task pays its own uncached part (what it
 does not share with the specialist's other tasks) plus its generation and
 time to first token, and each specialist pays one cold prefill of what its
 tasks share; that work over the fleet's capacity, or the longest task, if
-longer. Hit rate = cached / prompt tokens, counted by the servers.
+longer. Hit rate = cached / prompt tokens, counted by the servers. A second,
+tighter bound (`cache_floor`) counts the cold prefill every slot a hot
+specialist needs pays, and with it the best hit rate any schedule within
+1.3x the first bound can reach.
 
 **Multi-model.** One specialist per model, 3-4 models, on servers that hold
 one model at a time (`max_loaded: 1`, Ollama's OLLAMA_MAX_LOADED_MODELS) and
@@ -36,14 +39,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import itertools
+import math
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
-from benchmarks.routing import _quiet_litellm
-from teamorch import api
 from teamorch.config import SpecialistConfig
 from teamorch.messages import OrchestrationPlan, Task
 from teamorch.policies.prompting import build_messages
@@ -166,23 +168,47 @@ class Bound:
     note: str
 
 
-def prefix_bound(work: Workload, fleet: list[Shape], plan: list[Task]) -> Bound:
-    """One cold prefill per specialist, every task's own uncached part, generation and ttft (reference seconds)."""
+@dataclass(frozen=True)
+class _Specialist:
+    """One specialist's part of the shared-prefix bounds (reference-slot seconds and prompt tokens)."""
+
+    work: float  # every task's own uncached part, generation and ttft
+    shared: int  # tokens all its prompts share: one cold prefill
+    cross: int  # tokens it shares with another specialist's prompt: a slot that held that one caches them
+    own: int  # its tasks' tokens no other task of it shares: never cached
+    longest: float  # its longest task, prefilled cold
+
+
+def _specialists(work: Workload, plan: list[Task]) -> list[_Specialist]:
     prompts = {t.task_id: prompt_of(work, t) for t in plan}
     prefill = work.prefill_tps or float("inf")
-    work_s, cold, longest = 0.0, 0.0, 0.0
+    out = []
     for spec in work.specialists:
         mine = [t for t in plan if t.specialist == spec["name"]]
+        others = [t for t in plan if t.specialist != spec["name"]]
         shared = min(common_prefix(prompts[a.task_id], prompts[b.task_id]) for a in mine for b in mine if a is not b)
         shared = shared if len(mine) > 1 else 0  # a lone task's whole prompt is its own part
-        cold += shared / prefill
+        cross = max((common_prefix(prompts[a.task_id], prompts[b.task_id]) for a in mine for b in others), default=0)
+        work_s, own_tokens, longest = 0.0, 0, 0.0
         for t in mine:
             own = len(prompts[t.task_id]) - max(
                 (common_prefix(prompts[t.task_id], prompts[o.task_id]) for o in mine if o is not t), default=0
             )
             cost = work.ttft + own / prefill + int(t.options["num_predict"]) / work.tps
             work_s += cost
+            own_tokens += own
             longest = max(longest, cost + len(prompts[t.task_id]) / prefill)
+        out.append(_Specialist(work_s, shared, min(cross, shared), own_tokens, longest))
+    return out
+
+
+def prefix_bound(work: Workload, fleet: list[Shape], plan: list[Task]) -> Bound:
+    """One cold prefill per specialist, every task's own uncached part, generation and ttft (reference seconds)."""
+    parts = _specialists(work, plan)
+    prefill = work.prefill_tps or float("inf")
+    work_s = sum(p.work for p in parts)
+    cold = sum(p.shared for p in parts) / prefill
+    longest = max(p.longest for p in parts)
     capacity = sum(s.slots * s.factor for s in fleet)
     fastest = max(s.factor for s in fleet)
     seconds = max(longest / fastest, (work_s + cold) / capacity)
@@ -191,6 +217,65 @@ def prefix_bound(work: Workload, fleet: list[Shape], plan: list[Task]) -> Bound:
         f"work {work_s:.1f} s + one cold prefill per specialist {cold:.1f} s (reference slot) over "
         f"{capacity:g} reference slots; longest task {longest / fastest:.2f} s",
     )
+
+
+@dataclass(frozen=True)
+class CacheFloor:
+    """What per-slot caches force on any schedule of the shared-prefix workload (`cache_floor`)."""
+
+    seconds: float  # no schedule finishes sooner: a second lower bound, tighter than `prefix_bound`'s
+    cold: int  # cold prefills a schedule of that makespan pays at least
+    target: float  # makespan allowed, as a multiple of `prefix_bound`
+    best_hit: float  # the highest prefix hit rate any schedule within `target` x the bound can have
+
+
+def _fewest_cold(parts: list[_Specialist], prefill: float, fleet: list[Shape], seconds: float) -> list[int] | None:
+    """Per specialist, the fewest cold prefills a schedule of makespan `seconds` pays; None: no such schedule.
+
+    A slot caches one prompt, so each stretch of a slot's time given to one
+    specialist starts with a cold prefill of its shared prefix (less what the
+    slot's previous prompt shares with it, `cross`). A stretch on a slot of
+    speed f lasts at most `seconds`, so it does at most f x seconds - prefill
+    of the specialist's other work: k stretches on the fastest slots must hold
+    all of it. And the whole fleet's capacity x `seconds` must hold every
+    specialist's work plus all its cold prefills. Both are necessary, so the
+    counts are lower bounds for any schedule, not a plan anyone can follow.
+    """
+    fastest = max(s.factor for s in fleet)
+    counts = []
+    for p in parts:
+        cold = (p.shared - p.cross) / prefill
+        room = fastest * seconds - cold
+        if room <= 0:
+            return None
+        counts.append(max(1, math.ceil(p.work / room - 1e-9)))
+    total = sum(p.work + k * (p.shared - p.cross) / prefill for p, k in zip(parts, counts, strict=True))
+    return counts if total <= seconds * sum(s.slots * s.factor for s in fleet) else None
+
+
+def cache_floor(work: Workload, fleet: list[Shape], plan: list[Task], target: float = 1.3) -> CacheFloor:
+    """The shortest makespan per-slot caches allow, and the best hit rate within `target` x `prefix_bound`.
+
+    `prefix_bound` charges each specialist one cold prefill; a hot specialist
+    needs several slots to finish in time, and each slot pays its own. The hit
+    rate counts cached / prompt tokens: every task's own part is never
+    cached, and each cold prefill caches only what the slot's previous prompt
+    shared with it.
+    """
+    parts = _specialists(work, plan)
+    prefill = work.prefill_tps or float("inf")
+    bound = prefix_bound(work, fleet, plan).seconds
+    low, high = bound, bound
+    while _fewest_cold(parts, prefill, fleet, high) is None:
+        low, high = high, high * 2
+    for _ in range(60):  # feasibility only grows with the makespan: bisect to its threshold
+        mid = (low + high) / 2
+        low, high = (low, mid) if _fewest_cold(parts, prefill, fleet, mid) is not None else (mid, high)
+    floor = _fewest_cold(parts, prefill, fleet, high) or []
+    total = sum(len(prompt_of(work, t)) for t in plan)
+    at_target = _fewest_cold(parts, prefill, fleet, max(high, target * bound)) or floor
+    uncached = sum(p.own for p in parts) + sum(k * (p.shared - p.cross) for p, k in zip(parts, at_target, strict=True))
+    return CacheFloor(high, sum(floor), target, 1.0 - uncached / total)
 
 
 def model_bound(work: Workload, fleet: list[Shape], plan: list[Task]) -> Bound:
@@ -251,6 +336,8 @@ def _measure(fleet: Fleet, router: str, makespan: float, ok: int, total: int) ->
 
 
 def run_teamorch(fleet: Fleet, work: Workload, plan: list[Task], policy: str, pin: dict[str, str] | None = None) -> Run:
+    from teamorch import api  # Ray only where a router runs: `benchmarks.replay` and its fast test use the workloads
+
     fleet.reset()
     coordinator = api.start_coordinator(sim_team(fleet, work.specialists, policy))
     try:
@@ -275,6 +362,8 @@ def affinity(work: Workload, fleet: Fleet) -> dict[str, str]:
 
 def run_litellm(fleet: Fleet, work: Workload, plan: list[Task]) -> Run:
     """One deployment per (server, model), default strategy; every task submitted at once, as it is used."""
+    from benchmarks.routing import _quiet_litellm
+
     litellm = _quiet_litellm()
     fleet.reset()
     deployments = [
@@ -315,6 +404,8 @@ def run_workload(work: Workload, shapes: list[Shape], label: str, with_pin: bool
         if with_pin:
             jobs.append(("affinity", lambda: run_teamorch(fleet, work, plan, "peak_ewma", affinity(work, fleet))))
         try:
+            from benchmarks.routing import _quiet_litellm
+
             _quiet_litellm()
             jobs.append(("litellm", lambda: run_litellm(fleet, work, plan)))
         except ImportError:
@@ -322,7 +413,16 @@ def run_workload(work: Workload, shapes: list[Shape], label: str, with_pin: bool
         for _key, job in jobs:
             runs.append(job())
             print(f"  measured {work.title} / {label} / {runs[-1].router}: {runs[-1].makespan:.1f} s", flush=True)
-    return {"work": work, "shapes": shapes, "label": label, "bound": bound, "runs": runs, "tasks": len(plan)}
+    floor = cache_floor(work, shapes, plan) if work.prefill_tps else None
+    return {
+        "work": work,
+        "shapes": shapes,
+        "label": label,
+        "bound": bound,
+        "floor": floor,
+        "runs": runs,
+        "tasks": len(plan),
+    }
 
 
 # ------------------------------------------------------------------------------ report
@@ -332,12 +432,14 @@ def render(result: dict[str, Any]) -> str:
     work: Workload = result["work"]
     bound: Bound = result["bound"]
     runs: list[Run] = result["runs"]
+    floor: CacheFloor | None = result["floor"]
     rr = next((r.makespan for r in runs if r.router == "teamorch round_robin"), float("nan"))
     rows = [
         [
             r.router,
             r.makespan,
             r.makespan / bound.seconds,
+            *([r.makespan / floor.seconds] if floor else []),
             rr / r.makespan,
             r.cached_tokens / r.prompt_tokens if r.prompt_tokens else 0.0,
             r.loads,
@@ -360,12 +462,14 @@ def render(result: dict[str, Any]) -> str:
             f"reference slot {rates}, ttft {work.ttft:g} s"
             + (f"; max_loaded {work.max_loaded}, every server starts empty" if work.max_loaded else ""),
             f"Lower bound {bound.seconds:.2f} s: {bound.note}.",
+            *([_floor_note(floor, bound)] if floor else []),
             "",
             table(
                 [
                     "router",
                     "makespan s",
                     "x bound",
+                    *(["x cache floor"] if floor else []),
                     "speedup vs round_robin",
                     "prefix hit rate",
                     "model loads",
@@ -377,6 +481,15 @@ def render(result: dict[str, Any]) -> str:
                 rows,
             ),
         ]
+    )
+
+
+def _floor_note(floor: CacheFloor, bound: Bound) -> str:
+    return (
+        f"Cache floor {floor.seconds:.2f} s ({floor.seconds / bound.seconds:.2f} x the bound): with one prompt "
+        f"cached per slot, any schedule that short pays >= {floor.cold} cold prefills (the bound charges one per "
+        f"specialist), and any schedule within {floor.target:g} x the bound has a prefix hit rate <= "
+        f"{floor.best_hit:.3f} (`cache_floor`)."
     )
 
 

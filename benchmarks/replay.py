@@ -1,0 +1,522 @@
+"""Deterministic policy replay: the balancer's decisions and the simulator's servers on one virtual clock, no Ray.
+
+A DEVELOPMENT TOOL for routing policies, NOT a measurement. Its figures are
+never quoted as results (benchmarks/README.md quotes `benchmarks.prefix`,
+which runs the real actors against real simulator servers over HTTP). What it
+is for: a routing change can be tried on every fleet of a workload in
+seconds, the same way every time, and a run can be taken apart request by
+request (`--trace`: each slot's timeline, which requests prefilled cold),
+which a benchmark on a shared machine cannot give.
+
+What is real and what is replayed:
+
+* Every decision is the real policy code: `plan_dispatch` (or the incremental
+  `Planner`), `coalesce_delay`, `apply_group_diversity`, `planned_seconds`,
+  and the balancer's bookkeeping in `teamorch.policies.fleet` (`record_grant`,
+  `record_outcome`, `record_probe`, `to_load`). The requests are built as the
+  specialist builds them (`prompt_blocks` -> `signature`).
+* The servers follow `teamorch.sim`'s rules through its pure parts
+  (`teamorch.sim_model.SlotCaches`: the free slot with the longest common
+  prefix; `Residency`: least recently used eviction after a drain, one load
+  at a time), and report what the simulator reports (prompt_eval = ttft +
+  uncached / prefill rate, cached counts, load_duration).
+* Replayed, not run: the balancer actor's glue (arrivals, coalescing timer,
+  0.25 s tick, health polls, a probe after each load) and Ray/HTTP hops,
+  a fixed `HOP` each way. Streaming, retries and faults are not replayed.
+
+Run: `.venv/bin/python -m benchmarks.replay [--policy P] [--planner] [--trace]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import itertools
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from benchmarks.common import MODEL, table
+from benchmarks.prefix import (
+    MODEL_FLEETS,
+    PREFIX_FLEETS,
+    PROBLEM,
+    Shape,
+    Workload,
+    cache_floor,
+    model_bound,
+    multi_model_workload,
+    prefix_bound,
+    prompt_of,
+    shared_prefix_workload,
+    tasks,
+)
+from teamorch.config import RetryConfig, ServerConfig, SpecialistConfig
+from teamorch.errors import NoServerAvailable
+from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad, Task
+from teamorch.policies.balancing import (
+    Decision,
+    Planner,
+    Queued,
+    apply_group_diversity,
+    coalesce_delay,
+    has_capacity,
+    plan_dispatch,
+    planned_seconds,
+)
+from teamorch.policies.fleet import Placement, ServerStats, record_grant, record_outcome, record_probe, to_load
+from teamorch.policies.prefix import SlotState, signature
+from teamorch.policies.prompting import prompt_blocks
+from teamorch.sim_model import Residency, SlotCaches, Taken
+
+# Seconds of each Ray/HTTP hop (grant -> server, server -> release); H5 matched a real fleet-B run within 1% with it.
+HOP = 0.004
+TICK_SECONDS = 0.25  # the balancer's re-planning tick (teamorch.actors.balancer.TICK_SECONDS)
+# A request that found fewer of its prompt's tokens cached than this fraction counts as a cold prefill in the trace.
+COLD_FRACTION = 0.5
+
+
+@dataclass(frozen=True)
+class Job:
+    """One task as the balancer and the server see it: its lease request, its prompt's tokens, its output tokens."""
+
+    task_id: str
+    specialist: str
+    req: LeaseRequest
+    prompt: tuple[str, ...]
+    tokens: int
+
+
+def jobs(work: Workload, plan: Sequence[Task]) -> list[Job]:
+    """The lease requests the specialists send for `plan`, built as `Specialist.run` builds them."""
+    specs = {s["name"]: SpecialistConfig.model_validate(s) for s in work.specialists}
+    out = []
+    for t in plan:
+        spec = specs[t.specialist]
+        sig = signature(prompt_blocks(spec, t, PROBLEM, {}, {}))
+        n = int(t.options["num_predict"])
+        req = LeaseRequest(
+            model=spec.model or MODEL,
+            expected_tokens=n,
+            prefix=list(sig.chain),
+            prefix_tokens=list(sig.tokens),
+            prompt_tokens=sig.total,
+        )
+        out.append(Job(t.task_id, t.specialist, req, prompt_of(work, t), n))
+    return out
+
+
+@dataclass
+class _Call:
+    """A request at a server: arrived, maybe waiting for its model; `taken` once it holds a slot."""
+
+    lease: int
+    job: Job
+    arrived: float
+    taken: Taken | None = None
+    load_wait: float = 0.0
+
+
+@dataclass(frozen=True)
+class Span:
+    """One request on a server slot, for the trace: when it started, what it found cached, who sent it."""
+
+    server: str
+    slot: int
+    start: float
+    end: float
+    specialist: str
+    cached: int
+    prompt: int
+
+    @property
+    def cold(self) -> bool:
+        return self.cached < COLD_FRACTION * self.prompt
+
+
+Push = Callable[[float, Callable[[float], None]], None]
+
+
+class Box:
+    """One simulator server on the replay clock, by `teamorch.sim`'s rules (see the module docstring)."""
+
+    def __init__(self, shape: Shape, work: Workload, models: list[str], push: Push, done: Callable[..., None]) -> None:
+        self.shape, self.work, self.push, self.done = shape, work, push, done
+        self.max_loaded = work.max_loaded
+        self.residency = Residency([] if work.max_loaded else models)
+        self.caches: dict[str, SlotCaches] = {}
+        self.running: Counter[str] = Counter()
+        self.pending: list[_Call] = []
+        self.loading: str | None = None  # the one load under way (or waiting for its victim to drain)
+        self.victim: str | None = None
+        self.counts: Counter[str] = Counter()
+        self.spans: list[Span] = []
+
+    def loaded(self) -> list[str]:
+        return list(self.residency.order)
+
+    def arrive(self, call: _Call, now: float) -> None:
+        self.pending.append(call)
+        self._step(now)
+
+    def _step(self, now: float) -> None:
+        for call in [c for c in self.pending if self.residency.usable(c.job.req.model)]:
+            self.pending.remove(call)
+            self._start(call, now)
+        if self.loading is None:
+            wanted = next((c.job.req.model for c in self.pending if not self.residency.resident(c.job.req.model)), None)
+            if wanted is not None:
+                self.loading = wanted
+                self._make_room(now)
+
+    def _make_room(self, now: float) -> None:
+        """Evict the least recently used model (idle first) after its requests drain; then load."""
+        assert self.loading is not None
+        if self.residency.full(self.max_loaded):
+            victim = self.residency.victim(lambda m: self.running[m] > 0)
+            if victim is not None and self.running[victim] > 0:
+                self.residency.draining.add(victim)
+                self.victim = victim
+                return  # `finish` resumes when it drained
+            if victim is not None:
+                self.residency.evict(victim)
+                self.caches.pop(victim, None)
+                self.counts["evictions"] += 1
+        model = self.loading
+        self.residency.loading.add(model)
+        self.push(now + self.shape.load_time, lambda t: self._loaded(model, t))
+
+    def _loaded(self, model: str, now: float) -> None:
+        self.residency.loaded(model)
+        self.counts["model_loads"] += 1
+        self.loading = None
+        self._step(now)
+
+    def _start(self, call: _Call, now: float) -> None:
+        model, f, work = call.job.req.model, self.shape.factor, self.work
+        self.running[model] += 1
+        self.residency.touch(model)
+        caches = self.caches.setdefault(model, SlotCaches())
+        call.taken = caches.take(call.job.prompt, self.shape.slots, now)
+        call.taken.slot.tokens = call.job.prompt
+        call.load_wait = now - call.arrived if now > call.arrived else 0.0
+        uncached = len(call.job.prompt) - call.taken.cached
+        prefill = work.ttft / f + (uncached / (work.prefill_tps * f) if work.prefill_tps else 0.0)
+        gen = call.job.tokens / (work.tps * f)
+        self.counts["prompt_tokens"] += len(call.job.prompt)
+        self.counts["cached_prompt_tokens"] += call.taken.cached
+        end = now + prefill + gen
+        slot = caches.slots.index(call.taken.slot)
+        self.spans.append(
+            Span(self.shape.name, slot, now, end, call.job.specialist, call.taken.cached, len(call.job.prompt))
+        )
+        self.push(end, lambda t: self._finish(call, prefill, gen, t))
+
+    def _finish(self, call: _Call, prefill: float, gen: float, now: float) -> None:
+        assert call.taken is not None
+        model = call.job.req.model
+        SlotCaches.release(call.taken.slot, now)
+        self.running[model] -= 1
+        self.counts["completed"] += 1
+        self.done(call, prefill, gen, now)
+        if self.victim == model and self.running[model] == 0:
+            self.victim = None
+            self.residency.evict(model)
+            self.caches.pop(model, None)
+            self.counts["evictions"] += 1
+            self._make_room(now)
+        self._step(now)
+
+
+@dataclass
+class _Lease:
+    server: str
+    granted: float
+    expected: float
+    placed: Placement
+    job: Job
+
+
+@dataclass
+class Result:
+    """What one replay did; `spans` is every request on its slot, for `--trace`."""
+
+    policy: str
+    makespan: float
+    prompt_tokens: int
+    cached_tokens: int
+    loads: int
+    evictions: int
+    per_server: dict[str, int]
+    spans: list[Span] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    def cold_prefills(self) -> Counter[str]:
+        return Counter(s.specialist for s in self.spans if s.cold)
+
+
+class Replay:
+    """The balancer actor's event handling (teamorch.actors.balancer.LoadBalancer) over `Box` servers.
+
+    Only its glue is re-enacted here: arrivals in queue order, the coalescing
+    timer, the tick, polls and grants; each decision is the policy's.
+    `planner=True` plans with the incremental `Planner` instead of calling
+    `plan_dispatch` over the whole queue.
+    """
+
+    def __init__(
+        self,
+        work: Workload,
+        shapes: Sequence[Shape],
+        policy: str = "peak_ewma",
+        *,
+        planner: bool = False,
+        hop: float = HOP,
+    ) -> None:
+        self.work, self.policy, self.hop = work, policy, hop
+        self.models = sorted({str(s.get("model", MODEL)) for s in work.specialists})
+        self.events: list[tuple[float, int, Callable[[float], None]]] = []
+        self.seq = itertools.count()
+        self.boxes = {s.name: Box(s, work, self.models, self._push, self._answered) for s in shapes}
+        configs = {s.name: ServerConfig(name=s.name, url=f"http://{s.name}.replay", slots=s.slots) for s in shapes}
+        self.stats = {name: ServerStats.new(cfg, RetryConfig()) for name, cfg in configs.items()}
+        self.poll_interval = min(cfg.poll_interval for cfg in configs.values())
+        self.waiters: list[tuple[int, float, Job]] = []  # (seq, enqueued, job), in queue order
+        self.leases: dict[int, _Lease] = {}
+        self.planner = Planner(policy, rng=random.Random(0)) if planner else None
+        self.rng = random.Random(0)
+        self.rr = itertools.count()
+        self.coalescing = False
+        self.end = 0.0
+        self.left = 0  # jobs not yet released
+
+    def _push(self, at: float, action: Callable[[float], None]) -> None:
+        heapq.heappush(self.events, (at, next(self.seq), action))
+
+    def run(self, plan: Sequence[Job], trace: bool = False) -> Result:
+        """Submit every job at t=0 (one wave, as a plan's fan-out does) and replay until the last one is released."""
+        for name in self.stats:
+            self._probe(name, 0.0, dispatch=False)
+        for job in plan:
+            self._push(0.0, lambda t, job=job: self._arrive(job, t))
+        self._push(self.poll_interval, self._poll)
+        self._push(TICK_SECONDS, self._tick)
+        self.left = len(plan)
+        while self.events and self.left:
+            at, _, action = heapq.heappop(self.events)
+            action(at)
+        counts = sum((box.counts for box in self.boxes.values()), Counter())
+        return Result(
+            self.policy,
+            self.end,
+            counts["prompt_tokens"],
+            counts["cached_prompt_tokens"],
+            counts["model_loads"],
+            counts["evictions"],
+            {name: box.counts["completed"] for name, box in self.boxes.items()},
+            [s for box in self.boxes.values() for s in box.spans] if trace else [],
+        )
+
+    # ---- the balancer's events ------------------------------------------------------------
+
+    def _loads(self, now: float) -> list[ServerLoad]:
+        return [to_load(s, now, len(self.waiters)) for s in self.stats.values()]
+
+    def _arrive(self, job: Job, now: float) -> None:
+        key = next(self.seq)
+        self.waiters.append((key, now, job))
+        if self.planner is not None:
+            self.planner.add(key, job.req, now)
+        loads = self._loads(now)
+        delay = coalesce_delay(self.policy, loads, job.req)
+        if delay is not None or not any(has_capacity(s) for s in loads):
+            if delay is not None and not self.coalescing:
+                self.coalescing = True
+                self._push(now + delay, self._coalesced)
+            return
+        self._dispatch(now)
+
+    def _coalesced(self, now: float) -> None:
+        self.coalescing = False
+        self._dispatch(now)
+
+    def _tick(self, now: float) -> None:
+        if self.waiters:
+            self._dispatch(now)
+        if self.waiters or self.leases:
+            self._push(now + TICK_SECONDS, self._tick)
+
+    def _poll(self, now: float) -> None:
+        for name in self.stats:
+            self._probe(name, now, dispatch=False)
+        self._dispatch(now)
+        if self.waiters or self.leases:
+            self._push(now + self.poll_interval, self._poll)
+
+    def _probe(self, name: str, now: float, dispatch: bool = True) -> None:
+        probe = ProbeResult(
+            healthy=True, checked_at=now, models_present=self.models, models_loaded=self.boxes[name].loaded()
+        )
+        record_probe(self.stats[name], probe, now)
+        if dispatch:
+            self._dispatch(now)
+
+    def _caches(self, now: float) -> dict[str, list[SlotState]]:
+        remaining: dict[str, dict[int, float]] = {name: {} for name in self.stats}
+        for lease in self.leases.values():
+            if lease.placed.slot is not None:
+                remaining[lease.server][lease.placed.slot] = max(0.0, lease.expected - (now - lease.granted))
+        return {name: stats.prefix.states(remaining[name]) for name, stats in self.stats.items()}
+
+    def _dispatch(self, now: float) -> None:
+        for _round in range(len(self.waiters) + 1):
+            if not self.waiters or not self._round(now):
+                return
+
+    def _decide(self, now: float, loads: list[ServerLoad], queue: list[Queued]) -> dict[int, Decision]:
+        """Decisions by position in `self.waiters`."""
+        caches = self._caches(now)
+        counter = self.rr if self.policy == "round_robin" else None
+        if self.planner is None:
+            return plan_dispatch(self.policy, loads, queue, caches=caches, counter=counter, rng=self.rng)
+        keyed = self.planner.plan(loads, now, caches=caches, counter=counter)
+        where = {key: i for i, (key, _, _) in enumerate(self.waiters)}
+        return {where[key]: d for key, d in keyed.items()}
+
+    def _round(self, now: float) -> bool:
+        loads = self._loads(now)
+        queue = [Queued(job.req, now - enqueued) for _, enqueued, job in self.waiters]
+        decisions, held_back = apply_group_diversity(self._decide(now, loads, queue), queue)
+        granted = set()
+        for index, decision in decisions.items():
+            if isinstance(decision, NoServerAvailable):
+                raise decision
+            key, _, job = self.waiters[index]
+            self._grant(key, job, decision, loads, now)
+            granted.add(key)
+        self.waiters = [w for w in self.waiters if w[0] not in granted]
+        return held_back
+
+    def _grant(self, key: int, job: Job, name: str, loads: list[ServerLoad], now: float) -> None:
+        if self.planner is not None:
+            self.planner.remove(key)
+        running = [max(0.0, x.expected - (now - x.granted)) for x in self.leases.values() if x.server == name]
+        placed = record_grant(self.stats[name], now, job.req, max(running, default=0.0))
+        row = next(s for s in loads if s.name == name)
+        expected = planned_seconds(row, job.req, loads, True, placed.cached)
+        self.leases[key] = _Lease(name, now, expected, placed, job)
+        self._push(now + self.hop, lambda t: self.boxes[name].arrive(_Call(key, job, t), t))
+
+    def _answered(self, call: _Call, prefill: float, gen: float, now: float) -> None:
+        self._push(now + self.hop, lambda t: self._release(call, prefill, gen, t))
+
+    def _release(self, call: _Call, prefill: float, gen: float, now: float) -> None:
+        lease = self.leases.pop(call.lease)
+        assert call.taken is not None
+        outcome = LeaseOutcome(
+            lease_id=str(call.lease),
+            outcome="ok",
+            model=call.job.req.model,
+            latency=now - lease.granted,
+            ttft=prefill + 2 * self.hop,
+            tokens=call.job.tokens,
+            eval_seconds=gen,
+            prompt_tokens=len(call.job.prompt),
+            cached_tokens=call.taken.cached,
+            prompt_eval_seconds=prefill,
+            load_seconds=call.load_wait or None,
+        )
+        record_outcome(self.stats[lease.server], outcome, lease.placed.cold, now, 1.0, lease.placed)
+        self.end = max(self.end, now)
+        self.left -= 1
+        if call.load_wait:  # the balancer asks the server what it holds after a load
+            self._push(now + self.hop, lambda t: self._probe(lease.server, t))
+        self._dispatch(now)
+
+
+# ---- the workloads of benchmarks.prefix ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    workload: str
+    label: str
+    work: Workload
+    shapes: list[Shape]
+
+
+def cases() -> Iterator[Case]:
+    """Every (workload, fleet) of `benchmarks.prefix`."""
+    for label, shapes in PREFIX_FLEETS.items():
+        yield Case("shared prefix", label, shared_prefix_workload(), shapes)
+    for label, (shapes, models) in MODEL_FLEETS.items():
+        yield Case(f"multi-model ({models})", label, multi_model_workload(models), shapes)
+
+
+def replay(case: Case, policy: str = "peak_ewma", planner: bool = False, trace: bool = False) -> Result:
+    return Replay(case.work, case.shapes, policy, planner=planner).run(jobs(case.work, tasks(case.work)), trace)
+
+
+def bound_of(case: Case) -> float:
+    plan = tasks(case.work)
+    return (prefix_bound if case.work.prefill_tps else model_bound)(case.work, case.shapes, plan).seconds
+
+
+def floor_of(case: Case) -> float | None:
+    """The shared-prefix workload's cache floor (`benchmarks.prefix.cache_floor`); None for the multi-model one."""
+    return cache_floor(case.work, case.shapes, tasks(case.work)).seconds if case.work.prefill_tps else None
+
+
+def timeline(result: Result) -> str:
+    """Each slot's requests in order: start time, `*` for a cold prefill, the specialist's first and last letters."""
+    lines = []
+    for key in sorted({(s.server, s.slot) for s in result.spans}):
+        spans = sorted((s for s in result.spans if (s.server, s.slot) == key), key=lambda s: s.start)
+        lines.append(
+            f"{key[0]}/{key[1]}: "
+            + " ".join(f"{s.start:5.2f}{'*' if s.cold else ' '}{s.specialist[:3]}{s.specialist[-1]}" for s in spans)
+        )
+    cold = result.cold_prefills()
+    lines.append(f"cold prefills per specialist: {dict(cold)} (total {sum(cold.values())})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> list[list[object]]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--policy", action="append", help="policies to replay (default: peak_ewma)")
+    parser.add_argument("--planner", action="store_true", help="plan with the incremental Planner")
+    parser.add_argument("--trace", action="store_true", help="print each slot's timeline")
+    parser.add_argument("--only", help="workload prefix ('shared', 'multi') or fleet label to replay")
+    args = parser.parse_args(argv)
+    rows: list[list[object]] = []
+    for case in cases():
+        if args.only and not (case.workload.startswith(args.only) or case.label == args.only):
+            continue
+        bound, floor = bound_of(case), floor_of(case)
+        for policy in args.policy or ["peak_ewma"]:
+            result = replay(case, policy, args.planner, args.trace)
+            rows.append(
+                [
+                    case.workload,
+                    case.label,
+                    policy,
+                    result.makespan,
+                    result.makespan / bound,
+                    f"{result.makespan / floor:.2f}" if floor else "-",
+                    result.hit_rate,
+                    result.loads,
+                ]
+            )
+            if args.trace:
+                print(f"--- {case.workload} / fleet {case.label} / {policy}\n{timeline(result)}")
+    print("REPLAY (a development tool, not a measurement: see the module docstring)")
+    print(table(["workload", "fleet", "policy", "makespan s", "x bound", "x cache floor", "hit rate", "loads"], rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""The policy replay (`benchmarks.replay`) runs every workload of `benchmarks.prefix`, the same way every time.
+
+Pure: the real policy functions over the simulator's pure rules on a virtual clock; no Ray, no sockets.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from benchmarks.prefix import PREFIX_FLEETS, cache_floor, prefix_bound, shared_prefix_workload, tasks
+from benchmarks.replay import Case, Replay, bound_of, cases, jobs, replay
+
+
+@pytest.mark.parametrize("case", list(cases()), ids=lambda c: f"{c.workload}-{c.label}")
+def test_replay_is_deterministic_and_never_beats_the_lower_bound(case: Case) -> None:
+    first = replay(case, trace=True)
+    again = replay(case, trace=True)
+    assert first == again
+    assert sum(first.per_server.values()) == len(tasks(case.work)) == len(first.spans)
+    assert first.makespan >= bound_of(case)
+    if case.work.max_loaded:
+        assert first.loads >= len(case.work.specialists), "every model is loaded at least once"
+    else:
+        assert first.loads == 0 and 0.0 < first.hit_rate < 1.0
+
+
+def test_slots_never_run_more_than_their_count_and_the_planner_replays_too() -> None:
+    case = next(c for c in cases() if c.label == "B" and c.work.prefill_tps)
+    result = Replay(case.work, case.shapes, planner=True).run(jobs(case.work, tasks(case.work)), trace=True)
+    slots = {s.name: s.slots for s in case.shapes}
+    for span in result.spans:
+        assert span.slot < slots[span.server]
+        overlapping = [o for o in result.spans if o.server == span.server and o.start <= span.start < o.end]
+        assert len(overlapping) <= slots[span.server]
+    assert result.makespan >= bound_of(case)
+
+
+@pytest.mark.parametrize("label", ["A", "B", "C"])
+def test_cache_floor_is_a_tighter_bound_that_no_replayed_schedule_beats(label: str) -> None:
+    work, shapes = shared_prefix_workload(), PREFIX_FLEETS[label]
+    plan = tasks(work)
+    floor, bound = cache_floor(work, shapes, plan), prefix_bound(work, shapes, plan).seconds
+    assert floor.seconds >= bound and floor.cold >= len(work.specialists)
+    assert 0.0 < floor.best_hit < 1.0
+    for policy in ("peak_ewma", "round_robin"):
+        result = Replay(work, shapes, policy).run(jobs(work, plan))
+        assert result.makespan >= floor.seconds
+        if result.makespan <= floor.target * bound:
+            assert result.hit_rate <= floor.best_hit
+
+
+def test_four_equal_two_slot_servers_cannot_have_both_hit_rate_085_and_13x_the_bound() -> None:
+    """The feasibility argument in benchmarks/README.md: on fleet A the two targets of issue 10 exclude each other."""
+    work = shared_prefix_workload()
+    floor = cache_floor(work, PREFIX_FLEETS["A"], tasks(work))
+    assert floor.best_hit < 0.85
+    assert floor.seconds > prefix_bound(work, PREFIX_FLEETS["A"], tasks(work)).seconds * 1.15
