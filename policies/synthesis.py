@@ -158,6 +158,9 @@ def merge_statistics(a: Statistics, b: Statistics) -> Statistics:
         else 0.0,
         server_utilization={name: seconds / wall if wall > 0 else 0.0 for name, seconds in sorted(busy.items())},
         tokens=a.tokens + b.tokens,
+        hedges=a.hedges + b.hedges,
+        hedge_wins=a.hedge_wins + b.hedge_wins,
+        wasted_tokens=a.wasted_tokens + b.wasted_tokens,
     )
 
 

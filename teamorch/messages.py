@@ -221,6 +221,8 @@ class Attempt(_Model):
     ended_at: float
     outcome: str
     error: str | None = None
+    hedge: bool = False  # a duplicate started because the task's attempt ran past its server's tail (hedging)
+    wasted_tokens: int = 0  # a cancelled hedge race loser: output tokens its slot could have made (estimated)
 
 
 class TaskResult(_Model):
@@ -243,6 +245,7 @@ class TaskResult(_Model):
     tokens: int = 0
     kind: TaskKind = "work"
     round: int = 1
+    hedged: bool = False  # a hedge ran for one of its attempts (see `attempts[].hedge`)
 
 
 class Synthesis(_Model):
@@ -277,6 +280,9 @@ class Statistics(_Model):
     parallelism_factor: float = 0.0
     server_utilization: dict[str, float] = Field(default_factory=dict)
     tokens: int = 0  # output tokens generated
+    hedges: int = 0  # duplicates started by hedging (`balancer.hedge`)
+    hedge_wins: int = 0  # tasks whose answer came from the hedge, not the attempt it duplicated
+    wasted_tokens: int = 0  # estimated output tokens of cancelled race losers (capacity hedging spent)
 
 
 class RunTotals(Statistics):
@@ -365,6 +371,10 @@ class Lease(_Model):
 
     lease_id: str  # unique per grant; releasing twice is harmless
     server: str  # the server actor to call
+    # Hedging (`balancer.hedge`): seconds into the call after which it is a straggler and the caller may ask
+    # for a hedge (`HedgeAsk`); None: do not ask. `expected_seconds`: what the balancer expects the call to take.
+    hedge_after: float | None = None
+    expected_seconds: float | None = None
 
 
 class LeaseOutcome(_Model):
@@ -419,6 +429,26 @@ class LeaseRequest(_Model):
     prefix: list[str] = Field(default_factory=list)
     prefix_tokens: list[int] = Field(default_factory=list)
     prompt_tokens: int = 0
+
+
+class HedgeAsk(_Model):
+    """A call on `lease_id` has run `elapsed` seconds past its `hedge_after`: may a duplicate start elsewhere?
+
+    `key` is the duplicate's own dispatch key (never the primary's: server actors and the balancer dedup by
+    key, and the two calls must not be mistaken for one)."""
+
+    lease_id: str
+    req: LeaseRequest
+    elapsed: float
+    key: str | None = None
+
+
+class HedgeGrant(_Model):
+    """The balancer's answer to a `HedgeAsk`: a lease for the duplicate, or when to ask again (None: never)."""
+
+    lease: Lease | None = None
+    check_after: float | None = None
+    reason: str = ""
 
 
 class Assignment(_Model):
