@@ -48,7 +48,14 @@ from teamorch.policies.fleet import (
     record_restart,
     to_load,
 )
-from teamorch.policies.hedging import WINDOW, LatencyTail, decide_hedge, expected_tokens, hedge_delay
+from teamorch.policies.hedging import (
+    WINDOW,
+    LatencyTail,
+    decide_hedge,
+    expected_tokens,
+    hedge_delay,
+    remaining_seconds,
+)
 from teamorch.policies.prefix import SlotState
 from teamorch.policies.retry import restarting_verdict
 
@@ -204,7 +211,8 @@ class LoadBalancer:
         loads = self.snapshot_now(now)
         req = self.groups.with_avoid(ask.req)
         affinity = self.team.balancer.model_affinity
-        decision = decide_hedge(loads, req, primary.server, ask.elapsed, len(self.waiters), primary.hedged, affinity)
+        remaining = remaining_seconds(self.servers[primary.server].tail, ask.elapsed, primary.expected)
+        decision = decide_hedge(loads, req, primary.server, remaining, len(self.waiters), primary.hedged, affinity)
         if decision.server is None:
             return HedgeGrant(check_after=decision.check_after, reason=decision.reason)
         primary.hedged = True

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import overhead, prefix, routing, scale, speedup, startup
+from benchmarks import overhead, prefix, routing, scale, speedup, startup, tail
 from benchmarks.common import SIM_NOTE, ensure_ray, machine_info, table
 
 
@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         ("speedup", speedup),
         ("routing", routing),
         ("prefix", prefix),
+        ("tail", tail),
         ("scale", scale),
         ("startup", startup),
     ):

@@ -16,8 +16,10 @@ a straggler: expected seconds x the ratio's quantile on its server, never above
 the fleet's quantile for the same size (a server slow so often that its slow
 spells own its p95 would otherwise never be hedged), never below
 `hedge_min_seconds`. `decide_hedge` says, once that time has passed, whether a
-duplicate starts now and where, or when to ask again. `wasted_tokens` puts a
-number on what a cancelled loser cost.
+duplicate starts now and where, or when to ask again, weighing the copy's
+expected time against how long the straggler is likely to run on
+(`remaining_seconds`, from the same ratios). `wasted_tokens` puts a number on
+what a cancelled loser cost.
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ class LatencyTail:
         pooled = [r for c in self.classes for r in c]
         return quantile(pooled, q) if len(pooled) >= min_samples else None
 
+    def excess(self, ratio: float) -> float | None:
+        """How much longer (in expected durations) calls that ran past `ratio` went on, on average; None when
+        none ever ran that long. All sizes pooled: slow spells are rare, and a spell slows every size alike."""
+        beyond = [r - ratio for c in self.classes for r in c if r > ratio]
+        return sum(beyond) / len(beyond) if beyond else None
+
 
 def hedge_delay(
     server: LatencyTail, fleet: LatencyTail, expected: float, tokens: int, cfg: BalancerConfig
@@ -115,16 +123,30 @@ class HedgeDecision:
     reason: str
 
 
+def remaining_seconds(tail: LatencyTail, elapsed: float, expected: float) -> float:
+    """How much longer a call that has run `elapsed` s (expected: `expected` s) is likely to run.
+
+    From its server's own history: the calls there that ran at least this long
+    (as a multiple of what was expected of them) ran on by `LatencyTail.excess`
+    on average. A server whose slow spells run at a fraction of its speed ends
+    them after a bounded time, and a copy on a slower server would lose the
+    race; this says so. When no call there ever ran this long, nothing bounds
+    it: as long again as it has run (the heavy-tail rule, right for a stall).
+    """
+    excess = tail.excess(elapsed / expected) if expected > 0 else None
+    return elapsed if excess is None else excess * expected
+
+
 def decide_hedge(
     loads: Sequence[ServerLoad],
     req: LeaseRequest,
     primary: str,
-    elapsed: float,
+    remaining: float,
     waiting: int,
     already_hedged: bool,
     affinity: bool = True,
 ) -> HedgeDecision:
-    """Whether a call that has run `elapsed` s on `primary` (a straggler by now) gets its duplicate now.
+    """Whether a straggling call on `primary`, expected to run `remaining` s more, gets its duplicate now.
 
     * One hedge per attempt, ever: a second duplicate of a request whose two
       copies are both slow points at the request, not at a server.
@@ -135,10 +157,9 @@ def decide_hedge(
       circuit not open, model present, required tags, not excluded by the
       task's failures, the task's pin honoured (a pinned task is never
       hedged), diversity groups preferred, and a slot free now.
-    * Only if the copy is expected to finish in no more time than the
-      primary has already run: a straggler's remaining time is at least what
-      it has run so far (the tail is heavy), so a copy that needs less wins
-      in expectation; until then, ask again when it would.
+    * Only if the copy is expected to finish before the primary
+      (`remaining_seconds`): a copy that would lose the race only takes a
+      slot. Its remaining time changes as it runs, so ask again shortly.
     """
     if already_hedged:
         return HedgeDecision(None, None, "already hedged once")
@@ -154,10 +175,10 @@ def decide_hedge(
         return HedgeDecision(None, RECHECK_SECONDS, "no other server has a free slot")
     seconds = {s.name: planned_seconds(s, req, loads, affinity) for s in free}
     best = min(free, key=lambda s: (seconds[s.name], s.name)).name
-    if seconds[best] > elapsed:
-        wait = seconds[best] - elapsed
-        return HedgeDecision(None, wait, f"a copy on {best} needs {seconds[best]:.2f}s, more than it has run")
-    return HedgeDecision(best, None, f"ran {elapsed:.2f}s; a copy on {best} needs {seconds[best]:.2f}s")
+    if seconds[best] >= remaining:
+        why = f"a copy on {best} needs {seconds[best]:.2f}s; the call should end in {remaining:.2f}s"
+        return HedgeDecision(None, RECHECK_SECONDS, why)
+    return HedgeDecision(best, None, f"{remaining:.2f}s to go; a copy on {best} needs {seconds[best]:.2f}s")
 
 
 def wasted_tokens(elapsed: float, expected: float | None, tokens: int) -> int:

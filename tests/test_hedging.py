@@ -23,6 +23,7 @@ from teamorch.policies.hedging import (
     decide_hedge,
     hedge_delay,
     quantile,
+    remaining_seconds,
     size_class,
     wasted_tokens,
 )
@@ -128,7 +129,7 @@ def test_no_hedge_when_off_unmeasured_or_unexpected_and_never_below_the_minimum(
 
 def test_a_straggler_is_hedged_on_the_fastest_other_free_server() -> None:
     loads = [row("a", in_flight=1), row("slow", ewma_token_seconds=0.05), row("fast")]
-    decision = decide_hedge(loads, req(), "a", elapsed=2.0, waiting=0, already_hedged=False)
+    decision = decide_hedge(loads, req(), "a", remaining=2.0, waiting=0, already_hedged=False)
     assert decision.server == "fast" and decision.check_after is None
 
 
@@ -171,11 +172,23 @@ def test_the_primary_server_never_hedges_itself_even_with_a_free_slot() -> None:
     assert decide_hedge(loads, req(), "a", 2.0, 0, False).server is None
 
 
-def test_a_copy_that_would_need_longer_than_the_primary_has_run_waits_until_it_would_not() -> None:
+def test_a_copy_that_would_not_beat_the_primary_waits_and_asks_again() -> None:
     loads = [row("a", in_flight=1), row("b", ewma_token_seconds=0.05)]  # b: 0.05 + 100 x 0.05 = 5.05 s
-    early = decide_hedge(loads, req(), "a", elapsed=2.0, waiting=0, already_hedged=False)
-    assert early.server is None and early.check_after == pytest.approx(3.05)
-    assert decide_hedge(loads, req(), "a", elapsed=5.1, waiting=0, already_hedged=False).server == "b"
+    early = decide_hedge(loads, req(), "a", remaining=2.0, waiting=0, already_hedged=False)
+    assert early.server is None and early.check_after == RECHECK_SECONDS
+    assert decide_hedge(loads, req(), "a", remaining=5.1, waiting=0, already_hedged=False).server == "b"
+
+
+def test_remaining_time_comes_from_the_calls_that_ran_that_long_before() -> None:
+    # This server's slow spells run at 1/8 of its speed: a call 2x overdue ends at 8x, 6 expected durations on.
+    spells = tail([1.0] * 30 + [8.0, 8.0])
+    assert spells.excess(2.0) == pytest.approx(6.0)
+    assert remaining_seconds(spells, elapsed=1.0, expected=0.5) == pytest.approx(3.0)
+
+
+def test_a_call_slower_than_anything_seen_is_expected_to_run_as_long_again() -> None:
+    assert remaining_seconds(tail([1.0] * 30 + [8.0]), elapsed=5.0, expected=0.5) == 5.0  # 10x: never seen
+    assert remaining_seconds(LatencyTail(), elapsed=0.7, expected=0.5) == 0.7
 
 
 def test_diversity_groups_prefer_a_server_the_group_does_not_hold() -> None:
