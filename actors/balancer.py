@@ -26,7 +26,7 @@ import ray
 from teamorch.actors.metrics import fleet_metrics
 from teamorch.config import TeamConfig
 from teamorch.errors import NoServerAvailable
-from teamorch.messages import Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
+from teamorch.messages import HedgeAsk, HedgeGrant, Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
 from teamorch.policies.balancing import (
     Queued,
     apply_group_diversity,
@@ -41,11 +41,20 @@ from teamorch.policies.fleet import (
     Placement,
     ServerStats,
     record_grant,
+    record_latency,
     record_orphan_release,
     record_outcome,
     record_probe,
     record_restart,
     to_load,
+)
+from teamorch.policies.hedging import (
+    WINDOW,
+    LatencyTail,
+    decide_hedge,
+    expected_tokens,
+    hedge_delay,
+    remaining_seconds,
 )
 from teamorch.policies.prefix import SlotState
 from teamorch.policies.retry import restarting_verdict
@@ -63,6 +72,8 @@ class _Lease:
     expected: float  # seconds the plan expected it to take
     placed: Placement
     key: str | None = None  # the (run, task, attempt) it was granted for, if the caller named one
+    size: int = 0  # expected output tokens, kept for the hedging tail (0: hedging off, nothing to learn)
+    hedged: bool = False  # a duplicate of its call was granted elsewhere (one per attempt)
 
 
 @dataclass
@@ -121,6 +132,7 @@ class LoadBalancer:
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
         self._ready: asyncio.Future[None] | None = None
+        self.tail = LatencyTail(window=4 * WINDOW)  # the whole fleet's latency ratios: caps each server's own
         if ray.get_runtime_context().was_current_actor_reconstructed:
             now = time.monotonic()
             for stats in self.servers.values():
@@ -148,11 +160,11 @@ class LoadBalancer:
         await self.start()
         held = self.keyed.get(key or "")
         if held in self.leases:
-            return Lease(lease_id=held, server=self.leases[held].server)
+            return self._hedgeable(Lease(lease_id=held, server=self.leases[held].server), req)
         twin = self.pending.get(key or "")
         if twin is not None and not twin.future.done():
             # The dead incarnation's call still waits here (Ray does not cancel it): one grant serves both.
-            return await asyncio.shield(twin.future)
+            return self._hedgeable(await asyncio.shield(twin.future), req)
         loop = asyncio.get_running_loop()
         waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key)
         if key:
@@ -161,12 +173,54 @@ class LoadBalancer:
         self.waiters.sort(key=lambda w: (-w.req.priority, w.seq))
         self._dispatch(arrived=waiter)
         try:
-            return await waiter.future
+            lease = await waiter.future
         finally:
             if waiter in self.waiters:
                 self.waiters.remove(waiter)
             if key and self.pending.get(key) is waiter:
                 del self.pending[key]
+        return self._hedgeable(lease, req)
+
+    def _hedgeable(self, lease: Lease, req: LeaseRequest) -> Lease:
+        """With hedging on, `lease` says when its call becomes a straggler (`policies.hedging.hedge_delay`)."""
+        held = self.leases.get(lease.lease_id)
+        if not self.team.balancer.hedge or held is None:
+            return lease
+        held.size = expected_tokens(req)
+        stats = self.servers[held.server]
+        after = hedge_delay(stats.tail, self.tail, held.expected, held.size, self.team.balancer)
+        return lease.model_copy(update={"hedge_after": after, "expected_seconds": held.expected})
+
+    async def hedge(self, ask: HedgeAsk) -> HedgeGrant:
+        """A duplicate for a straggling call, if `policies.hedging.decide_hedge` allows one now.
+
+        The specialist asks (it holds the call and its deadline; the balancer
+        only knows leases), at most once per `hedge_after`/`check_after`, so a
+        call that ends in time costs no extra Ray hop. The duplicate gets an
+        ordinary lease under its own key: asked again for that key (a
+        restarted specialist), the same lease comes back.
+        """
+        await self.start()
+        held = self.keyed.get(ask.key or "")
+        if held in self.leases:
+            return HedgeGrant(lease=Lease(lease_id=held, server=self.leases[held].server), reason="already granted")
+        primary = self.leases.get(ask.lease_id)
+        if not self.team.balancer.hedge or primary is None:
+            return HedgeGrant(reason="hedging is off" if primary else "the call is over")
+        now = time.monotonic()
+        loads = self.snapshot_now(now)
+        req = self.groups.with_avoid(ask.req)
+        affinity = self.team.balancer.model_affinity
+        remaining = remaining_seconds(self.servers[primary.server].tail, ask.elapsed, primary.expected)
+        decision = decide_hedge(loads, req, primary.server, remaining, len(self.waiters), primary.hedged, affinity)
+        if decision.server is None:
+            return HedgeGrant(check_after=decision.check_after, reason=decision.reason)
+        primary.hedged = True
+        waiter = _Waiter(ask.req, [], next(self._seq), now, asyncio.get_running_loop().create_future(), ask.key)
+        self._grant(waiter, decision.server, loads, now)
+        lease = waiter.future.result()
+        self.leases[lease.lease_id].size = primary.size
+        return HedgeGrant(lease=lease, reason=decision.reason)
 
     async def release(self, done: LeaseOutcome) -> None:
         """Hand a slot back; the outcome updates the server's speed and health. Releasing twice is harmless."""
@@ -179,6 +233,8 @@ class LoadBalancer:
             self.keyed.pop(lease.key, None)
         stats = self.servers[lease.server]
         fleet_metrics().lease_released(lease.server, done)
+        if lease.size:
+            record_latency((stats.tail, self.tail), done, lease.expected, lease.size, lease.hedged)
         record_outcome(
             stats, done, lease.placed.cold, time.monotonic(), self.team.balancer.backoff_seconds, lease.placed
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from dataclasses import dataclass, field
 
 import ray
 from ray.actor import ActorHandle
@@ -30,11 +31,14 @@ from teamorch.messages import (
     ChatRequest,
     ChatResponse,
     ErrorClass,
+    HedgeAsk,
+    Lease,
     LeaseOutcome,
     LeaseRequest,
     Outcome,
     TaskResult,
 )
+from teamorch.policies.hedging import wasted_tokens
 from teamorch.policies.prefix import signature
 from teamorch.policies.prompting import messages_from_blocks, prompt_blocks
 from teamorch.policies.retry import next_step, restarting_verdict
@@ -122,6 +126,7 @@ class Specialist:
             prompt_tokens=response.prompt_tokens if response else 0,
             cached_tokens=response.prompt_cached_tokens if response else None,
             prompt_eval_seconds=response.prompt_eval_seconds if response else None,
+            hedged=any(a.hedge for a in attempts),
         )
 
     async def _until_done(
@@ -191,16 +196,27 @@ class Specialist:
             raise NoServerAvailable(f"no server slot became free within {remaining:.1f}s") from exc
         except Exception as exc:
             raise unwrap(exc) from None
-        server = lease.server
-        task_id, number = assignment.task.task_id, len(attempts) + 1
+        deadline = time.monotonic() + remaining
+        call = _Call(lease, key)
+        if lease.hedge_after is None:
+            return await self._call(assignment, req, call, deadline, attempts)
+        return await self._race(assignment, req, lease_req, call, deadline, attempts)
+
+    async def _call(
+        self, assignment: Assignment, req: ChatRequest, call: _Call, deadline: float, attempts: list[Attempt]
+    ) -> ChatResponse:
+        """One request on `call`'s lease, recorded as an attempt (in the order calls started) and released."""
+        server, index = call.lease.server, len(attempts)
+        task_id, number = assignment.task.task_id, index + 1
         self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
-        started_wall, started = time.time(), time.monotonic()
-        ref = self.servers[server].chat.remote(req, key, self._progress_to(assignment, number))
+        started_wall, call.started = time.time(), time.monotonic()
+        attempts.append(Attempt(server=server, started_at=started_wall, ended_at=started_wall, outcome="running"))
+        ref = self.servers[server].chat.remote(req, call.key, self._progress_to(assignment, number))
         outcome: Outcome = "ok"
         error_text: str | None = None
         response: ChatResponse | None = None
         try:
-            response = await asyncio.wait_for(await_ref(ref), max(0.001, remaining - (time.monotonic() - started)))
+            response = await asyncio.wait_for(await_ref(ref), max(0.001, deadline - time.monotonic()))
             self._restarting.pop(server, None)
             return response
         except asyncio.TimeoutError as exc:
@@ -209,7 +225,7 @@ class Specialist:
             raise ServerTimeout(server, error_text) from exc
         except asyncio.CancelledError:
             ray.cancel(ref)
-            outcome, error_text = "cancelled", "cancelled"
+            outcome, error_text = "cancelled", call.lost or "cancelled"
             raise
         except ray.exceptions.ActorUnavailableError as exc:
             lost = self._restarting_error(server)
@@ -226,11 +242,18 @@ class Specialist:
             outcome, error_text = cause.error_class, str(cause)
             raise cause from None
         finally:
-            attempts.append(
-                Attempt(server=server, started_at=started_wall, ended_at=time.time(), outcome=outcome, error=error_text)
+            wasted = call.wasted if outcome == "cancelled" else 0
+            attempts[index] = Attempt(
+                server=server,
+                started_at=started_wall,
+                ended_at=time.time(),
+                outcome=outcome,
+                error=error_text,
+                hedge=call.hedge,
+                wasted_tokens=wasted,
             )
             if outcome not in ("ok", "cancelled"):
-                seconds, why = time.monotonic() - started, error_text or outcome
+                seconds, why = time.monotonic() - call.started, error_text or outcome
                 self._tell(
                     assignment,
                     AttemptFailed(
@@ -238,8 +261,93 @@ class Specialist:
                     ),
                 )
             self.balancer.release.remote(
-                _lease_outcome(lease.lease_id, outcome, req.model, started, response, error_text)
+                _lease_outcome(call.lease.lease_id, outcome, req.model, call.started, response, error_text, wasted)
             )
+
+    async def _race(
+        self,
+        assignment: Assignment,
+        req: ChatRequest,
+        lease_req: LeaseRequest,
+        primary: _Call,
+        deadline: float,
+        attempts: list[Attempt],
+    ) -> ChatResponse:
+        """The call on `primary`, and a hedge of it once it is a straggler: the first answer is the task's.
+
+        The specialist drives the race, not the balancer: it already holds the
+        call, its deadline and its cancellation, so a call that ends before
+        `hedge_after` costs no extra Ray hop, and a straggler costs one per
+        check (`HedgeAsk`). The hedge has its own dispatch key, so server
+        actors (which dedup by key) run a second request and the balancer
+        grants a second lease. The loser is cancelled, which closes its HTTP
+        request, and is released as "cancelled" with the tokens it wasted.
+        A failed copy does not fail the task while the other still runs.
+        """
+        calls = {asyncio.ensure_future(self._call(assignment, req, primary, deadline, attempts)): primary}
+        response: ChatResponse | None = None
+        try:
+            hedge = await self._hedge_when_due(next(iter(calls)), lease_req, primary, deadline)
+            if hedge is not None:
+                calls[asyncio.ensure_future(self._call(assignment, req, hedge, deadline, attempts))] = hedge
+            response = await _first_answer(list(calls))
+            return response
+        finally:
+            losers = [task for task in calls if not task.done()]
+            for task in losers:
+                if response is not None:  # lost the race (not cancelled with the task): what it cost
+                    call = calls[task]
+                    elapsed = time.monotonic() - call.started
+                    call.wasted = wasted_tokens(elapsed, call.lease.expected_seconds, response.tokens)
+                    call.lost = f"hedge race: {response.server} answered first; this request was closed"
+                task.cancel()
+            await asyncio.gather(*losers, return_exceptions=True)  # their attempts are recorded, leases released
+
+    async def _hedge_when_due(
+        self, running: asyncio.Future[ChatResponse], lease_req: LeaseRequest, primary: _Call, deadline: float
+    ) -> _Call | None:
+        """Wait until `running` ends (None) or the balancer grants a hedge for it (the hedge's call)."""
+        delay = primary.lease.hedge_after or 0.0
+        while True:
+            await asyncio.wait({running}, timeout=max(0.0, min(delay, deadline - time.monotonic())))
+            if running.done() or time.monotonic() >= deadline:
+                return None
+            key = f"{primary.key}#hedge" if primary.key else None
+            ask = HedgeAsk(
+                lease_id=primary.lease.lease_id, req=lease_req, elapsed=time.monotonic() - primary.started, key=key
+            )
+            try:
+                grant = await await_ref(self.balancer.hedge.remote(ask))
+            except Exception:  # the balancer is restarting: no hedge, the primary runs on regardless
+                return None
+            if grant.lease is not None:
+                return _Call(grant.lease, key, hedge=True)
+            if grant.check_after is None:
+                return None
+            delay = grant.check_after
+
+
+@dataclass
+class _Call:
+    """One server call of an attempt: its lease and dispatch key, and what a hedge race decided about it."""
+
+    lease: Lease
+    key: str | None
+    hedge: bool = False  # the duplicate, not the call it hedges
+    started: float = field(default_factory=time.monotonic)  # monotonic seconds the request was sent
+    wasted: int = 0  # set when it lost a hedge race: output tokens its slot was worth (estimated)
+    lost: str | None = None  # why it was cancelled, when it lost a hedge race
+
+
+async def _first_answer(tasks: list[asyncio.Future[ChatResponse]]) -> ChatResponse:
+    """The first of `tasks` to answer; if every one fails, the first task's (the primary's) error."""
+    pending = set(tasks)
+    while pending:
+        done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if not task.cancelled() and task.exception() is None:
+                return task.result()
+    return tasks[0].result()  # raises the primary's error
 
 
 def _tried(attempts: list[Attempt]) -> str:
@@ -249,16 +357,23 @@ def _tried(attempts: list[Attempt]) -> str:
 
 
 def _lease_outcome(
-    lease_id: str, outcome: Outcome, model: str, started: float, response: ChatResponse | None, error: str | None
+    lease_id: str,
+    outcome: Outcome,
+    model: str,
+    started: float,
+    response: ChatResponse | None,
+    error: str | None,
+    wasted: int = 0,
 ) -> LeaseOutcome:
-    """What the balancer learns from one attempt: its speed, prefill and load figures come from the response."""
+    """What the balancer learns from one attempt: its speed, prefill and load figures come from the response
+    (`wasted`: the tokens a cancelled hedge race loser is estimated to have generated)."""
     return LeaseOutcome(
         lease_id=lease_id,
         outcome=outcome,
         model=model,
         latency=time.monotonic() - started,
         ttft=response.ttft if response else None,
-        tokens=response.tokens if response else 0,
+        tokens=response.tokens if response else wasted,
         eval_seconds=response.eval_seconds if response else None,
         error=error,
         prompt_tokens=response.prompt_tokens if response else 0,

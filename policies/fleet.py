@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
 from teamorch.config import RetryConfig, ServerConfig
 from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
 from teamorch.policies.balancing import LOAD_PENALTY_SECONDS
+from teamorch.policies.hedging import LatencyTail
 from teamorch.policies.prefix import SlotIndex
 from teamorch.policies.retry import CircuitBreaker
 
@@ -75,6 +77,7 @@ class ServerStats:
     # Slots a restarted balancer cannot account for (leases granted before it died), until `unaccounted_until`.
     unaccounted: int = 0
     unaccounted_until: float = 0.0
+    tail: LatencyTail = field(default_factory=LatencyTail)  # latency / expected, per size class (hedging)
 
     @classmethod
     def new(cls, config: ServerConfig, retry: RetryConfig) -> ServerStats:
@@ -324,6 +327,23 @@ def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, place
         stats.ewma_latency = ewma(stats.ewma_latency, outcome.latency)
     if outcome.model and is_cold(stats, outcome.model):
         stats.models_loaded = [*(stats.models_loaded or []), outcome.model]
+
+
+def record_latency(
+    tails: Sequence[LatencyTail], outcome: LeaseOutcome, expected: float, tokens: int, hedged: bool = False
+) -> None:
+    """One call's latency against what was expected of it, for the hedging tail (`policies.hedging`).
+
+    Answers count; so does a call cancelled because a hedge beat it (`hedged`):
+    it ran at least that long, and leaving stragglers out would pull the tail
+    down after every hedge and hedge ever more. Other failures say nothing
+    about how long a request takes. `tokens` is the size the call was expected
+    to have, the one a hedge decision knows.
+    """
+    if expected <= 0 or outcome.latency is None or not (outcome.ok or (hedged and outcome.outcome == "cancelled")):
+        return
+    for tail in tails:
+        tail.add(tokens, outcome.latency / expected)
 
 
 def record_probe(stats: ServerStats, probe: ProbeResult, now: float | None = None) -> None:

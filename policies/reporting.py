@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from teamorch.errors import TeamorchError
-from teamorch.messages import OrchestrationPlan, RunReport, Synthesis, TaskResult
+from teamorch.messages import OrchestrationPlan, RunReport, Statistics, Synthesis, TaskResult
 from teamorch.policies.synthesis import Strategy, compute_statistics, meets_criteria, resolve_strategy
 
 
@@ -54,6 +54,24 @@ def build_report(
         duration=duration,
         tasks=results,
         synthesis=synthesis,
-        statistics=compute_statistics(results, duration),
+        statistics=with_hedges(compute_statistics(results, duration), results),
         error=error,
+    )
+
+
+def with_hedges(statistics: Statistics, results: list[TaskResult]) -> Statistics:
+    """`statistics` with the run's hedging totals: duplicates started, tasks a duplicate answered, and the
+    tokens cancelled race losers cost (what hedging spent to cut the tail)."""
+    attempts = [a for r in results for a in r.attempts]
+    wins = sum(
+        1
+        for r in results
+        if r.status == "succeeded" and any(a.hedge and a.outcome == "ok" and a.server == r.server for a in r.attempts)
+    )
+    return statistics.model_copy(
+        update={
+            "hedges": sum(1 for a in attempts if a.hedge),
+            "hedge_wins": wins,
+            "wasted_tokens": sum(a.wasted_tokens for a in attempts),
+        }
     )

@@ -162,6 +162,9 @@ def merge_statistics(a: Statistics, b: Statistics) -> Statistics:
         tokens=a.tokens + b.tokens,
         prompt_tokens=a.prompt_tokens + b.prompt_tokens,
         cached_tokens=a.cached_tokens + b.cached_tokens,
+        hedges=a.hedges + b.hedges,
+        hedge_wins=a.hedge_wins + b.hedge_wins,
+        wasted_tokens=a.wasted_tokens + b.wasted_tokens,
     )
 
 

@@ -105,11 +105,22 @@ class BalancerConfig(_Model):
     can cost more than the request. `backoff_seconds` is how long a server
     that answered 503 (its own queue is full: someone else is using it) runs
     with one slot fewer.
+
+    `hedge` (off by default) cuts the tail: a call that has run past its
+    server's `hedge_quantile` of latency for its size gets one duplicate on
+    another server with a free slot, and the loser is cancelled
+    (`teamorch.policies.hedging`). A server's quantile is trusted once it has
+    `hedge_min_samples` answers; no call is hedged before `hedge_min_seconds`,
+    because below that a duplicate costs as much as it can save.
     """
 
     policy: Policy = "peak_ewma"
     model_affinity: bool = True
     backoff_seconds: float = Field(default=5.0, ge=0)
+    hedge: bool = False
+    hedge_quantile: float = Field(default=0.95, ge=0.5, lt=1.0)
+    hedge_min_samples: int = Field(default=10, ge=1)
+    hedge_min_seconds: float = Field(default=0.1, ge=0)
 
 
 class RetryConfig(_Model):

@@ -221,6 +221,8 @@ class Attempt(_Model):
     ended_at: float
     outcome: str
     error: str | None = None
+    hedge: bool = False  # a duplicate started because the task's attempt ran past its server's tail (hedging)
+    wasted_tokens: int = 0  # a cancelled hedge race loser: output tokens its slot could have made (estimated)
 
 
 class TaskResult(_Model):
@@ -248,6 +250,7 @@ class TaskResult(_Model):
     prompt_tokens: int = 0
     cached_tokens: int | None = None
     prompt_eval_seconds: float | None = None
+    hedged: bool = False  # a hedge ran for one of its attempts (see `attempts[].hedge`)
 
 
 class Synthesis(_Model):
@@ -284,6 +287,9 @@ class Statistics(_Model):
     tokens: int = 0  # output tokens generated
     prompt_tokens: int = 0  # prompt tokens of the answering calls, as the servers counted them
     cached_tokens: int = 0  # of which the servers took from their prefix caches (where they say)
+    hedges: int = 0  # duplicates started by hedging (`balancer.hedge`)
+    hedge_wins: int = 0  # tasks whose answer came from the hedge, not the attempt it duplicated
+    wasted_tokens: int = 0  # estimated output tokens of cancelled race losers (capacity hedging spent)
 
 
 class RunTotals(Statistics):
@@ -372,6 +378,10 @@ class Lease(_Model):
 
     lease_id: str  # unique per grant; releasing twice is harmless
     server: str  # the server actor to call
+    # Hedging (`balancer.hedge`): seconds into the call after which it is a straggler and the caller may ask
+    # for a hedge (`HedgeAsk`); None: do not ask. `expected_seconds`: what the balancer expects the call to take.
+    hedge_after: float | None = None
+    expected_seconds: float | None = None
 
 
 class LeaseOutcome(_Model):
@@ -426,6 +436,26 @@ class LeaseRequest(_Model):
     prefix: list[str] = Field(default_factory=list)
     prefix_tokens: list[int] = Field(default_factory=list)
     prompt_tokens: int = 0
+
+
+class HedgeAsk(_Model):
+    """A call on `lease_id` has run `elapsed` seconds past its `hedge_after`: may a duplicate start elsewhere?
+
+    `key` is the duplicate's own dispatch key (never the primary's: server actors and the balancer dedup by
+    key, and the two calls must not be mistaken for one)."""
+
+    lease_id: str
+    req: LeaseRequest
+    elapsed: float
+    key: str | None = None
+
+
+class HedgeGrant(_Model):
+    """The balancer's answer to a `HedgeAsk`: a lease for the duplicate, or when to ask again (None: never)."""
+
+    lease: Lease | None = None
+    check_after: float | None = None
+    reason: str = ""
 
 
 class Assignment(_Model):

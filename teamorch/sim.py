@@ -60,6 +60,7 @@ _COUNTERS = (
     "prefix_hits",  # admitted requests that found any of their prefix cached
     "model_loads",
     "evictions",
+    "slowed",  # requests generated at `slow_factor` of the configured speed (the slow-tail fault)
     "tokens",
 )
 Dialect = Literal["chat", "generate", "openai"]  # /api/chat, /api/generate, /v1/chat/completions
@@ -104,6 +105,10 @@ class SimConfig(BaseModel):
     error_line_rate: float = Field(default=0.0, ge=0, le=1)
     die_after: int | None = Field(default=None, ge=1)
     stall: bool = False
+    # The slow tail: a request drawn slow (probability `slow_rate`) generates at `slow_factor` x tokens/s, as on a
+    # box with a noisy neighbour or a throttling GPU. It answers correctly, only late: what hedging is for.
+    slow_rate: float = Field(default=0.0, ge=0, le=1)
+    slow_factor: float = Field(default=0.1, gt=0, le=1)
     malformed: bool = False
     reply_bytes: int | None = Field(default=None, ge=1)  # pad every answer to this size: a runaway response
     echo: bool = False
@@ -581,12 +586,12 @@ class SimServer:
         head = [f"[{name}]", model, "answer:", hashlib.sha1(prompt.encode()).hexdigest()[:8]]
         return " ".join(head + ["tok"] * max(0, n - len(head)))
 
-    async def _paced(self, text: str, n: int) -> AsyncIterator[tuple[str, int]]:
-        """Yield (piece, tokens) chunks at `tokens_per_second`, read live so it can change."""
+    async def _paced(self, text: str, n: int, factor: float = 1.0) -> AsyncIterator[tuple[str, int]]:
+        """Yield (piece, tokens) chunks at `factor` x `tokens_per_second`, read live so it can change."""
         k = max(1, min(n, MAX_LINES))
         for j, piece in enumerate(_split(text, k)):
             tokens = n * (j + 1) // k - n * j // k
-            await asyncio.sleep(tokens / self.config.tokens_per_second)
+            await asyncio.sleep(tokens / (self.config.tokens_per_second * factor))
             self._counts["tokens"] += tokens
             yield piece, tokens
 
@@ -640,6 +645,8 @@ class SimServer:
         if cfg.malformed:
             return web.Response(body=_GARBAGE, content_type="application/x-ndjson")
         fail, fail_line = self._rng.random() < cfg.error_rate, self._rng.random() < cfg.error_line_rate
+        # Drawn only when the fault is on, so every seeded run without it sees the same errors as before.
+        slow = cfg.slow_rate > 0 and self._rng.random() < cfg.slow_rate
         if fail:
             self._counts["failed"] += 1
             return self._error(500, "simulated failure", dialect, "server_error")
@@ -654,7 +661,10 @@ class SimServer:
         taken, load_wait = admitted
         try:
             n = asked if isinstance(asked, int) and asked > 0 else cfg.default_tokens
-            gen = _Gen(self, request, dialect, model, n, prompt, taken, began, load_wait)
+            self._counts["slowed"] += slow
+            gen = _Gen(
+                self, request, dialect, model, n, prompt, taken, began, load_wait, cfg.slow_factor if slow else 1.0
+            )
             response = await gen.run(self._reply_text(cfg.name, model, text, n), stream, fail_line and stream)
             entry["completed"] = gen.completed
             return response
@@ -685,9 +695,11 @@ class _Gen:
         taken: Taken,
         began: float,
         load_wait: float,
+        speed: float = 1.0,
     ) -> None:
         self.sim, self.request, self.dialect, self.model, self.n = sim, request, dialect, model, n
         self.prompt, self.taken, self.began, self.load_wait = prompt, taken, began, load_wait
+        self.speed = speed  # fraction of the configured tokens/s this generation runs at (the slow-tail fault)
         self.openai = dialect == "openai"
         self.id = f"chatcmpl-{next(sim._ids)}"
         self.resp: web.StreamResponse | None = None
@@ -760,7 +772,7 @@ class _Gen:
         eval_start = time.monotonic()
         cut = max(1, min(self.n, MAX_LINES)) // 2  # content lines before a simulated error
         sent = 0
-        async for piece, _tokens in sim._paced(text, self.n):
+        async for piece, _tokens in sim._paced(text, self.n, self.speed):
             if fail_line and sent >= cut:
                 sim._counts["failed"] += 1
                 err = "simulated error mid-stream"
