@@ -22,7 +22,8 @@ import httpx
 import pytest
 import yaml
 
-from teamorch.cli_team import default_team, team_from
+from teamorch.cli_team import default_team, team_from, team_raw_from
+from teamorch.config import interpolate, parse_team
 from teamorch.sim import SimConfig, SimServer
 from tests.test_cluster import REPO, python, ray_env, short_tmpdir
 
@@ -257,6 +258,28 @@ def test_default_team_is_the_demo_roster_on_the_embedded_fleet() -> None:
     named = [s["name"] for s in yaml.safe_load(plan_file.read_text())["team"]["specialists"]]
     assert [s.name for s in team_from(str(plan_file)).specialists] == named
     assert team_from(str(REPO / "scenarios" / "teams" / "ollama.example.yaml")).servers  # a team file
+
+
+def test_up_records_the_team_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECORD_TOKEN", "sk-record-0123456789")
+    team_file = tmp_path / "team.yaml"
+    team_file.write_text(
+        yaml.safe_dump(
+            {
+                "servers": [
+                    {"name": "b", "url": "http://b:11434", "headers": {"Authorization": "Bearer ${RECORD_TOKEN}"}}
+                ],
+                "default_model": "m",
+                "specialists": [{"name": "A"}],
+            }
+        )
+    )
+    raw = team_raw_from(str(team_file))
+    assert raw["servers"][0]["headers"] == {"Authorization": "Bearer ${RECORD_TOKEN}"}  # no secret in the record
+    assert parse_team(interpolate(raw)) == team_from(str(team_file))  # the record starts the same team
+    plan_file = REPO / "scenarios" / "consensus.yaml"
+    assert parse_team(interpolate(team_raw_from(str(plan_file)))) == team_from(str(plan_file))
+    assert parse_team(interpolate(team_raw_from(None))) == default_team()
 
 
 @pytest.mark.model
