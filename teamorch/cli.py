@@ -513,7 +513,9 @@ def _add_run_commands(sub: Any) -> None:
 
 COORDINATOR_HELP = (
     "run on the team `teamorch up` started under NAME (--address: where its Ray is; default: RAY_ADDRESS, the "
-    "last `ray start` here, or teamorch's private head) instead of starting a fleet for this command"
+    "last `ray start` here, or teamorch's private head) instead of starting a fleet for this command; run and "
+    "resume check the plan against that team, and run, resume and plan start a team whose coordinator died "
+    "again from what `up` recorded"
 )
 
 
