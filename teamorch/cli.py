@@ -154,7 +154,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Every run is journaled (`<runs dir>/<run id>/`); bad input fails before Ray is even imported."""
+    """Every run is journaled (`<runs dir>/<run id>/`); bad input fails before Ray is even imported, except what
+    only the team that is up can tell (`--coordinator`): the plan file is read first, then checked against it."""
     runs_dir = resolve_runs_dir(args.runs_dir)
     run_id = resolve_run_id(args.run_id)
     new_run_dir(runs_dir, run_id)
@@ -162,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     plan_raw = read_plan_raw(args.plan)
     up = _join(args)
     plan, team = load_plan(args.plan, args.team, team=up.team.config if up else None)
-    team_raw = up.team.raw if up and up.team.raw is not None else None
+    team_raw = up.team.raw if up else None  # the team that runs: with --coordinator, as `teamorch up` recorded it
     if team_raw is None and args.team:
         team_raw = read_yaml(args.team, expand_env=False)
     journal = JournalSpec(
