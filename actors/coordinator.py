@@ -29,7 +29,7 @@ from teamorch.actors.server import ModelServer
 from teamorch.actors.specialist import Specialist
 from teamorch.config import TeamConfig
 from teamorch.errors import ConfigError
-from teamorch.journal import MIN_SECRET_LENGTH, JournalEvent, LiveEvent, RunJournal, RunState
+from teamorch.journal import MIN_SECRET_LENGTH, REDACTED, JournalEvent, LiveEvent, RunJournal, RunState
 from teamorch.messages import (
     Assignment,
     AutoSpec,
@@ -149,6 +149,12 @@ class Coordinator:
         return f"{kind} {name}".strip()
 
     # ---- observation ---------------------------------------------------------------------
+
+    async def config(self) -> TeamConfig:
+        """The team as this coordinator runs it (resolved), so a client checks a plan against the team that is
+        up, not against a file of its own. Header values are credentials: a client gets their names only."""
+        servers = [s.model_copy(update={"headers": dict.fromkeys(s.headers, REDACTED)}) for s in self.team.servers]
+        return self.team.model_copy(update={"servers": servers})
 
     async def servers_load(self) -> list[ServerLoad]:
         await self.start()

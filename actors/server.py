@@ -8,6 +8,10 @@ and a stuck server can only ever block its own actor.
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
+import select
+import threading
 import time
 from collections import Counter, OrderedDict
 
@@ -24,6 +28,10 @@ from teamorch.policies.progress import ProgressThrottle
 # Answers kept by key after they were sent: long enough for a restarted specialist to ask again (seconds), bounded
 # because each can be up to `max_response_bytes`.
 ANSWERS_KEPT = 64
+# How often the raylet watchdog looks for its raylet where the kernel cannot say it at once (no pidfd): seconds.
+RAYLET_POLL = 0.1
+
+log = logging.getLogger(__name__)
 
 
 class ProgressTo(BaseModel):
@@ -59,6 +67,37 @@ class ModelServer:
         self.calls: dict[str, asyncio.Future[ChatResponse]] = {}
         self.callers: Counter[str] = Counter()
         self.answered: OrderedDict[str, ChatResponse] = OrderedDict()
+        self._watch_raylet()
+
+    def _watch_raylet(self) -> None:
+        """Exit as soon as this node's raylet is gone, so no box keeps generating answers nobody will record.
+
+        When the raylet dies (a driver SIGKILLed with the private Ray it
+        started, a node lost), Ray's own check (`ExitIfParentRayletDies`, every
+        `raylet_death_check_interval_milliseconds`, 1 s by default) leaves every
+        worker running for up to a second. A server actor alive in that second
+        finishes requests whose answers the dying coordinator never journals,
+        and `teamorch resume` asks for them again: duplicated generations. So
+        the server actor, the only one holding model requests, goes first:
+        exiting closes every HTTP stream it holds at once (the box sees the
+        client disconnect and stops generating; an embedded llama.cpp model
+        stops with the process), and cannot be held up by a busy event loop as
+        a cancellation would be. The coordinator and specialists keep Ray's
+        slower check on purpose: answers already on their way are still
+        journaled. Lowering Ray's interval instead would make every worker die
+        at the same moment and lose that ordering.
+        """
+        raylet = int(os.environ.get("RAY_RAYLET_PID", "0"))
+        if not raylet:
+            return  # not in a Ray worker (a test building the class directly)
+        try:
+            gone: int | None = os.pidfd_open(raylet)  # readable once the raylet exits: no polling delay
+        except ProcessLookupError:
+            log.warning("raylet pid %d is not visible from this worker: no raylet watchdog", raylet)
+            return
+        except (AttributeError, OSError):
+            gone = None  # no pidfd (old kernel or not Linux): poll
+        threading.Thread(target=_exit_when_gone, args=(raylet, gone), name="raylet-watchdog", daemon=True).start()
 
     async def ready(self) -> str:
         """Returns once the actor is up and its backend warmed up (an embedded server loads its model)."""
@@ -135,3 +174,24 @@ class ModelServer:
             latency=time.monotonic() - started,
             checked_at=time.time(),
         )
+
+
+def _exit_when_gone(raylet: int, pidfd: int | None) -> None:
+    """Block until process `raylet` exits (on its pidfd, else by polling), then end this process at once."""
+    if pidfd is not None:
+        select.select([pidfd], [], [])
+    else:
+        while _alive(raylet):
+            time.sleep(RAYLET_POLL)
+    log.warning("raylet %d is gone: exiting, which closes every model request in flight", raylet)
+    os._exit(1)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, as another user's process
+    return True

@@ -47,6 +47,10 @@ SIM = {"slots": 2, "tokens_per_second": 40.0, "ttft": 0.05}
 RUN_TIMEOUT = 90.0  # seconds; a clean run takes a few
 POLL = 1.0  # the team's poll_interval: a restarted server should be back within this
 STORM = {"slots": 1, "max_queue": 0}
+# The SIGKILL row kills this long after a third of the results are journaled: tasks run in batches of equal length,
+# so the moment a result is journaled is the moment its batch's other answers are on their way to the journal; half a
+# task later the next batch is mid-stream, which is where a kill lands on average.
+MID_STREAM = (SIM["ttft"] + TOKENS / SIM["tokens_per_second"]) / 2
 HEADERS = ["fault", "tasks", "succeeded", "lost", "duplicated", "extra s", "recovery s"]
 
 # A fault acts on a started run: (coordinator handle, the fleet).
@@ -246,6 +250,7 @@ def run_cli(tmp: Path, servers: dict[str, SimServer], kill: bool) -> Measured:
     proc = cli(tmp, "run", "plan.yaml", "--team", "team.yaml", "--runs-dir", str(runs), "--run-id", run_id)
     if kill:
         wait_for(lambda: journaled(runs / run_id / "events.jsonl") >= TASKS // 3 or proc.poll() is not None, 90)
+        time.sleep(MID_STREAM)
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=120)
     if kill:

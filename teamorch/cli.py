@@ -14,8 +14,9 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from teamorch.cli_team import add_team_commands, default_team
 from teamorch.config import TeamConfig, read_yaml
@@ -34,6 +35,9 @@ from teamorch.journal import (
 )
 from teamorch.messages import JournalSpec, RunReport, ServerLoad, TaskResult
 from teamorch.plans import Runnable, expand, load_plan, read_plan_raw
+
+if TYPE_CHECKING:
+    from teamorch.team import Attached
 
 EXIT_OK, EXIT_FAILED, EXIT_INVALID, EXIT_ERROR, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 RUNS_DIR_HELP = "where run journals are (default: $TEAMORCH_RUNS_DIR, else .teamorch/runs)"
@@ -153,21 +157,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Every run is journaled (`<runs dir>/<run id>/`); bad input fails before Ray is even imported."""
+    """Every run is journaled (`<runs dir>/<run id>/`); bad input fails before Ray is even imported, except what
+    only the team that is up can tell (`--coordinator`): the plan file is read first, then checked against it."""
     runs_dir = resolve_runs_dir(args.runs_dir)
     run_id = resolve_run_id(args.run_id)
     new_run_dir(runs_dir, run_id)
     print(f"Run {run_id}", flush=True)  # first, so whoever started it can resume it whatever happens next
-    plan, team = load_plan(args.plan, args.team)
     plan_raw = read_plan_raw(args.plan)
-    team_raw = read_yaml(args.team, expand_env=False) if args.team else None
+    up = _join(args)
+    plan, team = load_plan(args.plan, args.team, team=up.team.config if up else None)
+    team_raw = up.team.raw if up else None  # the team that runs: with --coordinator, as `teamorch up` recorded it
+    if team_raw is None and args.team:
+        team_raw = read_yaml(args.team, expand_env=False)
     journal = JournalSpec(
         runs_dir=str(runs_dir),
         plan_raw=plan_raw,
         team_raw=team_raw,
         secrets=secret_values(plan_raw) + secret_values(team_raw),
     )
-    return _run(args, plan, team, run_id, journal, session=1)
+    return _run(args, plan, team, run_id, journal, session=1, up=up)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -183,11 +191,12 @@ def cmd_resume(args: argparse.Namespace) -> int:
     plan_raw = read_plan_raw(journal.plan_file)
     journal.check_plan(plan_raw)  # the run directory's plan.yaml edited since: its results belong to another plan
     team_path = args.team or journal.team_file
-    plan, team = load_plan(journal.plan_file, team_path)
+    up = _join(args)
+    plan, team = load_plan(journal.plan_file, team_path, team=up.team.config if up else None)
     team_raw = read_yaml(team_path, expand_env=False) if team_path else None
     print(f"Run {args.run_id}: resuming session {journal.session + 1}, {state.done} tasks journaled", flush=True)
     spec = JournalSpec(runs_dir=str(runs_dir), secrets=[*journal.secrets, *secret_values(team_raw)], resume=True)
-    return _run(args, plan, team, args.run_id, spec, session=journal.session + 1)
+    return _run(args, plan, team, args.run_id, spec, session=journal.session + 1, up=up)
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
@@ -243,14 +252,39 @@ def _progress(
         yield view
 
 
-def _open_team(args: argparse.Namespace, team: TeamConfig) -> tuple[Any, bool]:
+@dataclass(frozen=True)
+class _Up:
+    """The team `--coordinator` names, joined (`teamorch.team.Attached`), and the seconds joining took."""
+
+    team: Attached
+    seconds: float
+
+
+def _join(args: argparse.Namespace) -> _Up | None:
+    """With `--coordinator NAME`: the team that is up, before the plan is checked against its config (the team
+    that will run it, whatever the plan file's own `team:` says). A team whose coordinator died is started
+    again from the config `teamorch up` recorded, and a line says so."""
+    if not getattr(args, "coordinator", None):
+        return None
+    from teamorch.team import join
+
+    t0 = time.monotonic()
+    attached = join(args.coordinator, args.address)
+    if attached.replaced:
+        print(attached.replaced, flush=True)
+    return _Up(attached, time.monotonic() - t0)
+
+
+def _open_team(args: argparse.Namespace, team: TeamConfig, up: _Up | None = None) -> tuple[Any, bool]:
     """The coordinator a command runs on, and whether the command owns it (and so must stop it).
 
     `--coordinator NAME` attaches to the team `teamorch up` started (no actor starts: ~0.3 s after
-    `import ray`); otherwise a fleet is started for this command alone.
+    `import ray`; `up` if `_join` did it already); otherwise a fleet is started for this command alone.
     """
     from teamorch import api
 
+    if up is not None:
+        return up.team.coordinator, False
     if getattr(args, "coordinator", None):
         from teamorch.team import attach
 
@@ -260,15 +294,21 @@ def _open_team(args: argparse.Namespace, team: TeamConfig) -> tuple[Any, bool]:
 
 
 def _run(
-    args: argparse.Namespace, runnable: Runnable, team: TeamConfig, run_id: str, journal: JournalSpec, session: int
+    args: argparse.Namespace,
+    runnable: Runnable,
+    team: TeamConfig,
+    run_id: str,
+    journal: JournalSpec,
+    session: int,
+    up: _Up | None = None,
 ) -> int:
     from teamorch import api
 
     if all(s.protocol == "embedded" for s in team.servers):
         print(EMBEDDED_NOTE)
     print(f"Problem: {runnable.problem.strip().splitlines()[0][:100]}  ({_describe(runnable)})")
-    t0 = time.monotonic()
-    coordinator, owned = _open_team(args, team)
+    t0 = time.monotonic() - (up.seconds if up else 0.0)
+    coordinator, owned = _open_team(args, team, up)
     fleet = f"servers {', '.join(s.name for s in team.servers)}" if owned else f"team {args.coordinator!r}"
     print(f"Team ready in {time.monotonic() - t0:.1f}s: {fleet}", flush=True)
     try:
@@ -312,7 +352,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
     team = load_team(args.team) if args.team else default_team()
     context = {"notes": Path(args.context_file).read_text(encoding="utf-8")} if args.context_file else {}
-    coordinator, owned = _open_team(args, team)
+    coordinator, owned = _open_team(args, team, _join(args))
     try:
         plan = ray.get(coordinator.create_plan.remote(AutoSpec(problem=args.problem, context=context)))
         print(f"# plan_source: {plan.plan_source}")
@@ -477,7 +517,9 @@ def _add_run_commands(sub: Any) -> None:
 
 COORDINATOR_HELP = (
     "run on the team `teamorch up` started under NAME (--address: where its Ray is; default: RAY_ADDRESS, the "
-    "last `ray start` here, or teamorch's private head) instead of starting a fleet for this command"
+    "last `ray start` here, or teamorch's private head) instead of starting a fleet for this command; run and "
+    "resume check the plan against that team, and run, resume and plan start a team whose coordinator died "
+    "again from what `up` recorded"
 )
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from teamorch.config import TeamConfig, load_team, read_yaml, split_plan_file
 from teamorch.errors import ConfigError
@@ -17,9 +18,13 @@ DEFAULT_NAME = "teamorch"  # teamorch.api.DEFAULT_NAME, repeated so that this mo
 PLAN_KEYS = {"problem", "waves", "tasks", "pattern"}  # a plan file, whose `team:` is the team
 
 
+def _demo_file() -> Path:
+    return Path(str(files("teamorch.scenarios").joinpath("complex_error.yaml")))
+
+
 def default_team() -> TeamConfig:
     """The team a command uses when given none: the embedded fleet and `make demo`'s five analysts."""
-    _, team = split_plan_file(Path(str(files("teamorch.scenarios").joinpath("complex_error.yaml"))))
+    _, team = split_plan_file(_demo_file())
     return team
 
 
@@ -32,6 +37,14 @@ def team_from(path: str | None) -> TeamConfig:
     return load_team(path)
 
 
+def team_raw_from(path: str | None) -> dict[str, Any]:
+    """The team `team_from(path)` reads, as written (`${ENV}` unexpanded): what `up` records in the cluster."""
+    data = read_yaml(path or _demo_file(), expand_env=False)
+    if path is None or PLAN_KEYS & set(data):
+        return data.get("team") or {}
+    return data
+
+
 def cmd_up(args: argparse.Namespace) -> int:
     from teamorch import team as teams
     from teamorch.cli import EXIT_OK, print_loads
@@ -39,7 +52,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     spec = team_from(args.team).resolved()
     if not spec.specialists:
         raise ConfigError("the team has no specialists: nothing could run on it", field="specialists", file=args.team)
-    launched = teams.up(spec, name=args.name, address=args.address, replace=args.replace)
+    raw, source = team_raw_from(args.team), args.team or "the default team"
+    launched = teams.up(spec, name=args.name, address=args.address, replace=args.replace, raw=raw, source=source)
     if launched.previous:
         print(launched.previous)
     where = f"Ray at {launched.address}"

@@ -26,16 +26,22 @@ from teamorch.policies.synthesis import resolve_strategy
 Runnable = OrchestrationPlan | PatternSpec
 
 
-def load_plan(path: str | Path, team_path: str | Path | None = None) -> tuple[Runnable, TeamConfig]:
+def load_plan(
+    path: str | Path, team_path: str | Path | None = None, team: TeamConfig | None = None
+) -> tuple[Runnable, TeamConfig]:
     """Read and fully validate a plan file (and optional team file) without starting anything.
 
     Returns an `OrchestrationPlan` (explicit tasks/waves) or a pattern spec
     (`pattern:` files), and the resolved team. Everything a run would trip
     over later is checked here, including that a custom `synthesis_strategy`
     imports: `teamorch validate` and `teamorch run` fail before any model call.
+    `team`, when given, is the team the plan will run on instead of the file's
+    own (a team that is up: `Coordinator.config()`); the file's `team:` and
+    `team_path` are then still read and checked, but not run.
     """
     file = str(path)
-    data, team = split_plan_file(path, team_path)
+    data, own = split_plan_file(path, team_path)
+    team = team or own
     _inline_files(data, Path(path))
     if "pattern" not in data:
         plan = parse_plan(data, file)

@@ -11,21 +11,32 @@ servers, balancer and specialists itself, which makes it their owner, and Ray ke
 exactly as long as its owner: the fleet survives the `up` process (tests/test_team.py checks it) and
 dies with the coordinator. So `down`, or a crash of the coordinator, takes the whole team, and
 nothing is left running by accident.
+
+The team's config outlives its coordinator: `up` records the team as written (`${ENV}` references
+unexpanded, so the cluster holds no secret) in Ray's GCS key-value store, which every driver, actor and
+`ray://` client of the cluster reads (Ray's job submission keeps its records there too). A run on a
+team whose coordinator died (`join`) starts a new one from that record, and the run journal makes
+resuming on it safe; `down` deletes the record, so a team stopped on purpose stays stopped.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import ray
+from pydantic import BaseModel
 from ray.actor import ActorHandle
+from ray.experimental import internal_kv
 
 from teamorch.api import DEFAULT_NAME, NAMESPACE, start_coordinator, stop_coordinator
 from teamorch.cluster import Head, connect, find_cluster, running_head, start_head, stop_head
-from teamorch.config import TeamConfig
-from teamorch.errors import TeamorchError
+from teamorch.config import TeamConfig, interpolate, parse_team
+from teamorch.errors import ConfigError, TeamorchError
 from teamorch.journal import RunState
 from teamorch.messages import RunTotals, ServerLoad
+
+KV_NAMESPACE = "teamorch_teams"  # Ray GCS key-value namespace of the teams' records (key: the team's name)
 
 
 @dataclass(frozen=True)
@@ -36,6 +47,32 @@ class Launched:
     address: str
     head: Head | None
     previous: str | None
+
+
+@dataclass(frozen=True)
+class Attached:
+    """A team that is up, as a run uses it: its coordinator and config, the team as `up` recorded it (`${ENV}`
+    unexpanded; None for a team started without a record), and the line to print if a dead one was replaced."""
+
+    coordinator: ActorHandle
+    config: TeamConfig
+    raw: dict[str, Any] | None
+    replaced: str | None
+
+
+class TeamRecord(BaseModel):
+    """What `up` leaves in the cluster so the team can be started again without the file it came from."""
+
+    team: dict[str, Any]  # as written: `${ENV}` references stay unexpanded, expanded by whoever starts it
+    source: str  # the file it was read from, for messages
+    max_workers: int | None = None
+
+    def config(self, name: str) -> TeamConfig:
+        where = f"team {name!r} as `teamorch up` recorded it (from {self.source})"
+        try:
+            return parse_team(interpolate(self.team), where).resolved()
+        except ConfigError as exc:
+            raise exc.located(where) from None
 
 
 @dataclass(frozen=True)
@@ -59,12 +96,16 @@ def up(
     address: str | None = None,
     replace: bool = False,
     max_workers: int | None = None,
+    raw: dict[str, Any] | None = None,
+    source: str = "",
 ) -> Launched:
     """Start team `name` as a detached coordinator (and its fleet) on a running Ray, or on a private head.
 
     With no `address` and no Ray to be found (`locate`), a private head is started and left running.
     A team of that name already up is an error unless `replace`; a dead one is replaced, and
-    `Launched.previous` says how it died.
+    `Launched.previous` says how it died. `raw` is the team as written in `source` (`${ENV}`
+    unexpanded): recorded in the cluster, so that a run finding the coordinator dead can start it
+    again (`join`); without it, no record is kept (nor an older one of the same name).
     """
     head = None
     if address is None and (address := locate()) is None:
@@ -73,7 +114,58 @@ def up(
     joined = connect(address, NAMESPACE)
     previous = _clear_name(name, replace)
     handle = start_coordinator(team, name=name, detached=True, max_workers=max_workers)
+    if raw is None:
+        forget(name)
+    else:
+        _record_put(name, TeamRecord(team=raw, source=source, max_workers=max_workers))
     return Launched(handle, joined, head, previous)
+
+
+def join(name: str = DEFAULT_NAME, address: str | None = None) -> Attached:
+    """`attach` for a run: a team whose coordinator died is started again from its record first.
+
+    No live coordinator and no record (never up, or stopped with `down`) is bad input: a ConfigError on
+    `--coordinator`. Two processes finding the team dead at once start one coordinator between them.
+    """
+    connect(_where(address), NAMESPACE)
+    record = recorded(name)
+    replaced = None
+    try:
+        coordinator = get_coordinator(name)
+    except TeamorchError as exc:
+        if record is None:
+            raise ConfigError(str(exc), field="--coordinator") from None
+        coordinator, replaced = _revive(name, record)
+    config = ray.get(coordinator.config.remote())
+    return Attached(coordinator, config, record.team if record else None, replaced)
+
+
+def _revive(name: str, record: TeamRecord) -> tuple[ActorHandle, str]:
+    team = record.config(name)
+    cause = _death(name, NAMESPACE, stopped=True) or "no cause recorded"
+    try:
+        handle = start_coordinator(team, name=name, detached=True, max_workers=record.max_workers)
+    except ValueError:  # the name is taken: another process replaced the coordinator a moment ago
+        return get_coordinator(name), f"team {name!r} was down; another process has just started it again"
+    return handle, (
+        f"team {name!r} was down (its coordinator died: {cause}); started it again from the team "
+        f"`teamorch up` recorded ({record.source})"
+    )
+
+
+def recorded(name: str) -> TeamRecord | None:
+    """The record `up` left for team `name` in the cluster's key-value store (Ray's GCS), if any."""
+    value = internal_kv._internal_kv_get(name, namespace=KV_NAMESPACE)
+    return TeamRecord.model_validate_json(value) if value else None
+
+
+def forget(name: str) -> bool:
+    """Delete team `name`'s record; returns whether there was one."""
+    return bool(internal_kv._internal_kv_del(name, namespace=KV_NAMESPACE))
+
+
+def _record_put(name: str, record: TeamRecord) -> None:
+    internal_kv._internal_kv_put(name, record.model_dump_json(), overwrite=True, namespace=KV_NAMESPACE)
 
 
 def attach(name: str = DEFAULT_NAME, address: str | None = None) -> ActorHandle:
@@ -108,10 +200,11 @@ def down(name: str = DEFAULT_NAME, address: str | None = None, stop_ray: bool = 
     if where is None and stop_ray:  # no Ray to find the team on, and so no head of teamorch's either
         return stop_head()
     connect(_where(where), NAMESPACE)
+    had_record = forget(name)  # stopped on purpose: no run may start it again
     try:
         stop_coordinator(get_coordinator(name))
     except TeamorchError:
-        if not (stop_ray and running_head()):
+        if not (had_record or (stop_ray and running_head())):
             raise
     if not stop_ray:
         return None
@@ -136,8 +229,9 @@ def status(name: str = DEFAULT_NAME, address: str | None = None) -> TeamStatus:
     return TeamStatus(name=name, loads=loads, totals=totals, runs=runs)
 
 
-def death_of(name: str, namespace: str = NAMESPACE) -> str | None:
-    """Why the last actor named `name` died, unless it was stopped on purpose (`down`, `--replace`, `ray.kill`).
+def death_of(name: str, namespace: str = NAMESPACE, stopped: bool = False) -> str | None:
+    """Why the last actor named `name` died, unless it was stopped on purpose (`down`, `--replace`, `ray.kill`)
+    and `stopped` is False.
 
     Read from the GCS actor table (`ray._private.state`): Ray's public state API needs the dashboard,
     which a private head does not run.
@@ -148,15 +242,15 @@ def death_of(name: str, namespace: str = NAMESPACE) -> str | None:
         if record["State"] != "DEAD" or context.name != name or context.ray_namespace != namespace:
             continue
         if latest is None or record["EndTime"] > latest[0]:
-            intentional = type(context).Reason.Name(context.reason) == "RAY_KILL"
+            intentional = type(context).Reason.Name(context.reason) == "RAY_KILL" and not stopped
             latest = (record["EndTime"], "" if intentional else context.error_message)
     return (latest[1] or None) if latest else None
 
 
-def _death(name: str, namespace: str) -> str | None:
+def _death(name: str, namespace: str, stopped: bool = False) -> str | None:
     if ray.util.client.ray.is_connected():  # a `ray://` client: the actor table is read on the cluster
-        return ray.get(ray.remote(num_cpus=0)(death_of).remote(name, namespace))
-    return death_of(name, namespace)
+        return ray.get(ray.remote(num_cpus=0)(death_of).remote(name, namespace, stopped))
+    return death_of(name, namespace, stopped)
 
 
 def _clear_name(name: str, replace: bool) -> str | None:

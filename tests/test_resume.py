@@ -125,6 +125,14 @@ def test_slow_a_killed_run_resumes_without_asking_a_server_again(sims, tmp_path:
     upstream = journal.finished_results()[before[-1]].output or ""
     asked = [r["prompt"] for r in sim.stats()["requests_log"] if f"MARK-{in_flight}." in r["prompt"]]
     assert upstream.strip() and upstream.strip()[:40] in asked[-1]
+    # Its first request, if the kill found it at the box, was dropped when the raylet died (the server actor's
+    # watchdog closes its streams), not finished unheard: every task's answer was generated exactly once.
+    log = sim.stats()["requests_log"]
+    assert [r["completed"] for r in log if f"MARK-{in_flight}." in r["prompt"]] in ([True], [False, True])
+    completed = {
+        f"t{i}": sum(f"MARK-t{i}." in r["prompt"] and r["completed"] for r in log) for i in range(1, CHAIN + 1)
+    }
+    assert completed == {f"t{i}": 1 for i in range(1, CHAIN + 1)}
 
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["success"] and [t["task_id"] for t in report["tasks"]] == [f"t{i}" for i in range(1, CHAIN + 1)]
@@ -139,6 +147,53 @@ def test_slow_a_killed_run_resumes_without_asking_a_server_again(sims, tmp_path:
     asked_before = sim.stats()["requests"]
     assert cli.main(["resume", "killed", "--runs-dir", str(runs)]) == 0
     assert sim.stats()["requests"] == asked_before
+
+
+# A server actor's process, with what Ray gives it: RAY_RAYLET_PID in its environment (here, a stand-in process).
+SERVER_WORKER = """
+import asyncio, sys
+from teamorch.actors.server import ModelServer
+from teamorch.config import ServerConfig
+from teamorch.messages import ChatRequest
+
+server = ModelServer(ServerConfig(name="box", url=sys.argv[1], models=["gemma3:270m"]))
+ask = ChatRequest(model="gemma3:270m", messages=[{"role": "user", "content": "MARK-w."}], options={"num_predict": 50})
+asyncio.run(server.chat(ask))
+print("answered", flush=True)
+"""
+
+
+def test_a_server_actor_drops_its_requests_and_exits_as_soon_as_its_raylet_dies(sims) -> None:
+    """Ray's own check would leave the worker up to a second; a request finishing in it is generated twice."""
+    sim = sims(name="box", slots=1, tokens_per_second=10)  # the answer takes 5 s
+    raylet = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    worker = subprocess.Popen(
+        [sys.executable, "-c", SERVER_WORKER, sim.url],
+        env={**os.environ, "RAY_RAYLET_PID": str(raylet.pid)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while sim.stats()["in_flight"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert sim.stats()["in_flight"] == 1
+        raylet.kill()
+        killed = time.monotonic()
+        out, _ = worker.communicate(timeout=10)
+        exited = time.monotonic() - killed
+        while sim.stats()["in_flight"] and time.monotonic() - killed < 5:
+            time.sleep(0.01)
+    finally:
+        for process in (raylet, worker):
+            process.kill()
+            process.wait()
+    assert worker.returncode == 1 and "answered" not in out, out
+    assert exited < 0.5, f"the worker outlived its raylet by {exited:.2f}s"
+    stats = sim.stats()  # the box's own account: the stream was dropped, not finished
+    assert (stats["in_flight"], stats["completed"], stats["cancelled"]) == (0, 0, 1)
+    assert [r["completed"] for r in stats["requests_log"]] == [False]
 
 
 SECRET_VAR = "TEAMORCH_TEST_SECRET"

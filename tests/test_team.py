@@ -22,7 +22,8 @@ import httpx
 import pytest
 import yaml
 
-from teamorch.cli_team import default_team, team_from
+from teamorch.cli_team import default_team, team_from, team_raw_from
+from teamorch.config import interpolate, parse_team
 from teamorch.sim import SimConfig, SimServer
 from tests.test_cluster import REPO, python, ray_env, short_tmpdir
 
@@ -259,6 +260,28 @@ def test_default_team_is_the_demo_roster_on_the_embedded_fleet() -> None:
     assert team_from(str(REPO / "scenarios" / "teams" / "ollama.example.yaml")).servers  # a team file
 
 
+def test_up_records_the_team_as_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECORD_TOKEN", "sk-record-0123456789")
+    team_file = tmp_path / "team.yaml"
+    team_file.write_text(
+        yaml.safe_dump(
+            {
+                "servers": [
+                    {"name": "b", "url": "http://b:11434", "headers": {"Authorization": "Bearer ${RECORD_TOKEN}"}}
+                ],
+                "default_model": "m",
+                "specialists": [{"name": "A"}],
+            }
+        )
+    )
+    raw = team_raw_from(str(team_file))
+    assert raw["servers"][0]["headers"] == {"Authorization": "Bearer ${RECORD_TOKEN}"}  # no secret in the record
+    assert parse_team(interpolate(raw)) == team_from(str(team_file))  # the record starts the same team
+    plan_file = REPO / "scenarios" / "consensus.yaml"
+    assert parse_team(interpolate(team_raw_from(str(plan_file)))) == team_from(str(plan_file))
+    assert parse_team(interpolate(team_raw_from(None))) == default_team()
+
+
 @pytest.mark.model
 def test_plan_without_team_asks_the_demo_roster(tmp_path: Path) -> None:
     with short_tmpdir() as tmpdir:
@@ -268,3 +291,70 @@ def test_plan_without_team_asks_the_demo_roster(tmp_path: Path) -> None:
     plan = yaml.safe_load(done.stdout)
     used = {t["specialist"] for t in plan["tasks"]}
     assert used and used <= {s.name for s in default_team().specialists}
+
+
+KILL_AND_READ = """
+import json, time, ray
+from teamorch.cluster import connect
+from teamorch.team import recorded
+connect({address!r}, "teamorch")
+ray.kill(ray.get_actor({name!r}), no_restart=True)  # not a `down`: the record stays
+while {name!r} in {{a["Name"] for a in ray._private.state.actors().values() if a["State"] != "DEAD"}}:
+    time.sleep(0.1)
+print(recorded({name!r}).model_dump_json())
+"""
+
+CONFIG = """
+import ray
+from teamorch.team import attach
+print(ray.get(attach({name!r}, {address!r}).config.remote()).model_dump_json())
+"""
+
+
+def test_a_killed_team_is_started_again_by_the_next_run_which_checks_its_plan_against_it(
+    team: Team, tmp_path: Path
+) -> None:
+    name, env = "phoenix", {**team.env, "PHOENIX_TOKEN": "sk-phoenix-0123456789abcdef"}
+    team_file = tmp_path / "team.yaml"
+    raw = yaml.safe_load(team.team_file.read_text())
+    raw["servers"][0]["headers"] = {"Authorization": "Bearer ${PHOENIX_TOKEN}"}
+    team_file.write_text(yaml.safe_dump(raw))
+    assert teamorch(env, "up", "--team", str(team_file), "--name", name).returncode == 0
+    address = str(team.head()["address"])
+    config = json.loads(python(CONFIG.format(name=name, address=address), env).stdout.splitlines()[-1])
+    assert config["servers"][0]["headers"] == {"Authorization": "[redacted]"}  # names, never the credential
+
+    killed = python(KILL_AND_READ.format(address=address, name=name), env)
+    assert killed.returncode == 0, killed.stderr[-3000:]
+    record = json.loads(killed.stdout.splitlines()[-1])
+    assert record["team"]["servers"][0]["headers"] == {"Authorization": "Bearer ${PHOENIX_TOKEN}"}  # unexpanded
+
+    # The plan file carries no team: the team that is up is the one it is checked against and runs on.
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"problem": "p", "tasks": [{"task_id": "x", "specialist": "Architect"}]}))
+    runs = ["--runs-dir", str(tmp_path / "runs")]
+    done = teamorch(env, "run", str(plan), "--coordinator", name, "--json", str(tmp_path / "r.json"), *runs)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"team {name!r} was down (its coordinator died: " in done.stdout, done.stdout
+    assert f"started it again from the team `teamorch up` recorded ({team_file})" in done.stdout
+    assert json.loads((tmp_path / "r.json").read_text())["success"]
+    status = teamorch(env, "status", name)
+    assert status.returncode == 0 and "box" in status.stdout, status.stdout + status.stderr
+    assert "finished, 1/1 tasks done" in status.stdout
+
+    # A specialist the up team lacks is bad input, even when the plan's own `team:` has it; no model call.
+    own_team = {"specialists": [{"name": "Ghost"}], "default_model": "gemma3:270m"}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        yaml.safe_dump({"problem": "p", "tasks": [{"task_id": "g", "specialist": "Ghost"}], "team": own_team})
+    )
+    asked = team.sim.stats()["requests"]
+    refused = teamorch(env, "run", str(bad), "--coordinator", name, *runs)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert f"{bad}: tasks[0].specialist: task 'g' names unknown specialist 'Ghost'" in refused.stderr
+    assert team.sim.stats()["requests"] == asked
+
+    # `down` deletes the record: the next run does not bring the team back.
+    assert teamorch(env, "down", name).returncode == 0
+    gone = teamorch(env, "run", str(plan), "--coordinator", name, *runs)
+    assert gone.returncode == 2 and f"--coordinator: no team {name!r} is up" in gone.stderr, gone.stderr
