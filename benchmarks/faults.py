@@ -242,18 +242,19 @@ def journaled(events: Path) -> int:
     return done
 
 
-def run_cli(tmp: Path, servers: dict[str, SimServer], kill: bool) -> Measured:
-    """`teamorch run` to the end, or SIGKILLed with a third of the tasks journaled and then resumed."""
+def run_cli(tmp: Path, servers: dict[str, SimServer], kill_after: float | None) -> Measured:
+    """`teamorch run` to the end (`kill_after` None), or SIGKILLed `kill_after` seconds after a third of the tasks
+    were journaled, then resumed."""
     (tmp / "plan.yaml").write_text(yaml.safe_dump(plan()))
     (tmp / "team.yaml").write_text(yaml.safe_dump(team_raw(servers, None)))
-    runs, run_id = tmp / "runs", "killed" if kill else "clean"
+    runs, run_id = tmp / "runs", "clean" if kill_after is None else "killed"
     proc = cli(tmp, "run", "plan.yaml", "--team", "team.yaml", "--runs-dir", str(runs), "--run-id", run_id)
-    if kill:
+    if kill_after is not None:
         wait_for(lambda: journaled(runs / run_id / "events.jsonl") >= TASKS // 3 or proc.poll() is not None, 90)
-        time.sleep(MID_STREAM)
+        time.sleep(kill_after)
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=120)
-    if kill:
+    if kill_after is not None:
         # The dead driver's Ray workers hold the journal until they notice their raylet is gone (seconds).
         wait_for(lambda: RunJournal.open(runs, run_id).state().status != "running", 60)
         resumed = subprocess.run(
@@ -269,12 +270,21 @@ def run_cli(tmp: Path, servers: dict[str, SimServer], kill: bool) -> Measured:
     return Measured(report, span(report), sim_log(servers))
 
 
-def resume_row() -> list[Any]:
-    measured = []
-    for kill in (False, True):
+# Two kill moments: mid-stream (requests are generating: they must be dropped, not finished), and right as a
+# result is journaled (the tasks of the same equal-length batch are finishing too: answers in transit to the
+# journal, which a resume must generate again — the one case that can still cost a duplicate generation).
+KILLS = {"mid-stream": MID_STREAM, "as results are journaled": 0.0}
+
+
+def resume_rows() -> list[list[Any]]:
+    with tempfile.TemporaryDirectory() as tmp, fleet(None) as servers:
+        clean = run_cli(Path(tmp), servers, None)
+    rows = []
+    for moment, delay in KILLS.items():
         with tempfile.TemporaryDirectory() as tmp, fleet(None) as servers:
-            measured.append(run_cli(Path(tmp), servers, kill))
-    return result_row("driver SIGKILL, then `teamorch resume`", measured[0], measured[1])
+            hit = run_cli(Path(tmp), servers, delay)
+        rows.append(result_row(f"driver SIGKILL {moment}, then `teamorch resume`", clean, hit))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         clean[key] = clean.get(key) or measure(row, faulty=False)
         rows.append(result_row(row.fault, clean[key], measure(row, faulty=True)))
         print(f"  {rows[-1]}", file=sys.stderr, flush=True)
-    rows.append(resume_row())
+    rows += resume_rows()
     info = machine_info()
     text = "\n".join(
         [
