@@ -30,6 +30,14 @@ class ModelServer:
     the last answers sent (`answered`): a specialist that Ray restarted
     mid-task sends the same attempt again, and must get the one answer, not
     cause a second generation.
+
+    `gate` admits `slots` requests to the box at once. The balancer may grant
+    a slot shortly before the request on it ends (an early grant, see
+    `teamorch.policies.balancing.early_slot`); that request waits here and is
+    sent the moment a stream before it ends, with no Ray hop in between, so
+    the slot is not left idle and the box never sees more than `slots`.
+    A request cancelled while it waits simply leaves the queue; one whose
+    predecessor fails is sent (and fails or succeeds on its own).
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -38,6 +46,7 @@ class ModelServer:
         self.calls: dict[str, asyncio.Future[ChatResponse]] = {}
         self.callers: Counter[str] = Counter()
         self.answered: OrderedDict[str, ChatResponse] = OrderedDict()
+        self.gate = asyncio.Semaphore(config.slots)
 
     async def ready(self) -> str:
         """Returns once the actor is up and its backend warmed up (an embedded server loads its model)."""
@@ -48,7 +57,7 @@ class ModelServer:
         """One completion. Cancellation (ray.cancel) arrives as CancelledError and closes the HTTP stream,
         once no other caller of the same `key` still waits for it."""
         if key is None:
-            return await self.backend.chat(req)
+            return await self._send(req)
         if key in self.answered:
             return self.answered[key]
         call = self.calls.get(key)
@@ -66,9 +75,13 @@ class ModelServer:
             if not self.callers[key]:
                 del self.callers[key]
 
+    async def _send(self, req: ChatRequest) -> ChatResponse:
+        async with self.gate:
+            return await self.backend.chat(req)
+
     async def _call(self, key: str, req: ChatRequest) -> ChatResponse:
         try:
-            response = await self.backend.chat(req)
+            response = await self._send(req)
         finally:
             self.calls.pop(key, None)
         self.answered[key] = response

@@ -253,7 +253,8 @@ def _open_team(args: argparse.Namespace, team: TeamConfig) -> tuple[Any, bool]:
 
         return attach(args.coordinator, args.address), False
     api.connect(args.address)
-    return api.start_coordinator(team), True
+    runs_dir = getattr(args, "runs_dir", None)
+    return api.start_coordinator(api.with_fleet_memory(team, resolve_runs_dir(runs_dir, writable=False))), True
 
 
 def _run(

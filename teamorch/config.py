@@ -105,11 +105,18 @@ class BalancerConfig(_Model):
     can cost more than the request. `backoff_seconds` is how long a server
     that answered 503 (its own queue is full: someone else is using it) runs
     with one slot fewer.
+
+    `fleet_memory` is the JSON file where the balancer keeps what it learned
+    about each server's speed, so the next run plans with it from its first
+    request (`teamorch.policies.fleet.remember`): a path, `true` for
+    `.teamorch/fleet.json`, `false` for none. Unset, `teamorch run` keeps it
+    next to its runs directory and the Python API keeps none.
     """
 
     policy: Policy = "peak_ewma"
     model_affinity: bool = True
     backoff_seconds: float = Field(default=5.0, ge=0)
+    fleet_memory: bool | str | None = None
 
 
 class RetryConfig(_Model):
