@@ -436,7 +436,8 @@ def _plan_peak_ewma(
       than the loads it causes, which keeps each model where it is loaded.
     * A server never measured (no EWMA yet) in a fleet where others are gets
       one request at a time until its first answer, and is assumed as slow as
-      the slowest measured server (see `_speeds`). When nothing at all is
+      the slowest measured server (see `_speeds`); that request is the
+      shortest one waiting (`_probe_shortest`), never a long job sent blind. When nothing at all is
       measured (a cold start), every free slot is first sent a short waiting
       request (`_cold_start_probes`), the prefixes spread over the slots by
       their expected work: the cheapest way to learn every server's speed,
@@ -454,6 +455,7 @@ def _plan_peak_ewma(
     servers = _virtual_slots(loads, speeds, running, caches, probing_one=not cold)
     if cold:
         return _cold_start_probes(queue, live, servers, speeds)
+    live = _probe_shortest(queue, live, speeds)
     order = _longest_first(queue, live, speeds, servers)
     return _earliest_finish(queue, order, live, servers, speeds, affinity, rng)
 
@@ -536,6 +538,32 @@ def _virtual_slots(
             ready_at=s.load_remaining,
         )
     return servers
+
+
+def _probe_shortest(
+    queue: Sequence[Queued], live: Mapping[int, list[ServerLoad]], speeds: Mapping[str, _Speed]
+) -> dict[int, list[ServerLoad]]:
+    """`live` with each server never measured left as a candidate only of the shortest request it can serve.
+
+    Its first answer is how its speed is learned, and until then the plan's
+    estimate for it is a guess: the longest-first order would otherwise hand
+    it whatever finishes soonest there, often a long job the measured servers
+    are busy with (a 3 s job on the slowest box was seen). The shortest
+    request costs least if the guess was wrong. It still goes there only if
+    that is where it finishes first (a model load, say, can make it wait).
+    """
+    unmeasured = {name for name, sp in speeds.items() if not sp.measured}
+    if not unmeasured:
+        return dict(live)
+    probe: dict[str, int] = {}
+    for index in sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, i)):
+        for s in live[index]:
+            if s.name in unmeasured:
+                probe.setdefault(s.name, index)
+    return {
+        index: [s for s in cands if s.name not in unmeasured or probe[s.name] == index] or cands
+        for index, cands in live.items()
+    }
 
 
 def _longest_first(
@@ -1018,13 +1046,14 @@ class Planner:
 
         Refused requests are removed here; granted ones stay until `remove`.
         """
-        if self._kept is not None:  # only ever kept for peak_ewma past its cold start
+        speeds = _speeds(loads)
+        probing = self._probing(loads, speeds)
+        if self._kept is not None and not probing:  # only ever kept for peak_ewma past its cold start
             grants = self._kept.advance(loads, now, self.entries)
             if grants is not None:
                 return grants
-            self._kept = None
-        speeds = _speeds(loads)
-        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()):
+        self._kept = None
+        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()) or probing:
             keyed = self.queue(now)
             queue = [q for _, q in keyed]
             done = plan_dispatch(
@@ -1046,6 +1075,17 @@ class Planner:
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
+
+    def _probing(self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed]) -> bool:
+        """Whether a server never measured could take a queued request now: `plan_dispatch` then picks its probe
+        (`_probe_shortest`); that lasts until its first answer, so planning the whole queue then costs little."""
+        return any(
+            not speeds[s.name].measured
+            and has_capacity(s)
+            and s.circuit != "open"
+            and (s.models_present is None or any(self.models[m] > 0 for m in s.models_present))
+            for s in loads
+        )
 
     def _eligibility(self, loads: Sequence[ServerLoad]) -> tuple[dict[int, Decision], dict[object, set[str]]]:
         """Refuse every request no server can serve (removing it); candidates per eligibility key for the rest."""
