@@ -152,6 +152,7 @@ class LoadBalancer:
         self._memory_path = Path(fleet_memory) if isinstance(fleet_memory, str) else None
         self._memory = self._recall()
         self._saving: asyncio.Task[None] | None = None
+        self._learned = False  # an answer came back since the last save
         self._saved_at = time.monotonic()
         if ray.get_runtime_context().was_current_actor_reconstructed:
             now = time.monotonic()
@@ -221,6 +222,7 @@ class LoadBalancer:
                 }
             )
         record_outcome(stats, done, lease.placed.cold, now, self.team.balancer.backoff_seconds, placed)
+        self._learned = self._learned or done.ok
         if not self.leases and not self.waiters:
             self._save_memory()  # the fleet went idle (a cold run's end): keep what it taught
         if done.load_seconds:
@@ -464,10 +466,9 @@ class LoadBalancer:
 
     def _save_memory(self) -> None:
         """Write what was learned in the background; one write at a time, the file replaced whole."""
-        if self._memory_path is None or (self._saving is not None and not self._saving.done()):
+        if self._memory_path is None or not self._learned or (self._saving is not None and not self._saving.done()):
             return
-        if not any(s.completed for s in self.servers.values()):
-            return  # nothing learned: leave the file as it is
+        self._learned = False
         self._saved_at = time.monotonic()
         self._memory = remember(self.servers.values(), self._memory, time.time())
         self._saving = asyncio.create_task(asyncio.to_thread(_write_memory, self._memory_path, self._memory))
