@@ -145,7 +145,6 @@ class LoadBalancer:
         self._coalescing: asyncio.TimerHandle | None = None
         self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
         self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
-        self._next_due: float | None = None  # seconds until the next running lease becomes due (last view)
         self._due_timer: asyncio.TimerHandle | None = None
         self._ready: asyncio.Future[None] | None = None
         fleet_memory = team.balancer.fleet_memory
@@ -301,22 +300,11 @@ class LoadBalancer:
         (`early_slot`): that slot is shown free now, with what the due request
         leaves in its cache; a request already queued behind one is not a
         slot in flight (the slot is counted once, busy until the later end).
-        Which lease is due on each server is kept for `_grant`, and when the
-        next one becomes due, for the timer that re-plans then.
+        Which lease is due on each server is kept for `_grant`.
         """
         loads, caches = self.snapshot_now(now), self._caches(now)
         behind = Counter(self.leases[ahead].server for ahead in self._ahead)
-        due: dict[str, tuple[float, str]] = {}
-        self._next_due = None
-        for lease_id, lease in self.leases.items():
-            if lease.placed.slot is None or lease.behind or lease_id in self._ahead or behind[lease.server]:
-                continue
-            left = lease.expected - (now - lease.granted)
-            if due_soon(left, lease.expected):
-                if left < due.get(lease.server, (float("inf"), ""))[0]:
-                    due[lease.server] = (left, lease_id)
-            elif due_in(left) > 0 and (self._next_due is None or due_in(left) < self._next_due):
-                self._next_due = due_in(left)
+        due, _next = self._due(now, behind)
         self._opened = {}
         rows = []
         for row in loads:
@@ -328,6 +316,22 @@ class LoadBalancer:
             in_flight = row.in_flight - behind[row.name] - opened
             rows.append(row.model_copy(update={"in_flight": in_flight}) if in_flight != row.in_flight else row)
         return rows, caches
+
+    def _due(self, now: float, behind: Counter[str]) -> tuple[dict[str, tuple[float, str]], float | None]:
+        """Per server with no request queued behind another yet, its running lease due soonest (seconds left, id);
+        and the seconds until the next lease not yet due becomes due (None: none will)."""
+        due: dict[str, tuple[float, str]] = {}
+        upcoming: float | None = None
+        for lease_id, lease in self.leases.items():
+            if lease.placed.slot is None or lease.behind or lease_id in self._ahead or behind[lease.server]:
+                continue
+            left = lease.expected - (now - lease.granted)
+            if due_soon(left, lease.expected):
+                if left < due.get(lease.server, (float("inf"), ""))[0]:
+                    due[lease.server] = (left, lease_id)
+            elif due_in(left) > 0 and (upcoming is None or due_in(left) < upcoming):
+                upcoming = due_in(left)
+        return due, upcoming
 
     def _dispatch(self, arrived: _Waiter | None = None) -> None:
         """Grant, refuse or keep waiting every queued request, as `plan_dispatch` decides.
@@ -363,10 +367,13 @@ class LoadBalancer:
         if self._due_timer is not None:
             self._due_timer.cancel()
             self._due_timer = None
-        if self.waiters and self._next_due is not None:
-            self._due_timer = asyncio.get_running_loop().call_later(self._next_due, self._due)
+        if not self.waiters:
+            return
+        _due, upcoming = self._due(time.monotonic(), Counter(self.leases[a].server for a in self._ahead))
+        if upcoming is not None:
+            self._due_timer = asyncio.get_running_loop().call_later(upcoming, self._became_due)
 
-    def _due(self) -> None:
+    def _became_due(self) -> None:
         self._due_timer = None
         self._dispatch()
 
