@@ -556,7 +556,10 @@ def _probe_shortest(
     if not unmeasured:
         return dict(live)
     probe: dict[str, int] = {}
-    for index in sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, i)):
+    # Among equally short requests the one that waited least: the longest-first order plans it last, when the
+    # measured servers' slots are taken, so it is the one the unmeasured server can win.
+    shortest = sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, queue[i].waited, -i))
+    for index in shortest:
         for s in live[index]:
             if s.name in unmeasured:
                 probe.setdefault(s.name, index)
