@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import random
 import time
 import uuid
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -31,21 +34,28 @@ from teamorch.policies.balancing import (
     Queued,
     apply_group_diversity,
     coalesce_delay,
+    due_in,
+    due_soon,
+    early_slot,
     eligible,
     has_capacity,
     plan_dispatch,
     planned_seconds,
 )
 from teamorch.policies.fleet import (
+    FleetMemory,
     GroupServers,
     Placement,
     ServerStats,
+    parse_memory,
+    recall,
     record_grant,
     record_latency,
     record_orphan_release,
     record_outcome,
     record_probe,
     record_restart,
+    remember,
     to_load,
 )
 from teamorch.policies.hedging import (
@@ -61,19 +71,32 @@ from teamorch.policies.retry import restarting_verdict
 
 # Circuits turn half-open and requests age on the clock, not on events: the queue is re-planned this often.
 TICK_SECONDS = 0.25
+# A long-lived team saves its fleet memory at least this often while it learns (and whenever the fleet goes idle).
+MEMORY_SAVE_SECONDS = 60.0
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class _Lease:
-    """A granted slot, and where on its server the request was predicted to go (`Placement`: slot, cache, load)."""
+    """A granted slot, and where on its server the request was predicted to go (`Placement`: slot, cache, load).
+
+    An early grant (`policies.balancing.early_slot`) waits `behind` another
+    lease on its slot: it starts (`granted`) when that one is expected to end,
+    and `gate` records how long it really waited at the server actor, which
+    is not the server's time and is taken out of what its outcome teaches.
+    """
 
     server: str
-    granted: float  # monotonic seconds
+    granted: float  # monotonic seconds it started, or is expected to start
     expected: float  # seconds the plan expected it to take
     placed: Placement
     key: str | None = None  # the (run, task, attempt) it was granted for, if the caller named one
     size: int = 0  # expected output tokens, kept for the hedging tail (0: hedging off, nothing to learn)
     hedged: bool = False  # a duplicate of its call was granted elsewhere (one per attempt)
+    behind: str | None = None  # the lease whose slot it waits for, while that one runs
+    issued: float = 0.0  # monotonic seconds it was granted
+    gate: float = 0.0  # seconds it waited behind that lease
 
 
 @dataclass
@@ -131,8 +154,17 @@ class LoadBalancer:
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
+        self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
+        self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
+        self._due_timer: asyncio.TimerHandle | None = None
         self._ready: asyncio.Future[None] | None = None
         self.tail = LatencyTail(window=4 * WINDOW)  # the whole fleet's latency ratios: caps each server's own
+        fleet_memory = team.balancer.fleet_memory
+        self._memory_path = Path(fleet_memory) if isinstance(fleet_memory, str) else None
+        self._memory = self._recall()
+        self._saving: asyncio.Task[None] | None = None
+        self._learned = False  # an answer came back since the last save
+        self._saved_at = time.monotonic()
         if ray.get_runtime_context().was_current_actor_reconstructed:
             now = time.monotonic()
             for stats in self.servers.values():
@@ -233,17 +265,43 @@ class LoadBalancer:
             self.keyed.pop(lease.key, None)
         stats = self.servers[lease.server]
         fleet_metrics().lease_released(lease.server, done)
+        now = time.monotonic()
+        placed = self._hand_over(done.lease_id, lease, now)
+        if lease.gate and done.latency is not None:  # the seconds at the gate were not the server's
+            done = done.model_copy(
+                update={
+                    "latency": max(0.0, done.latency - lease.gate),
+                    "ttft": None if done.ttft is None else max(0.0, done.ttft - lease.gate),
+                }
+            )
         if lease.size:
             record_latency((stats.tail, self.tail), done, lease.expected, lease.size, lease.hedged)
-        record_outcome(
-            stats, done, lease.placed.cold, time.monotonic(), self.team.balancer.backoff_seconds, lease.placed
-        )
+        record_outcome(stats, done, lease.placed.cold, now, self.team.balancer.backoff_seconds, placed)
+        self._learned = self._learned or done.ok
+        if not self.leases and not self.waiters:
+            self._save_memory()  # the fleet went idle (a cold run's end): keep what it taught
         if done.load_seconds:
             # A load may have evicted another model: ask the server now rather than at the next poll.
             probe = asyncio.create_task(self._probe(lease.server))
             self._probing.add(probe)  # held until done: the loop keeps only weak references to tasks
             probe.add_done_callback(self._probing.discard)
         self._dispatch()
+
+    def _hand_over(self, lease_id: str, lease: _Lease, now: float) -> Placement:
+        """A lease ends: an early grant waiting behind it leaves the gate now and keeps its slot.
+
+        Returns the placement to release: without its slot while another lease
+        is placed on that slot, so the prefix index frees a slot only when no
+        lease holds it.
+        """
+        follower = self.leases.get(self._ahead.pop(lease_id, ""))
+        if follower is not None:
+            follower.behind, follower.granted, follower.gate = None, now, now - follower.issued
+            return replace(lease.placed, slot=None)
+        if lease.behind is not None:  # it ended before the request it waited for: that one keeps the slot
+            self._ahead.pop(lease.behind, None)
+            return replace(lease.placed, slot=None)
+        return lease.placed
 
     def _orphan(self, lease_id: str) -> None:
         """A lease this balancer never granted: one from before a restart frees a slot; a repeat release is moot."""
@@ -257,9 +315,15 @@ class LoadBalancer:
         stats = self.servers[name]
         row = next(s for s in loads if s.name == name)
         drain = max(self._running(now).get(name, []), default=0.0)
-        placed = record_grant(stats, now, waiter.req, drain)
+        # No free slot left: this is the early grant the view offered, queued behind the lease that is due.
+        ahead_id = self._opened.pop(name, None) if stats.in_flight >= row.effective_slots else None
+        ahead = self.leases[ahead_id] if ahead_id else None
+        placed = record_grant(stats, now, waiter.req, drain, ahead.placed.slot if ahead else None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
-        self.leases[lease_id] = _Lease(name, now, expected, placed, waiter.key)
+        start = now + max(0.0, ahead.expected - (now - ahead.granted)) if ahead else now
+        self.leases[lease_id] = _Lease(name, start, expected, placed, waiter.key, ahead_id, issued=now)
+        if ahead_id:
+            self._ahead[ahead_id] = lease_id
         if waiter.key:
             self.keyed[waiter.key] = lease_id
         fleet_metrics().lease_granted(name, now - waiter.enqueued)
@@ -278,9 +342,52 @@ class LoadBalancer:
         """Per server, each slot's prefix cache and, when busy, its request's expected remaining seconds."""
         remaining: dict[str, dict[int, float]] = {name: {} for name in self.servers}
         for lease in self.leases.values():
-            if lease.placed.slot is not None:
-                remaining[lease.server][lease.placed.slot] = max(0.0, lease.expected - (now - lease.granted))
+            if lease.placed.slot is not None:  # an early grant shares its slot with the lease ahead: the later end
+                left = max(0.0, lease.expected - (now - lease.granted))
+                remaining[lease.server][lease.placed.slot] = max(
+                    left, remaining[lease.server].get(lease.placed.slot, 0)
+                )
         return {name: stats.prefix.states(remaining[name]) for name, stats in self.servers.items()}
+
+    def _view(self, now: float) -> tuple[list[ServerLoad], dict[str, list[SlotState]]]:
+        """The fleet as the planners see it: the load table and slot caches, with each server's early slot open.
+
+        A server may take one request behind a running one that is due
+        (`early_slot`): that slot is shown free now, with what the due request
+        leaves in its cache; a request already queued behind one is not a
+        slot in flight (the slot is counted once, busy until the later end).
+        Which lease is due on each server is kept for `_grant`.
+        """
+        loads, caches = self.snapshot_now(now), self._caches(now)
+        behind = Counter(self.leases[ahead].server for ahead in self._ahead)
+        due, _next = self._due(now, behind)
+        self._opened = {}
+        rows = []
+        for row in loads:
+            opened = early_slot(row, row.name in due, behind[row.name])
+            if opened:
+                lease_id = self._opened[row.name] = due[row.name][1]
+                slot = self.leases[lease_id].placed.slot or 0
+                caches[row.name][slot] = replace(caches[row.name][slot], free_in=None)
+            in_flight = row.in_flight - behind[row.name] - opened
+            rows.append(row.model_copy(update={"in_flight": in_flight}) if in_flight != row.in_flight else row)
+        return rows, caches
+
+    def _due(self, now: float, behind: Counter[str]) -> tuple[dict[str, tuple[float, str]], float | None]:
+        """Per server with no request queued behind another yet, its running lease due soonest (seconds left, id);
+        and the seconds until the next lease not yet due becomes due (None: none will)."""
+        due: dict[str, tuple[float, str]] = {}
+        upcoming: float | None = None
+        for lease_id, lease in self.leases.items():
+            if lease.placed.slot is None or lease.behind or lease_id in self._ahead or behind[lease.server]:
+                continue
+            left = lease.expected - (now - lease.granted)
+            if due_soon(left, lease.expected):
+                if left < due.get(lease.server, (float("inf"), ""))[0]:
+                    due[lease.server] = (left, lease_id)
+            elif due_in(left) > 0 and (upcoming is None or due_in(left) < upcoming):
+                upcoming = due_in(left)
+        return due, upcoming
 
     def _dispatch(self, arrived: _Waiter | None = None) -> None:
         """Grant, refuse or keep waiting every queued request, as `plan_dispatch` decides.
@@ -292,7 +399,7 @@ class LoadBalancer:
         """
         now = time.monotonic()
         if arrived is not None:
-            loads = self.snapshot_now(now)
+            loads, _ = self._view(now)
             delay = coalesce_delay(self.policy, loads, arrived.req, self.team.balancer.model_affinity)
             if delay is not None or not any(has_capacity(s) for s in loads):
                 try:
@@ -303,11 +410,28 @@ class LoadBalancer:
                     return
                 if delay is not None and self._coalescing is None:
                     self._coalescing = asyncio.get_running_loop().call_later(delay, self._coalesced)
+                self._arm_due_timer()
                 return
         for _round in range(len(self.waiters) + 1):
             self.waiters = [w for w in self.waiters if not w.future.done()]
             if not self.waiters or not self._dispatch_round(now):
-                return
+                break
+        self._arm_due_timer()
+
+    def _arm_due_timer(self) -> None:
+        """Plan again when the next running request becomes due, if anyone waits: no event marks that moment."""
+        if self._due_timer is not None:
+            self._due_timer.cancel()
+            self._due_timer = None
+        if not self.waiters:
+            return
+        _due, upcoming = self._due(time.monotonic(), Counter(self.leases[a].server for a in self._ahead))
+        if upcoming is not None:
+            self._due_timer = asyncio.get_running_loop().call_later(upcoming, self._became_due)
+
+    def _became_due(self) -> None:
+        self._due_timer = None
+        self._dispatch()
 
     def _coalesced(self) -> None:
         self._coalescing = None
@@ -315,13 +439,13 @@ class LoadBalancer:
 
     def _dispatch_round(self, now: float) -> bool:
         """One planning round; True if a grant was held back and the queue must be planned again."""
-        loads = self.snapshot_now(now)
+        loads, caches = self._view(now)
         queue = [Queued(self.groups.with_avoid(w.req), now - w.enqueued, tuple(w.capabilities)) for w in self.waiters]
         decisions = plan_dispatch(
             self.policy,
             loads,
             queue,
-            caches=self._caches(now),
+            caches=caches,
             counter=self._rr if self.policy == "round_robin" else None,
             rng=self._rng,
             affinity=self.team.balancer.model_affinity,
@@ -381,5 +505,44 @@ class LoadBalancer:
         while True:
             await asyncio.sleep(TICK_SECONDS)
             fleet_metrics().fleet(self.snapshot_now())
+            if time.monotonic() - self._saved_at > MEMORY_SAVE_SECONDS:
+                self._save_memory()
             if self.waiters:
                 self._dispatch()
+
+    # ---- fleet memory ---------------------------------------------------------------------
+
+    def _recall(self) -> FleetMemory | None:
+        """Start every server from the fleet memory file, if there is a usable one; a bad file is only a warning."""
+        path = self._memory_path
+        if path is None or not path.exists():
+            return None
+        try:
+            memory = parse_memory(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            log.warning("fleet memory %s ignored (starting unmeasured; it is rewritten after this run): %s", path, exc)
+            return None
+        now = time.time()
+        for stats in self.servers.values():
+            recall(stats, memory, now)
+        return memory
+
+    def _save_memory(self) -> None:
+        """Write what was learned in the background; one write at a time, the file replaced whole."""
+        if self._memory_path is None or not self._learned or (self._saving is not None and not self._saving.done()):
+            return
+        self._learned = False
+        self._saved_at = time.monotonic()
+        self._memory = remember(self.servers.values(), self._memory, time.time())
+        self._saving = asyncio.create_task(asyncio.to_thread(_write_memory, self._memory_path, self._memory))
+
+
+def _write_memory(path: Path, memory: FleetMemory) -> None:
+    """Atomically (a temporary file renamed over it), so a reader or a crash never sees half a file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+        tmp.write_text(memory.model_dump_json(indent=1), encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        log.warning("fleet memory %s not saved: %s", path, exc)

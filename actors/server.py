@@ -59,6 +59,14 @@ class ModelServer:
     the last answers sent (`answered`): a specialist that Ray restarted
     mid-task sends the same attempt again, and must get the one answer, not
     cause a second generation.
+
+    `gate` admits `slots` requests to the box at once. The balancer may grant
+    a slot shortly before the request on it ends (an early grant, see
+    `teamorch.policies.balancing.early_slot`); that request waits here and is
+    sent the moment a stream before it ends, with no Ray hop in between, so
+    the slot is not left idle and the box never sees more than `slots`.
+    A request cancelled while it waits simply leaves the queue; one whose
+    predecessor fails is sent (and fails or succeeds on its own).
     """
 
     def __init__(self, config: ServerConfig) -> None:
@@ -67,6 +75,7 @@ class ModelServer:
         self.calls: dict[str, asyncio.Future[ChatResponse]] = {}
         self.callers: Counter[str] = Counter()
         self.answered: OrderedDict[str, ChatResponse] = OrderedDict()
+        self.gate = asyncio.Semaphore(config.slots)
         self._watch_raylet()
 
     def _watch_raylet(self) -> None:
@@ -109,7 +118,7 @@ class ModelServer:
         once no other caller of the same `key` still waits for it. With `progress`, a streaming backend's
         tokens are reported to that coordinator as they come (throttled; fire-and-forget)."""
         if key is None:
-            return await self.backend.chat(req, self._reporter(progress))
+            return await self._send(req, self._reporter(progress))
         if key in self.answered:
             return self.answered[key]
         call = self.calls.get(key)
@@ -127,9 +136,13 @@ class ModelServer:
             if not self.callers[key]:
                 del self.callers[key]
 
+    async def _send(self, req: ChatRequest, on_tokens: TokenSink | None) -> ChatResponse:
+        async with self.gate:
+            return await self.backend.chat(req, on_tokens)
+
     async def _call(self, key: str, req: ChatRequest, on_tokens: TokenSink | None) -> ChatResponse:
         try:
-            response = await self.backend.chat(req, on_tokens)
+            response = await self._send(req, on_tokens)
         finally:
             self.calls.pop(key, None)
         self.answered[key] = response

@@ -164,6 +164,16 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[rank - 1]
 
 
+def slot_gap_ms(stats: dict[str, dict[str, Any]]) -> float:
+    """Median idle time (ms) of a slot between two requests, pooled over the fleet, as the servers saw it.
+
+    From each simulator's own log of when a slot went idle and when it was
+    taken again (`slot_gap_seconds` in `/sim/stats`), so it is the server's
+    truth, not the router's.
+    """
+    return percentile([g for s in stats.values() for g in s["slot_gap_seconds"]], 50) * 1e3
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     """A plain fixed-width table (also valid Markdown), so the README can paste it verbatim."""
 

@@ -1,9 +1,12 @@
-"""Routing quality on a heterogeneous fleet: teamorch's four policies vs LiteLLM's Router.
+"""Routing quality on heterogeneous fleets: teamorch's four policies vs LiteLLM's Router.
 
 The same few hundred tasks of varied length go to the same simulator servers
 through each router; every makespan is compared with a lower bound computed from
 the fleet's configuration, so "good" means "close to what is possible", not just
-"better than the other one".
+"better than the other one". A second, differently shaped fleet (a much slower
+slow box, fewer tasks) follows, where what a router does before it has measured
+the fleet, and the idle time of a slot between two requests, weigh more. Both
+tables print the median slot gap as the simulators saw it.
 
 Lower bound (no schedule can beat it):
   max(critical path, total work / total capacity), where
@@ -33,13 +36,15 @@ from typing import Any
 
 import httpx
 
-from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
+from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, slot_gap_ms, table
 from teamorch import api
 from teamorch.messages import POLICIES, OrchestrationPlan
 from teamorch.sim import SimConfig
 
 TASKS = 200
 SEED = 7
+SECOND_TASKS = 60
+SECOND_SEED = 11
 # Each teamorch policy runs this many times (interleaved), because one run of a greedy policy can be
 # lucky or unlucky with where the last long jobs land; LiteLLM runs once (its spread is far larger
 # than the differences that a second run could reveal, and each run costs about a minute).
@@ -77,6 +82,21 @@ def fleet_configs() -> list[SimConfig]:
         ),
         # Serves only an embedding model: must never get a chat request for MODEL.
         SimConfig(name="embed-box", slots=4, tokens_per_second=2000, ttft=0.01, models=["nomic-embed-text"], seed=6),
+    ]
+
+
+def second_fleet_configs() -> list[SimConfig]:
+    """A smaller fleet with a slow box 12x slower per slot than the fast one (a CPU box next to a GPU).
+
+    With 60 tasks the run lasts a few seconds, so the first requests (sent
+    before any speed is measured) and the idle time between requests on a
+    slot are a visible part of the makespan; one long job sent blindly to the
+    slow box would double it.
+    """
+    return [
+        SimConfig(name="fast", slots=2, tokens_per_second=480, ttft=0.04, seed=11),
+        SimConfig(name="mid", slots=1, tokens_per_second=240, ttft=0.08, seed=12),
+        SimConfig(name="slow", slots=1, tokens_per_second=40, ttft=0.4, seed=13),
     ]
 
 
@@ -138,6 +158,7 @@ class Outcome:
     per_server: dict[str, int] = field(default_factory=dict)
     sim_requests: int = 0
     sim_errors: int = 0
+    gap_ms: float = float("nan")  # median idle time of a slot between two requests, as the simulators saw it
 
 
 def _plan(lengths: list[int]) -> OrchestrationPlan:
@@ -163,6 +184,7 @@ def _sim_totals(fleet: Fleet, outcome: Outcome) -> None:
     outcome.per_server = {name: s["completed"] for name, s in stats.items()}
     outcome.sim_requests = sum(s["requests"] for s in stats.values())
     outcome.sim_errors = sum(s["failed"] for s in stats.values())
+    outcome.gap_ms = slot_gap_ms(stats)
 
 
 def run_teamorch(fleet: Fleet, policy: str, lengths: list[int]) -> Outcome:
@@ -289,30 +311,61 @@ def pacing(fleet: Fleet, name: str, tokens: int, samples: int = 8) -> tuple[floa
     return cfg.ttft + tokens / cfg.tokens_per_second, percentile(took, 50)
 
 
+@dataclass(frozen=True)
+class Shape:
+    """One fleet of the benchmark and what runs on it."""
+
+    title: str
+    configs: list[SimConfig]
+    lengths: list[int]
+    paced: tuple[str, str]  # the fastest and slowest server, for the pacing line
+    litellm: bool  # LiteLLM rows too (each costs about a minute)
+
+
+def shapes(quick: bool = False) -> list[Shape]:
+    return [
+        Shape("heterogeneous fleet", fleet_configs(), workload(60 if quick else TASKS), ("gpu-big", "cpu-box"), True),
+        Shape(
+            "second fleet: a much slower slow box, fewer tasks",
+            second_fleet_configs(),
+            workload(30 if quick else SECOND_TASKS, SECOND_SEED),
+            ("fast", "slow"),
+            False,
+        ),
+    ]
+
+
 def main(quick: bool = False) -> dict[str, Any]:
-    """Run every router on the same fleet and workload; print and return the table."""
+    """Run every router on each fleet and workload; print and return the tables."""
     ensure_ray()
-    lengths = workload(60 if quick else TASKS)
-    configs = fleet_configs()
+    results = [run_shape(shape) for shape in shapes(quick)]
+    text = "\n".join(r["text"] for r in results)
+    return {"bound": results[0]["bound"], "outcomes": results[0]["outcomes"], "shapes": results, "text": text}
+
+
+def run_shape(shape: Shape) -> dict[str, Any]:
+    """Every teamorch policy (REPEATS times, interleaved), then LiteLLM's strategies if the shape asks for them."""
+    lengths, configs = shape.lengths, shape.configs
     bound = lower_bound(configs, lengths)
     outcomes: list[Outcome] = []
     with Fleet(configs) as fleet:
         median = sorted(lengths)[len(lengths) // 2]
-        paced = {name: pacing(fleet, name, median) for name in ("gpu-big", "cpu-box")}
+        paced = {name: pacing(fleet, name, median) for name in shape.paced}
         for repeat in range(1, REPEATS + 1):
             for policy in POLICIES:
                 outcome = run_teamorch(fleet, policy, lengths)
                 outcome.router += f" #{repeat}"
                 outcomes.append(outcome)
                 print(f"  measured {outcome.router}: {outcome.makespan:.1f} s", flush=True)
-        try:
-            warm_litellm(fleet)
-            for strategy in LITELLM_STRATEGIES:
-                outcomes.append(run_litellm(fleet, strategy, lengths))
-                print(f"  measured LiteLLM {strategy}: {outcomes[-1].makespan:.1f} s", flush=True)
-        except ImportError as exc:
-            print(f"  LiteLLM not installed ({exc}); install the bench extra: pip install -e '.[bench]'")
-    text = render(configs, lengths, bound, outcomes, median, paced)
+        if shape.litellm:
+            try:
+                warm_litellm(fleet)
+                for strategy in LITELLM_STRATEGIES:
+                    outcomes.append(run_litellm(fleet, strategy, lengths))
+                    print(f"  measured LiteLLM {strategy}: {outcomes[-1].makespan:.1f} s", flush=True)
+            except ImportError as exc:
+                print(f"  LiteLLM not installed ({exc}); install the bench extra: pip install -e '.[bench]'")
+    text = render(configs, lengths, bound, outcomes, median, paced, shape)
     print(text, flush=True)
     return {"bound": bound, "outcomes": outcomes, "text": text}
 
@@ -324,6 +377,7 @@ def render(
     outcomes: list[Outcome],
     median: int,
     paced: dict[str, tuple[float, float]],
+    shape: Shape,
 ) -> str:
     fleet_rows = [
         [
@@ -356,13 +410,14 @@ def render(
                 o.tokens / o.makespan if o.makespan else 0.0,
                 f"{o.ok}/{o.ok + o.failed}",
                 o.retries,
+                o.gap_ms,
                 " ".join(f"{k}={v}" for k, v in o.per_server.items() if v),
             ]
         )
     return "\n".join(
         [
             "",
-            "## Routing quality (heterogeneous fleet)",
+            f"## Routing quality ({shape.title})",
             SIM_NOTE,
             f"{len(lengths)} independent tasks, num_predict {min(lengths)}..{max(lengths)} "
             f"(total {sum(lengths)} tokens), all submitted at once.",
@@ -388,11 +443,17 @@ def render(
                     "tokens/s",
                     "ok",
                     "retries",
+                    "slot gap p50 ms",
                     "completed per server",
                 ],
                 rows,
             ),
-            "latency = task completion time minus the moment the whole batch was submitted.",
+            "latency = task completion time minus the moment the whole batch was submitted. "
+            "Slot gap: median idle time of a slot between two requests, as the simulators saw it.",
+            ""
+            if shape.litellm
+            else "LiteLLM is not run on this fleet: its routers send a share of the work blindly to the slow box, "
+            "which alone would take minutes; its figures are in the first table.",
             "",
             summary(outcomes, bound),
         ]

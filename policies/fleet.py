@@ -16,10 +16,13 @@ write when someone happens to look.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import OrderedDict, deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from teamorch.config import RetryConfig, ServerConfig
 from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
@@ -78,6 +81,7 @@ class ServerStats:
     unaccounted: int = 0
     unaccounted_until: float = 0.0
     tail: LatencyTail = field(default_factory=LatencyTail)  # latency / expected, per size class (hedging)
+    remembered: bool = False  # the EWMAs are a previous run's (`recall`) until this run's first answer
 
     @classmethod
     def new(cls, config: ServerConfig, retry: RetryConfig) -> ServerStats:
@@ -170,11 +174,15 @@ class Placement:
     prompt_tokens: int = 0
 
 
-def record_grant(stats: ServerStats, now: float, req: LeaseRequest | None = None, drain: float = 0.0) -> Placement:
+def record_grant(
+    stats: ServerStats, now: float, req: LeaseRequest | None = None, drain: float = 0.0, after: int | None = None
+) -> Placement:
     """A slot is taken for `req`: the slot its prompt will use, and the model load it causes.
 
     `drain`: seconds until the requests running there now end; a load that
-    evicts a model waits for them (as Ollama does).
+    evicts a model waits for them (as Ollama does). `after`: the busy slot
+    whose request it was granted behind (an early grant), else it takes the
+    free slot the server would choose.
     """
     stats.in_flight += 1
     stats.breaker.on_acquire(now)
@@ -182,7 +190,10 @@ def record_grant(stats: ServerStats, now: float, req: LeaseRequest | None = None
         return Placement()
     cold = is_cold(stats, req.model)
     _hold_model(stats, req.model, now, drain)
-    slot, cached = stats.prefix.take(req.model, req.prefix, req.prefix_tokens)
+    if after is not None:
+        slot, cached = after, stats.prefix.follow(after, req.model, req.prefix, req.prefix_tokens)
+    else:
+        slot, cached = stats.prefix.take(req.model, req.prefix, req.prefix_tokens)
     return Placement(slot, cached, cold, req.prompt_tokens)
 
 
@@ -225,8 +236,8 @@ def outcome_kind(outcome: LeaseOutcome) -> OutcomeKind:
     return "failure"
 
 
-def ewma(old: float | None, new: float) -> float:
-    return new if old is None else (1 - EWMA_ALPHA) * old + EWMA_ALPHA * new
+def ewma(old: float | None, new: float, alpha: float = EWMA_ALPHA) -> float:
+    return new if old is None else (1 - alpha) * old + alpha * new
 
 
 def fixed_cost(outcome: LeaseOutcome) -> float | None:
@@ -312,17 +323,19 @@ def uncached_tokens(outcome: LeaseOutcome, placed: Placement) -> int | None:
 def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, placed: Placement) -> None:
     stats.completed += 1
     stats.outcomes.append(True)
+    alpha = REMEMBERED_ALPHA if stats.remembered else EWMA_ALPHA  # this run's first answer outweighs the last run's
+    stats.remembered = False
     per_token = per_token_seconds(outcome)
     if per_token is not None:
-        stats.ewma_token_seconds = ewma(stats.ewma_token_seconds, per_token)
+        stats.ewma_token_seconds = ewma(stats.ewma_token_seconds, per_token, alpha)
     uncached = uncached_tokens(outcome, placed)
     if outcome.prompt_eval_seconds is not None and uncached is not None and uncached >= MIN_PREFILL_SAMPLE:
-        stats.ewma_prefill_seconds = ewma(stats.ewma_prefill_seconds, outcome.prompt_eval_seconds / uncached)
+        stats.ewma_prefill_seconds = ewma(stats.ewma_prefill_seconds, outcome.prompt_eval_seconds / uncached, alpha)
     fixed = fixed_cost(outcome)
     if fixed is not None and uncached and stats.ewma_prefill_seconds is not None:
         fixed = max(0.0, fixed - uncached * stats.ewma_prefill_seconds)  # the planner adds prefill per token itself
     if fixed is not None and not cold:
-        stats.ewma_ttft = ewma(stats.ewma_ttft, fixed)
+        stats.ewma_ttft = ewma(stats.ewma_ttft, fixed, alpha)
     if outcome.latency is not None:
         stats.ewma_latency = ewma(stats.ewma_latency, outcome.latency)
     if outcome.model and is_cold(stats, outcome.model):
@@ -369,6 +382,101 @@ def record_probe(stats: ServerStats, probe: ProbeResult, now: float | None = Non
         stats.prefix.forget(stats.prefix.models() - set(now_loaded))
         known = [m for m in stats.models_loaded or () if m in now_loaded]
         stats.models_loaded = known + [m for m in now_loaded if m not in known]  # least recently used first
+
+
+# ---- fleet memory: what one run learned, as the next run's prior -----------------------------------------------
+
+MEMORY_VERSION = 1
+# Remembered figures older than this are dropped: a box may have been upgraded, moved or given other work since.
+MEMORY_MAX_AGE = 7 * 24 * 3600.0
+# Weight of this run's first answer against a remembered figure (an ordinary update gives a new sample EWMA_ALPHA):
+# the prior only has to get the first plans right, and fresh measurements should take over at once.
+REMEMBERED_ALPHA = 0.7
+
+
+class RememberedServer(BaseModel):
+    """What is carried from one run to the next for one server: its speeds, nothing about its health.
+
+    Speeds are properties of the box and its model, stable across runs; an
+    open circuit, an error rate or a 503 back-off describe a moment and would
+    keep a recovered server out of the next run, so they start fresh.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+    token_seconds: float = Field(gt=0)  # seconds per output token
+    ttft: float | None = Field(default=None, ge=0)  # fixed cost of a warm request
+    prefill_seconds: float | None = Field(default=None, ge=0)  # seconds per uncached prompt token
+    load_seconds: float | None = Field(default=None, ge=0)  # one model load
+    samples: int = Field(default=0, ge=0)  # answers behind these figures in the run that saved them
+    measured_at: float  # epoch seconds of that run's save
+
+
+class FleetMemory(BaseModel):
+    """The file: per server key (`memory_key`: name, protocol and address), its remembered speeds."""
+
+    model_config = ConfigDict(extra="ignore")
+    version: Literal[1] = MEMORY_VERSION
+    servers: dict[str, RememberedServer] = Field(default_factory=dict)
+
+
+def memory_key(config: ServerConfig) -> str:
+    """Name, protocol and where it is: a server renamed, moved or switched to another box is not trusted."""
+    return f"{config.name} {config.protocol} {config.url or config.model_path or 'embedded'}"
+
+
+def parse_memory(text: str) -> FleetMemory:
+    """The memory file's contents; `ValueError` saying what is wrong when it is not one this version wrote."""
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(raw, dict) or raw.get("version") != MEMORY_VERSION:
+        found = raw.get("version") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"version {found!r}, this teamorch reads version {MEMORY_VERSION}")
+    try:
+        return FleetMemory.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where}: {first['msg']}") from None
+
+
+def recall(stats: ServerStats, memory: FleetMemory, now: float) -> bool:
+    """Start `stats` from what the memory holds for its server, if that is not older than MEMORY_MAX_AGE.
+
+    Only a server not measured yet is primed, so a restarted balancer's
+    fresh figures are never overwritten. `now` is epoch seconds.
+    """
+    entry = memory.servers.get(memory_key(stats.config))
+    if entry is None or now - entry.measured_at > MEMORY_MAX_AGE or stats.ewma_token_seconds is not None:
+        return False
+    stats.ewma_token_seconds = entry.token_seconds
+    stats.ewma_ttft = entry.ttft
+    stats.ewma_prefill_seconds = entry.prefill_seconds
+    stats.ewma_load_seconds = entry.load_seconds
+    stats.remembered = True
+    return True
+
+
+def remember(servers: Iterable[ServerStats], memory: FleetMemory | None, now: float) -> FleetMemory:
+    """The memory to save: `memory` with every server that answered in this run updated, stale entries dropped.
+
+    A server with no answer in this run keeps its entry as it was (with its
+    age), so a server idle for a week is forgotten, not kept fresh by copies;
+    other teams' servers in the same file are kept.
+    """
+    kept = {k: v for k, v in (memory.servers if memory else {}).items() if now - v.measured_at <= MEMORY_MAX_AGE}
+    for stats in servers:
+        if stats.completed and stats.ewma_token_seconds is not None:
+            kept[memory_key(stats.config)] = RememberedServer(
+                token_seconds=stats.ewma_token_seconds,
+                ttft=stats.ewma_ttft,
+                prefill_seconds=stats.ewma_prefill_seconds,
+                load_seconds=stats.ewma_load_seconds,
+                samples=stats.completed,
+                measured_at=now,
+            )
+    return FleetMemory(servers=kept)
 
 
 class GroupServers:

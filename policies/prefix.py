@@ -161,6 +161,16 @@ class SlotIndex:
             self.slots[pick] = CachedSlot(model, tuple(chain), tuple(tokens), busy=True)
         return pick, cached
 
+    def follow(self, slot: int, model: str, chain: Sequence[str], tokens: Sequence[int]) -> int:
+        """Queue a prompt behind the request on busy `slot` (it starts when that one ends); its cached tokens.
+
+        It finds what that request leaves in the cache, and the slot then holds it.
+        """
+        held = self.slots[slot]
+        cached = matched_tokens(chain, tokens, held.chain) if held.model == model else 0
+        self.slots[slot] = CachedSlot(model, tuple(chain), tuple(tokens), busy=True)
+        return cached
+
     def release(self, slot: int | None, known: bool = True) -> None:
         """Free `slot`; `known=False` (the request failed) also forgets what it holds."""
         if slot is None or slot >= len(self.slots):

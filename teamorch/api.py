@@ -68,6 +68,7 @@ def start_coordinator(
     """
     from teamorch.actors.coordinator import Coordinator
 
+    team = with_fleet_memory(team)
     # The coordinator lives on the head node: a cluster that loses its head is gone anyway, while losing a
     # worker node (the one next to an Ollama box) must cost only what was pinned there, never the team.
     options: dict[str, Any] = {"num_cpus": 0, "max_concurrency": 1000, "resources": {HEAD_NODE_RESOURCE: 0.001}}
@@ -78,6 +79,24 @@ def start_coordinator(
     handle = ray.remote(Coordinator).options(**options).remote(team, max_workers)
     ray.get(handle.start.remote())
     return handle
+
+
+DEFAULT_FLEET_MEMORY = Path(".teamorch") / "fleet.json"
+
+
+def with_fleet_memory(team: TeamConfig, runs_dir: Path | str | None = None) -> TeamConfig:
+    """`team` with its fleet memory file as an absolute path (the balancer does not share this process's cwd).
+
+    Unset, it is `fleet.json` next to `runs_dir` when one is given (what
+    `teamorch run` passes) and none otherwise; `true` is `.teamorch/fleet.json`.
+    """
+    wanted = team.balancer.fleet_memory
+    if wanted is None and runs_dir is not None:
+        wanted = str(Path(runs_dir).absolute().parent / "fleet.json")
+    if wanted is True:
+        wanted = str(DEFAULT_FLEET_MEMORY)
+    resolved = str(Path(wanted).expanduser().absolute()) if isinstance(wanted, str) else False
+    return team.model_copy(update={"balancer": team.balancer.model_copy(update={"fleet_memory": resolved})})
 
 
 def get_coordinator(name: str = DEFAULT_NAME, namespace: str = NAMESPACE) -> ActorHandle:

@@ -290,7 +290,8 @@ def _open_team(args: argparse.Namespace, team: TeamConfig, up: _Up | None = None
 
         return attach(args.coordinator, args.address), False
     api.connect(args.address)
-    return api.start_coordinator(team), True
+    runs_dir = getattr(args, "runs_dir", None)
+    return api.start_coordinator(api.with_fleet_memory(team, resolve_runs_dir(runs_dir, writable=False))), True
 
 
 def _run(

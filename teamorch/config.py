@@ -112,6 +112,12 @@ class BalancerConfig(_Model):
     (`teamorch.policies.hedging`). A server's quantile is trusted once it has
     `hedge_min_samples` answers; no call is hedged before `hedge_min_seconds`,
     because below that a duplicate costs as much as it can save.
+
+    `fleet_memory` is the JSON file where the balancer keeps what it learned
+    about each server's speed, so the next run plans with it from its first
+    request (`teamorch.policies.fleet.remember`): a path, `true` for
+    `.teamorch/fleet.json`, `false` for none. Unset, `teamorch run` keeps it
+    next to its runs directory and the Python API keeps none.
     """
 
     policy: Policy = "peak_ewma"
@@ -121,6 +127,7 @@ class BalancerConfig(_Model):
     hedge_quantile: float = Field(default=0.95, ge=0.5, lt=1.0)
     hedge_min_samples: int = Field(default=10, ge=1)
     hedge_min_seconds: float = Field(default=0.1, ge=0)
+    fleet_memory: bool | str | None = None
 
 
 class RetryConfig(_Model):

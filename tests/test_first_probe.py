@@ -1,0 +1,60 @@
+"""No blind first probes: a server never measured is first sent the shortest waiting request (no Ray).
+
+Until its first answer the planner only guesses its speed; the longest-first schedule would otherwise give it
+whatever finishes soonest there, often a long job the measured servers are busy with.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from teamorch.messages import LeaseRequest, ServerLoad
+from teamorch.policies.balancing import Planner, Queued, plan_dispatch
+
+SIZES = (300, 16, 1000, 64, 500)
+
+
+def srv(name: str, **kw: Any) -> ServerLoad:
+    kw.setdefault("slots", 1)
+    kw.setdefault("effective_slots", kw["slots"])
+    return ServerLoad(name=name, **kw)
+
+
+def fleet(fast_busy: bool) -> list[ServerLoad]:
+    return [
+        srv("fast", in_flight=int(fast_busy), ewma_token_seconds=0.002, ewma_ttft=0.04),
+        srv("mid", in_flight=1, ewma_token_seconds=0.004, ewma_ttft=0.08),
+        srv("new"),  # never measured
+    ]
+
+
+def queue() -> list[Queued]:
+    return [Queued(LeaseRequest(model="m", expected_tokens=n)) for n in SIZES]
+
+
+@pytest.mark.parametrize("fast_busy", [False, True])
+def test_the_unmeasured_server_gets_the_shortest_request(fast_busy: bool) -> None:
+    loads = fleet(fast_busy)
+    running = {"fast": [0.5] if fast_busy else [], "mid": [0.3]}
+    decisions = plan_dispatch("peak_ewma", loads, queue(), running=running)
+    on_new = [SIZES[i] for i, server in decisions.items() if server == "new"]
+    assert on_new == [min(SIZES)]
+    if not fast_busy:
+        assert decisions[SIZES.index(1000)] == "fast"  # the long job still goes where it finishes first
+
+
+def test_the_incremental_planner_probes_the_same_way() -> None:
+    planner = Planner("peak_ewma")
+    for key, queued in enumerate(queue()):
+        planner.add(key, queued.req, 0.0)
+    decisions = planner.plan(fleet(fast_busy=True), 0.0)
+    assert {SIZES[k]: v for k, v in decisions.items()} == {min(SIZES): "new"}
+
+
+def test_a_measured_fleet_is_planned_as_before() -> None:
+    loads = [*fleet(fast_busy=True)[:2], srv("new", ewma_token_seconds=0.02, ewma_ttft=0.2)]
+    decisions = plan_dispatch("peak_ewma", loads, queue(), running={"fast": [0.5], "mid": [0.3]})
+    # Its speed known, it takes what finishes soonest there (not necessarily the shortest job).
+    assert {SIZES[i]: server for i, server in decisions.items()} == {64: "new"}
