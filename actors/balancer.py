@@ -2,11 +2,13 @@
 
 Specialists `acquire` a lease before calling a server and `release` it with
 the outcome. The balancer never lets a server have more than its `slots`
-requests in flight; everything else waits here, in priority-then-FIFO order,
-because a loaded Ollama model would queue the excess without bound. Every
+requests in flight; everything else waits here, in class-then-priority-then-FIFO
+order (`teamorch.policies.priority`: interactive runs before batch ones, with
+aging), because a loaded Ollama model would queue the excess without bound. Every
 decision is a policy's: which server a request gets and which waiting request
-goes first (`teamorch.policies.balancing.plan_dispatch`, over the whole queue
-at once, with each server's slots and what their prefix caches hold), how long an arrival waits for its wave (`coalesce_delay`), one
+goes first (`teamorch.policies.balancing.Planner`: `plan_dispatch`'s decisions
+over the whole queue, kept between events so an event costs what it changes,
+with each server's slots and what their prefix caches hold), how long an arrival waits for its wave (`coalesce_delay`), one
 server per diversity group (`apply_group_diversity`), and what an outcome says
 about a server (`teamorch.policies.fleet.record_outcome`).
 """
@@ -28,6 +30,8 @@ from teamorch.config import TeamConfig
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
 from teamorch.policies.balancing import (
+    Decision,
+    Planner,
     Queued,
     apply_group_diversity,
     coalesce_delay,
@@ -86,7 +90,8 @@ class LoadBalancer:
       EWMAs, errors, circuit, models, what each slot's prefix cache holds),
       updated only through `policies.fleet`;
     * `waiters`: requests waiting for a slot, each with the future its
-      `acquire` call awaits, in priority-then-arrival order;
+      `acquire` call awaits, by arrival number; `planner` holds the same
+      queue in the order the policy plans it (and its last plan);
     * `leases`: granted slots not yet released, with when each was granted,
       how long it was expected to take and which server slot it took, so a
       plan can predict when a busy slot frees up and what it will hold;
@@ -108,7 +113,9 @@ class LoadBalancer:
         self.servers = {s.name: ServerStats.new(s, team.retry) for s in team.servers}
         self.handles = servers or {}
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
-        self.waiters: list[_Waiter] = []
+        self.waiters: dict[int, _Waiter] = {}
+        cfg = team.balancer
+        self.planner = Planner(self.policy, affinity=cfg.model_affinity, rng=random.Random(0), aging=cfg.aging_seconds)
         self.leases: dict[str, _Lease] = {}
         self.groups = GroupServers()
         self.keyed: dict[str, str] = {}
@@ -116,7 +123,6 @@ class LoadBalancer:
         self.epoch = uuid.uuid4().hex[:8]
         self._seq = itertools.count()
         self._rr = itertools.count()
-        self._rng = random.Random(0)
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
@@ -157,14 +163,13 @@ class LoadBalancer:
         waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key)
         if key:
             self.pending[key] = waiter
-        self.waiters.append(waiter)
-        self.waiters.sort(key=lambda w: (-w.req.priority, w.seq))
+        self.waiters[waiter.seq] = waiter
+        self.planner.add(waiter.seq, waiter.req, waiter.enqueued, waiter.capabilities)
         self._dispatch(arrived=waiter)
         try:
             return await waiter.future
         finally:
-            if waiter in self.waiters:
-                self.waiters.remove(waiter)
+            self._unqueue(waiter)
             if key and self.pending.get(key) is waiter:
                 del self.pending[key]
 
@@ -196,7 +201,13 @@ class LoadBalancer:
             record_orphan_release(self.servers[parts[0]], time.monotonic())
             self._dispatch()
 
+    def _unqueue(self, waiter: _Waiter, granted: float | None = None) -> None:
+        """`waiter` leaves the queue: granted (at monotonic `granted`), refused or cancelled. Twice is harmless."""
+        self.waiters.pop(waiter.seq, None)
+        self.planner.remove(waiter.seq, granted)
+
     def _grant(self, waiter: _Waiter, name: str, loads: list[ServerLoad], now: float) -> None:
+        self._unqueue(waiter, now)
         lease_id = f"{name}-{self.epoch}-{next(self._seq)}"
         stats = self.servers[name]
         row = next(s for s in loads if s.name == name)
@@ -243,13 +254,12 @@ class LoadBalancer:
                     eligible(loads, arrived.req)  # only whether it can ever be served: no need to plan the queue
                 except NoServerAvailable as exc:
                     arrived.future.set_exception(exc)
-                    self.waiters.remove(arrived)
+                    self._unqueue(arrived)
                     return
                 if delay is not None and self._coalescing is None:
                     self._coalescing = asyncio.get_running_loop().call_later(delay, self._coalesced)
                 return
         for _round in range(len(self.waiters) + 1):
-            self.waiters = [w for w in self.waiters if not w.future.done()]
             if not self.waiters or not self._dispatch_round(now):
                 return
 
@@ -260,24 +270,35 @@ class LoadBalancer:
     def _dispatch_round(self, now: float) -> bool:
         """One planning round; True if a grant was held back and the queue must be planned again."""
         loads = self.snapshot_now(now)
-        queue = [Queued(self.groups.with_avoid(w.req), now - w.enqueued, tuple(w.capabilities)) for w in self.waiters]
-        decisions = plan_dispatch(
-            self.policy,
-            loads,
-            queue,
-            caches=self._caches(now),
-            counter=self._rr if self.policy == "round_robin" else None,
-            rng=self._rng,
-            affinity=self.team.balancer.model_affinity,
-        )
+        self.planner.regroup(self.groups.with_avoid)
+        decisions = self._plan(loads, now)
+        queue = {key: Queued(self.waiters[key].req) for key in decisions}  # for the groups: `avoid` plays no part
         decisions, held_back = apply_group_diversity(decisions, queue)
-        for index, decision in decisions.items():
-            waiter = self.waiters[index]
+        for key, decision in decisions.items():
+            waiter = self.waiters[key]
             if isinstance(decision, NoServerAvailable):
+                self._unqueue(waiter)
                 waiter.future.set_exception(NoServerAvailable(decision.message))
             else:
                 self._grant(waiter, decision, loads, now)
         return held_back
+
+    def _plan(self, loads: list[ServerLoad], now: float) -> dict[int, Decision]:
+        """The planner's decisions by arrival number; `planner: reference` plans the whole queue from scratch."""
+        counter = self._rr if self.policy == "round_robin" else None
+        if self.team.balancer.planner == "incremental":
+            return self.planner.plan(loads, now, caches=self._caches(now), counter=counter)
+        keyed = self.planner.queue(now)
+        done = plan_dispatch(
+            self.policy,
+            loads,
+            [q for _, q in keyed],
+            caches=self._caches(now),
+            counter=counter,
+            rng=self.planner.rng,
+            affinity=self.team.balancer.model_affinity,
+        )
+        return {keyed[i][0]: d for i, d in done.items()}
 
     # ---- observation ----------------------------------------------------------------------
 

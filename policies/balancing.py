@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
 from teamorch.policies.prefix import SlotState, matched_tokens, server_preference
+from teamorch.policies.priority import TOP_RANK, Aging, rank
 
 # Priors used before any server has been measured.
 PRIOR_TOKEN_SECONDS = 0.02
@@ -173,11 +174,19 @@ class Queued:
 
     `waited`: seconds it has queued so far; peak_ewma counts them toward the
     job's size (aging), so a short job cannot starve behind long ones.
+    `rank`: its priority class's rank as the balancer sees it now
+    (`teamorch.policies.priority`; None: its class's own rank), above `priority`.
     """
 
     req: LeaseRequest
     waited: float = 0.0
     capabilities: tuple[str, ...] = ()
+    rank: int | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Its place before any policy's own order: (minus) class rank, then (minus) critical-path priority."""
+        return (-(rank(self.req.priority_class) if self.rank is None else self.rank), -self.req.priority)
 
 
 Decision = str | NoServerAvailable
@@ -196,7 +205,7 @@ def plan_dispatch(
 ) -> dict[int, Decision]:
     """Decide, for every queued request, "start now on server X", "fail" or (absent from the answer) "wait".
 
-    `queue` is in the balancer's order (priority, then arrival); `running` gives,
+    `queue` is in the balancer's order (class rank, priority, then arrival); `running` gives,
     per server, the expected remaining seconds of each request in flight there;
     `caches` gives, per server, each slot with what its prefix cache holds and
     (when busy) its remaining seconds, and then replaces `running` for it.
@@ -232,7 +241,8 @@ def plan_dispatch(
     if policy == "peak_ewma":
         decisions.update(_plan_peak_ewma(loads, queue, live, running or {}, caches or {}, affinity, rng))
     else:
-        decisions.update(_plan_one_at_a_time(policy, loads, queue, list(live), counter, rng, affinity))
+        order = sorted(live, key=lambda i: queue[i].order)  # the balancer's order already; stable for it
+        decisions.update(_plan_one_at_a_time(policy, loads, queue, order, counter, rng, affinity))
     return decisions
 
 
@@ -364,7 +374,7 @@ def _plan_peak_ewma(
     x (1 + 4 x recent error rate), after a model load where the model is not
     resident. On top of it:
 
-    * Order (`_longest_first`): within one priority (the plan's critical-path
+    * Order (`_longest_first`): within one class rank and priority (the plan's critical-path
       depth), longest expected job first, with seconds already waited added to
       a job's size. In a batch this is LPT, the classic makespan rule (a long
       job started last is what makes a tail); with steady arrivals, aging stops
@@ -497,7 +507,7 @@ def _virtual_slots(
 def _longest_first(
     queue: Sequence[Queued], live: Iterable[int], speeds: Mapping[str, _Speed], servers: Mapping[str, _Server]
 ) -> list[int]:
-    """Queue indices by priority, then requests for a model some server holds before those for a model none
+    """Queue indices by class rank and priority, then requests for a model some server holds before those for a model none
     holds, then expected size (on the fleet's best speeds) plus seconds waited, largest first.
 
     Resident first: a request whose model must be loaded somewhere is planned
@@ -515,10 +525,10 @@ def _longest_first(
             break
         held.update(server.resident)
 
-    def key(index: int) -> tuple[int, bool, float, int]:
+    def key(index: int) -> tuple[tuple[int, int], bool, float, int]:
         queued = queue[index]
         homeless = held is not None and queued.req.model not in held
-        return (-queued.req.priority, homeless, -(best_fixed + best_tok * _tokens(queued.req) + queued.waited), index)
+        return (queued.order, homeless, -(best_fixed + best_tok * _tokens(queued.req) + queued.waited), index)
 
     return sorted(live, key=key)
 
@@ -734,7 +744,7 @@ def _cold_start_probes(
     prior = max(speeds.values(), key=lambda sp: sp.per_token)  # everyone has the priors before any answer
     groups: dict[str, list[int]] = {}
     work: Counter[str] = Counter()
-    for i in sorted(live, key=lambda i: (-queue[i].req.priority, _tokens(queue[i].req), i)):
+    for i in sorted(live, key=lambda i: (queue[i].order, _tokens(queue[i].req), i)):
         group = _group(queue[i].req)
         groups.setdefault(group, []).append(i)
         work[group] = max(work[group], prior.prefill * queue[i].req.prompt_tokens)  # one cold prefill per group
@@ -802,7 +812,7 @@ def coalesce_delay(policy: str, loads: Sequence[ServerLoad], req: LeaseRequest, 
 
 
 def apply_group_diversity(
-    decisions: Mapping[int, Decision], queue: Sequence[Queued]
+    decisions: Mapping[int, Decision], queue: Sequence[Queued] | Mapping[int, Queued]
 ) -> tuple[dict[int, Decision], bool]:
     """Keep one grant per (diversity group, server) in a round; True when one was held back.
 
@@ -840,20 +850,23 @@ _ON_TIME = 1e-6
 
 @dataclass
 class _Entry:
-    """One queued request in `Planner`: `base` as asked, `req` with the servers its group holds added to `avoid`."""
+    """One queued request in `Planner`: `base` as asked, `req` with the servers its group holds added to `avoid`,
+    `rank` its class's rank (the top one once `Aging` promoted it)."""
 
     key: int
     base: LeaseRequest
     req: LeaseRequest
     enqueued: float
     capabilities: tuple[str, ...]
+    rank: int = TOP_RANK
     bucket: tuple[object, ...] = ()
 
 
-def _bucket(req: LeaseRequest) -> tuple[object, ...]:
-    """Requests with one bucket have the same candidates and the same size: only their arrival orders them."""
+def _bucket(entry: _Entry) -> tuple[object, ...]:
+    """Requests with one bucket have the same candidates, rank and size: only their arrival orders them."""
+    req = entry.req
     elig = (req.model, tuple(req.requires), tuple(req.exclude), req.server, tuple(req.avoid))
-    return (elig, req.priority, _tokens(req))
+    return (elig, entry.rank, req.priority, _tokens(req))
 
 
 class Planner:
@@ -863,6 +876,9 @@ class Planner:
     is granted, refused or cancelled (`remove`); `plan` then gives the same
     decisions as `plan_dispatch` over that queue, keyed by the caller's keys
     (its arrival sequence numbers, which order requests of equal priority).
+    Priority classes rank above priority, and `aging` (seconds) is the batch
+    class's starvation clock (`teamorch.policies.priority`): `plan` promotes
+    the request it names, and `remove(key, granted=now)` tells it of a grant.
     For peak_ewma, what a round of `plan_dispatch` rebuilds from the whole
     queue is kept here instead:
 
@@ -895,10 +911,17 @@ class Planner:
     """
 
     def __init__(
-        self, policy: str, *, affinity: bool = True, rng: random.Random | None = None, keep: int = REPLAN_EVENTS
+        self,
+        policy: str,
+        *,
+        affinity: bool = True,
+        rng: random.Random | None = None,
+        keep: int = REPLAN_EVENTS,
+        aging: float = 30.0,
     ) -> None:
         _check_policy(policy)
         self.policy = policy
+        self.aging = Aging(aging)
         self.keep = keep  # events a plan is continued (`_Tentative`); 0: every event plans from scratch
         self.affinity = affinity
         self.rng = rng or random.Random(0)
@@ -915,18 +938,24 @@ class Planner:
 
     def add(self, key: int, req: LeaseRequest, enqueued: float, capabilities: Sequence[str] = ()) -> None:
         """Queue `req` under `key` (a larger key arrived later), `enqueued` at that monotonic time."""
-        entry = _Entry(key, req, req, enqueued, tuple(capabilities))
+        entry = _Entry(key, req, req, enqueued, tuple(capabilities), rank(req.priority_class))
         self.entries[key] = entry
+        if entry.rank < TOP_RANK:
+            self.aging.add(key, enqueued)
         self._kept = None  # it may rank ahead of requests already reserved
         self._file(entry)
         self.prefixes.update(req.prefix)
         self.models[req.model] += 1
 
-    def remove(self, key: int) -> None:
-        """Forget `key` (granted, refused or cancelled); unknown keys are ignored."""
+    def remove(self, key: int, granted: float | None = None) -> None:
+        """Forget `key` (granted at monotonic time `granted`, or refused or cancelled); unknown keys are ignored."""
         entry = self.entries.pop(key, None)
         if entry is None:
             return
+        if rank(entry.base.priority_class) < TOP_RANK:
+            self.aging.remove(key, entry.enqueued)
+            if granted is not None:
+                self.aging.served(granted)
         if self._kept is not None and not self._kept.forget(key, entry.req):
             self._kept = None
         self._unfile(entry)
@@ -934,7 +963,7 @@ class Planner:
         self.models[entry.req.model] -= 1
 
     def _file(self, entry: _Entry) -> None:
-        entry.bucket = _bucket(entry.req)
+        entry.bucket = _bucket(entry)
         bisect.insort(self.buckets.setdefault(entry.bucket, []), (entry.enqueued, entry.key))
         if self._ranked is not None:
             bisect.insort(self._ranked, self._rank(entry))
@@ -948,9 +977,20 @@ class Planner:
             del self._ranked[bisect.bisect_left(self._ranked, self._rank(entry))]
 
     def queue(self, now: float) -> list[tuple[int, Queued]]:
-        """The queue in the balancer's order (priority, then arrival), as `plan_dispatch` takes it."""
-        ordered = sorted(self.entries.values(), key=lambda e: (-e.req.priority, e.key))
-        return [(e.key, Queued(e.req, now - e.enqueued, e.capabilities)) for e in ordered]
+        """The queue in the balancer's order (class rank, priority, then arrival), as `plan_dispatch` takes it."""
+        self._promote(now)
+        ordered = sorted(self.entries.values(), key=lambda e: (-e.rank, -e.req.priority, e.key))
+        return [(e.key, Queued(e.req, now - e.enqueued, e.capabilities, e.rank)) for e in ordered]
+
+    def _promote(self, now: float) -> None:
+        """The batch request `Aging` says has starved long enough takes the top rank (one re-filing)."""
+        key = self.aging.due(now)
+        entry = self.entries.get(key) if key is not None else None
+        if entry is not None:
+            self._kept = None
+            self._unfile(entry)
+            entry.rank = TOP_RANK
+            self._file(entry)
 
     def regroup(self, with_avoid: Callable[[LeaseRequest], LeaseRequest]) -> None:
         """Re-derive `avoid` for the requests that have a diversity group (the balancer's `GroupServers`)."""
@@ -974,6 +1014,7 @@ class Planner:
 
         Refused requests are removed here; granted ones stay until `remove`.
         """
+        self._promote(now)
         if self._kept is not None:  # only ever kept for peak_ewma past its cold start
             grants = self._kept.advance(loads, now, self.entries)
             if grants is not None:
@@ -1042,7 +1083,7 @@ class Planner:
         best_tok, held = self._ranked_for
         req = entry.req
         homeless = held is not None and req.model not in held
-        return (-req.priority, homeless, entry.enqueued - best_tok * _tokens(req), entry.key)
+        return (-entry.rank, -req.priority, homeless, entry.enqueued - best_tok * _tokens(req), entry.key)
 
 
 class _BestFit:

@@ -110,6 +110,11 @@ class BalancerConfig(_Model):
     policy: Policy = "peak_ewma"
     model_affinity: bool = True
     backoff_seconds: float = Field(default=5.0, ge=0)
+    # Runs of two priority classes on one team: how long the batch class may go without a grant while
+    # interactive requests are served first (`teamorch.policies.priority`).
+    aging_seconds: float = Field(default=30.0, gt=0)
+    # "reference" plans the whole queue from scratch on every event (`plan_dispatch`): the benchmarks' baseline.
+    planner: Literal["incremental", "reference"] = "incremental"
 
 
 class RetryConfig(_Model):

@@ -14,7 +14,8 @@ from teamorch.policies.prefix import SlotState, signature
 
 
 def _case(seed: int) -> tuple[list[ServerLoad], dict[str, list[SlotState]], list[tuple[LeaseRequest, float]]]:
-    """A random busy fleet (distinct speeds: no exact ties), two models, shared prefixes, some pinned requests."""
+    """A random busy fleet (distinct speeds: no exact ties), two models, shared prefixes, some pinned requests,
+    two priority classes."""
     rng = random.Random(seed)
     roles = [signature([f"role {r} " * rng.randint(20, 200)]) for r in range(4)]
     loads, caches = [], {}
@@ -52,6 +53,7 @@ def _case(seed: int) -> tuple[list[ServerLoad], dict[str, list[SlotState]], list
             prefix=[*role.chain, sig.chain[-1]],
             prefix_tokens=[*role.tokens, role.tokens[-1] + 5],
             prompt_tokens=role.tokens[-1] + 5,
+            priority_class=rng.choice(("interactive", "interactive", "batch")),
         )
         queue.append((req, rng.uniform(0.0, 30.0)))
     return loads, caches, queue
