@@ -30,6 +30,7 @@ from teamorch.config import TeamConfig
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
 from teamorch.policies.balancing import (
+    LIVE_ON_TIME,
     Decision,
     Planner,
     Queued,
@@ -115,7 +116,13 @@ class LoadBalancer:
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
         self.waiters: dict[int, _Waiter] = {}
         cfg = team.balancer
-        self.planner = Planner(self.policy, affinity=cfg.model_affinity, rng=random.Random(0), aging=cfg.aging_seconds)
+        self.planner = Planner(
+            self.policy,
+            affinity=cfg.model_affinity,
+            rng=random.Random(0),
+            aging=cfg.aging_seconds,
+            on_time=LIVE_ON_TIME,
+        )
         self.leases: dict[str, _Lease] = {}
         self.groups = GroupServers()
         self.keyed: dict[str, str] = {}

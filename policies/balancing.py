@@ -846,6 +846,10 @@ _BOUND_SLACK = 1e-9
 REPLAN_EVENTS = 256
 # A release this close to the end the tentative schedule expects is on schedule; any other one re-plans everything.
 _ON_TIME = 1e-6
+# The same for a live fleet (the balancer actor): a release comes milliseconds off its estimate at best (Ray hops,
+# HTTP, the server's own pace), so an exact tolerance would re-plan on every event. Within this many seconds the
+# kept plan goes on; the drift it ignores is bounded by REPLAN_EVENTS, after which the queue is planned from scratch.
+LIVE_ON_TIME = 0.05
 
 
 @dataclass
@@ -918,9 +922,11 @@ class Planner:
         rng: random.Random | None = None,
         keep: int = REPLAN_EVENTS,
         aging: float = 30.0,
+        on_time: float = _ON_TIME,
     ) -> None:
         _check_policy(policy)
         self.policy = policy
+        self.on_time = on_time  # a release within this of its expected end keeps the plan (LIVE_ON_TIME: live fleet)
         self.aging = Aging(aging)
         self.keep = keep  # events a plan is continued (`_Tentative`); 0: every event plans from scratch
         self.affinity = affinity
@@ -932,6 +938,7 @@ class Planner:
         self._ranked: list[tuple[object, ...]] | None = None  # `_order`'s, for `_ranked_for`
         self._ranked_for: tuple[float, frozenset[str] | None] = (0.0, None)
         self._kept: _Tentative | None = None  # the last plan, continued while the fleet follows it
+        self._grouped: dict[int, _Entry] = {}  # entries with a diversity group: `regroup` reads only these
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -940,6 +947,8 @@ class Planner:
         """Queue `req` under `key` (a larger key arrived later), `enqueued` at that monotonic time."""
         entry = _Entry(key, req, req, enqueued, tuple(capabilities), rank(req.priority_class))
         self.entries[key] = entry
+        if req.group:
+            self._grouped[key] = entry
         if entry.rank < TOP_RANK:
             self.aging.add(key, enqueued)
         self._kept = None  # it may rank ahead of requests already reserved
@@ -952,6 +961,7 @@ class Planner:
         entry = self.entries.pop(key, None)
         if entry is None:
             return
+        self._grouped.pop(key, None)
         if rank(entry.base.priority_class) < TOP_RANK:
             self.aging.remove(key, entry.enqueued)
             if granted is not None:
@@ -994,7 +1004,7 @@ class Planner:
 
     def regroup(self, with_avoid: Callable[[LeaseRequest], LeaseRequest]) -> None:
         """Re-derive `avoid` for the requests that have a diversity group (the balancer's `GroupServers`)."""
-        for entry in [e for e in self.entries.values() if e.base.group]:
+        for entry in list(self._grouped.values()):
             req = with_avoid(entry.base)
             if req.avoid != entry.req.avoid:
                 self._kept = None
@@ -1039,7 +1049,7 @@ class Planner:
         keys = [rank[-1] for rank in self._order(speeds, servers)]
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
-        kept = _Tentative(now, loads, keys, cands, servers, demand, search, self.keep)
+        kept = _Tentative(now, loads, keys, cands, servers, demand, search, self.keep, self.on_time)
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
@@ -1215,7 +1225,7 @@ class _Tentative:
     and only a release onto an empty line continues the list scheduling from
     where it stopped (`extend`). Times are seconds after `t0`, the time of
     the full plan. `advance` gives up (the caller plans from scratch) when a
-    release is not where and when expected, a grant was not applied, a
+    release is not where and when expected (within `on_time` seconds), a grant was not applied, a
     server's eligibility, slots or models changed, its speeds drifted by more
     than SPEED_DRIFT, or after `events` events (`Planner.keep`).
     """
@@ -1230,8 +1240,10 @@ class _Tentative:
         demand: _Demand,
         search: _BestFit,
         events: int,
+        on_time: float = _ON_TIME,
     ) -> None:
         self.t0, self.events, self.keys, self.pos, self.cands = t0, events, keys, 0, cands
+        self.on_time = on_time
         self.servers, self.demand, self.search = servers, demand, search
         self.rows = {row.name: row for row in loads}  # as planned: drift is measured from these
         self.seen = dict(self.rows)  # as last checked
@@ -1280,15 +1292,20 @@ class _Tentative:
         return grants
 
     def _release(self, name: str, r: float, grants: dict[int, Decision]) -> bool:
-        """The slot of `name` expected to end first ended: its first reservation starts, or it waits idle."""
+        """The slot of `name` expected to end nearest `r` ended: its first reservation starts, or it waits idle.
+
+        Nearest, not first: the plan's slots are virtual (a server gives out its
+        own), so with a tolerance (`on_time`) the request that ended is the one
+        whose end is closest; exact times make it the first to end, as before.
+        """
         ends = self.ends[name]
         if not ends:
             return False
-        slot = min(ends, key=ends.__getitem__)
+        slot = min(ends, key=lambda i: (abs(ends[i] - r), ends[i]))
         end = ends.pop(slot)
-        due = (name, slot) in self.due and r <= end + _ON_TIME
+        due = (name, slot) in self.due and r <= end + self.on_time
         self.due.discard((name, slot))
-        if abs(end - r) > _ON_TIME and not due:
+        if abs(end - r) > self.on_time and not due:
             return False
         line = self.booked.get((name, slot))
         if line:
