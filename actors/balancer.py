@@ -134,6 +134,7 @@ class LoadBalancer:
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
         self._ready: asyncio.Future[None] | None = None
+        self._full = False  # an arrival found no free slot, and nothing has been released since
         if ray.get_runtime_context().was_current_actor_reconstructed:
             now = time.monotonic()
             for stats in self.servers.values():
@@ -250,10 +251,15 @@ class LoadBalancer:
         A request that `arrived` is planned now only when no policy asks it to
         wait for its wave (`coalesce_delay`) and a slot is free; otherwise it is
         only checked for eligibility, which is all that can have changed for
-        the rest of the queue.
+        the rest of the queue. Once an arrival found every slot taken, later
+        arrivals skip even that until the next release, probe or tick (which
+        refuses an ineligible one): with thousands queued, building the load
+        table per arrival was the balancer's main cost.
         """
         now = time.monotonic()
         if arrived is not None:
+            if self._full:
+                return
             loads = self.snapshot_now(now)
             delay = coalesce_delay(self.policy, loads, arrived.req, self.team.balancer.model_affinity)
             if delay is not None or not any(has_capacity(s) for s in loads):
@@ -265,7 +271,9 @@ class LoadBalancer:
                     return
                 if delay is not None and self._coalescing is None:
                     self._coalescing = asyncio.get_running_loop().call_later(delay, self._coalesced)
+                self._full = delay is None
                 return
+        self._full = False
         for _round in range(len(self.waiters) + 1):
             if not self.waiters or not self._dispatch_round(now):
                 return
