@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import overhead, prefix, routing, scale, speedup, startup
+from benchmarks import overhead, prefix, priority, routing, scale, speedup, startup
 from benchmarks.common import SIM_NOTE, ensure_ray, machine_info, table
 
 
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         ("routing", routing),
         ("prefix", prefix),
         ("scale", scale),
+        ("priority", priority),
         ("startup", startup),
     ):
         print(f"\n... running {name}", flush=True)

@@ -907,7 +907,8 @@ class Planner:
     Planning from scratch still costs the requests a round reserves on busy
     slots before the freed one wins one (30 to 4,000 on 100 x 4 slots). So
     the last peak_ewma plan is kept and continued (`_Tentative`) while the
-    fleet does what it expected, for up to `keep` events (REPLAN_EVENTS): an event then costs about one request's search. Its
+    fleet does what it expected, for up to `keep` events (REPLAN_EVENTS), and while arrivals rank behind
+    what it reserved: an event then costs about one request's search. Its
     decisions are those of the reference except where the reference would
     re-plan around a request running past its estimate (OVERDUE_SECONDS) or
     an estimate that drifted within SPEED_DRIFT; `keep=0` plans every event
@@ -951,8 +952,9 @@ class Planner:
             self._grouped[key] = entry
         if entry.rank < TOP_RANK:
             self.aging.add(key, enqueued)
-        self._kept = None  # it may rank ahead of requests already reserved
         self._file(entry)
+        if self._kept is not None and not self._kept.admit(key, self._rank(entry), entry.bucket[0]):
+            self._kept = None  # it ranks ahead of requests already reserved: they must be planned again
         self.prefixes.update(req.prefix)
         self.models[req.model] += 1
 
@@ -1046,10 +1048,10 @@ class Planner:
         if not cands or not any(has_capacity(s) for s in loads):
             return refused
         servers = _virtual_slots(loads, speeds, {}, caches or {})
-        keys = [rank[-1] for rank in self._order(speeds, servers)]
+        ranks = list(self._order(speeds, servers))
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
-        kept = _Tentative(now, loads, keys, cands, servers, demand, search, self.keep, self.on_time)
+        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time)
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
@@ -1227,14 +1229,16 @@ class _Tentative:
     the full plan. `advance` gives up (the caller plans from scratch) when a
     release is not where and when expected (within `on_time` seconds), a grant was not applied, a
     server's eligibility, slots or models changed, its speeds drifted by more
-    than SPEED_DRIFT, or after `events` events (`Planner.keep`).
+    than SPEED_DRIFT, or after `events` events (`Planner.keep`). A request that
+    arrives meanwhile joins the order when it ranks behind every request planned
+    so far (`admit`): those reservations stand whatever it is.
     """
 
     def __init__(
         self,
         t0: float,
         loads: Sequence[ServerLoad],
-        keys: list[int],
+        ranks: list[tuple[object, ...]],
         cands: dict[object, set[str]],
         servers: dict[str, _Server],
         demand: _Demand,
@@ -1242,7 +1246,8 @@ class _Tentative:
         events: int,
         on_time: float = _ON_TIME,
     ) -> None:
-        self.t0, self.events, self.keys, self.pos, self.cands = t0, events, keys, 0, cands
+        self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
+        self.ranks, self.keys = ranks, [rank[-1] for rank in ranks]  # the planning order (`Planner._rank`)
         self.on_time = on_time
         self.servers, self.demand, self.search = servers, demand, search
         self.rows = {row.name: row for row in loads}  # as planned: drift is measured from these
@@ -1256,6 +1261,16 @@ class _Tentative:
         self.planned: set[int] = set()  # keys out of `demand`'s counts
         self.waiting: set[int] = set()  # keys reserved, not granted
         self.stale = False
+
+    def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
+        """A request that arrived after the plan joins its order when it ranks behind every request planned so
+        far (and its candidates are known); False when the plan would change ahead of it."""
+        if elig not in self.cands or (self.pos and rank < self.ranks[self.pos - 1]):
+            return False
+        at = bisect.bisect_left(self.ranks, rank, lo=self.pos)
+        self.ranks.insert(at, rank)
+        self.keys.insert(at, key)
+        return True
 
     def forget(self, key: int, req: LeaseRequest) -> bool:
         """`key` leaves the queue; False when the plan relied on it waiting (a reserved request was cancelled)."""
