@@ -20,6 +20,7 @@ import itertools
 import random
 import time
 import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +79,29 @@ class _Waiter:
     enqueued: float  # monotonic seconds
     future: asyncio.Future[Lease]
     key: str | None = None
+
+
+class _OnFirstRead(Mapping[str, list[SlotState]]):
+    """Every slot's cache state, built only if the planner reads it: a kept plan does not, and building it for
+    hundreds of slots was a sixth of the balancer's time per event."""
+
+    def __init__(self, build: Callable[[], dict[str, list[SlotState]]]) -> None:
+        self._build = build
+        self._data: dict[str, list[SlotState]] | None = None
+
+    def _get(self) -> dict[str, list[SlotState]]:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __getitem__(self, name: str) -> list[SlotState]:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
 
 
 class LoadBalancer:
@@ -302,7 +326,7 @@ class LoadBalancer:
         """The planner's decisions by arrival number; `planner: reference` plans the whole queue from scratch."""
         counter = self._rr if self.policy == "round_robin" else None
         if self.team.balancer.planner == "incremental":
-            return self.planner.plan(loads, now, caches=self._caches(now), counter=counter)
+            return self.planner.plan(loads, now, caches=_OnFirstRead(lambda: self._caches(now)), counter=counter)
         keyed = self.planner.queue(now)
         done = plan_dispatch(
             self.policy,

@@ -319,11 +319,13 @@ def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 1
     speeds = dict(zip([s.name for s in team.servers], speed_classes(servers, CLASSES, 0.05), strict=True))
     rng = random.Random(3)
     # Tiny tasks: 8..32 output tokens, so 400 slots free up thousands of times a second.
-    requests = [r.model_copy(update={"expected_tokens": rng.randint(8, 32)}) for r in make_queue(queued)]
+    requests = [r.model_copy(update={"expected_tokens": rng.randint(8, 32)}) for r in make_queue(queued + 2 * servers)]
+    warm_up, requests = requests[: 2 * servers], requests[2 * servers :]
     # Every request waits inside the balancer, as a team's specialists' acquire calls do.
     balancer = ray.remote(LoadBalancer).options(num_cpus=0, max_concurrency=queued + 1000).remote(team, {})
     try:
         ray.get(balancer.start.remote())
+        asyncio.run(_actor_clients(balancer, warm_up, speeds))  # every server measured: past the cold start
         grants, start, waiting = asyncio.run(_actor_clients(balancer, requests, speeds))
     finally:
         ray.kill(balancer)
