@@ -2,11 +2,13 @@
 
 Specialists `acquire` a lease before calling a server and `release` it with
 the outcome. The balancer never lets a server have more than its `slots`
-requests in flight; everything else waits here, in priority-then-FIFO order,
-because a loaded Ollama model would queue the excess without bound. Every
+requests in flight; everything else waits here, in class-then-priority-then-FIFO
+order (`teamorch.policies.priority`: interactive runs before batch ones, with
+aging), because a loaded Ollama model would queue the excess without bound. Every
 decision is a policy's: which server a request gets and which waiting request
-goes first (`teamorch.policies.balancing.plan_dispatch`, over the whole queue
-at once, with each server's slots and what their prefix caches hold), how long an arrival waits for its wave (`coalesce_delay`), one
+goes first (`teamorch.policies.balancing.Planner`: `plan_dispatch`'s decisions
+over the whole queue, kept between events so an event costs what it changes,
+with each server's slots and what their prefix caches hold), how long an arrival waits for its wave (`coalesce_delay`), one
 server per diversity group (`apply_group_diversity`), and what an outcome says
 about a server (`teamorch.policies.fleet.record_outcome`).
 """
@@ -20,7 +22,9 @@ import random
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,9 @@ from teamorch.config import TeamConfig
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import HedgeAsk, HedgeGrant, Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
 from teamorch.policies.balancing import (
+    LIVE_ON_TIME,
+    Decision,
+    Planner,
     Queued,
     apply_group_diversity,
     coalesce_delay,
@@ -109,6 +116,29 @@ class _Waiter:
     key: str | None = None
 
 
+class _OnFirstRead(Mapping[str, list[SlotState]]):
+    """Every slot's cache state, built only if the planner reads it: a kept plan does not, and building it for
+    hundreds of slots was a sixth of the balancer's time per event."""
+
+    def __init__(self, build: Callable[[], dict[str, list[SlotState]]]) -> None:
+        self._build = build
+        self._data: dict[str, list[SlotState]] | None = None
+
+    def _get(self) -> dict[str, list[SlotState]]:
+        if self._data is None:
+            self._data = self._build()
+        return self._data
+
+    def __getitem__(self, name: str) -> list[SlotState]:
+        return self._get()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._get())
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+
 class LoadBalancer:
     """The one owner of the fleet's live state; one per team.
 
@@ -120,7 +150,8 @@ class LoadBalancer:
       EWMAs, errors, circuit, models, what each slot's prefix cache holds),
       updated only through `policies.fleet`;
     * `waiters`: requests waiting for a slot, each with the future its
-      `acquire` call awaits, in priority-then-arrival order;
+      `acquire` call awaits, by arrival number; `planner` holds the same
+      queue in the order the policy plans it (and its last plan);
     * `leases`: granted slots not yet released, with when each was granted,
       how long it was expected to take and which server slot it took, so a
       plan can predict when a busy slot frees up and what it will hold;
@@ -142,7 +173,15 @@ class LoadBalancer:
         self.servers = {s.name: ServerStats.new(s, team.retry) for s in team.servers}
         self.handles = servers or {}
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
-        self.waiters: list[_Waiter] = []
+        self.waiters: dict[int, _Waiter] = {}
+        cfg = team.balancer
+        self.planner = Planner(
+            self.policy,
+            affinity=cfg.model_affinity,
+            rng=random.Random(0),
+            aging=cfg.aging_seconds,
+            on_time=LIVE_ON_TIME,
+        )
         self.leases: dict[str, _Lease] = {}
         self.groups = GroupServers()
         self.keyed: dict[str, str] = {}
@@ -150,7 +189,6 @@ class LoadBalancer:
         self.epoch = uuid.uuid4().hex[:8]
         self._seq = itertools.count()
         self._rr = itertools.count()
-        self._rng = random.Random(0)
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
@@ -165,6 +203,7 @@ class LoadBalancer:
         self._saving: asyncio.Task[None] | None = None
         self._learned = False  # an answer came back since the last save
         self._saved_at = time.monotonic()
+        self._full = False  # an arrival found no free slot, and nothing has been released since
         if ray.get_runtime_context().was_current_actor_reconstructed:
             now = time.monotonic()
             for stats in self.servers.values():
@@ -201,14 +240,13 @@ class LoadBalancer:
         waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key)
         if key:
             self.pending[key] = waiter
-        self.waiters.append(waiter)
-        self.waiters.sort(key=lambda w: (-w.req.priority, w.seq))
+        self.waiters[waiter.seq] = waiter
+        self.planner.add(waiter.seq, waiter.req, waiter.enqueued, waiter.capabilities)
         self._dispatch(arrived=waiter)
         try:
             lease = await waiter.future
         finally:
-            if waiter in self.waiters:
-                self.waiters.remove(waiter)
+            self._unqueue(waiter)
             if key and self.pending.get(key) is waiter:
                 del self.pending[key]
         return self._hedgeable(lease, req)
@@ -310,7 +348,13 @@ class LoadBalancer:
             record_orphan_release(self.servers[parts[0]], time.monotonic())
             self._dispatch()
 
+    def _unqueue(self, waiter: _Waiter, granted: float | None = None) -> None:
+        """`waiter` leaves the queue: granted (at monotonic `granted`), refused or cancelled. Twice is harmless."""
+        self.waiters.pop(waiter.seq, None)
+        self.planner.remove(waiter.seq, granted)
+
     def _grant(self, waiter: _Waiter, name: str, loads: list[ServerLoad], now: float) -> None:
+        self._unqueue(waiter, now)
         lease_id = f"{name}-{self.epoch}-{next(self._seq)}"
         stats = self.servers[name]
         row = next(s for s in loads if s.name == name)
@@ -349,16 +393,18 @@ class LoadBalancer:
                 )
         return {name: stats.prefix.states(remaining[name]) for name, stats in self.servers.items()}
 
-    def _view(self, now: float) -> tuple[list[ServerLoad], dict[str, list[SlotState]]]:
-        """The fleet as the planners see it: the load table and slot caches, with each server's early slot open.
+    def _view(self, now: float) -> tuple[list[ServerLoad], Callable[[], dict[str, list[SlotState]]]]:
+        """The fleet as the planners see it: the load table, and how to build the slot caches, with each server's
+        early slot open.
 
         A server may take one request behind a running one that is due
         (`early_slot`): that slot is shown free now, with what the due request
         leaves in its cache; a request already queued behind one is not a
         slot in flight (the slot is counted once, busy until the later end).
-        Which lease is due on each server is kept for `_grant`.
+        Which lease is due on each server is kept for `_grant`. The caches are
+        built only if a planner reads them (`_OnFirstRead`).
         """
-        loads, caches = self.snapshot_now(now), self._caches(now)
+        loads = self.snapshot_now(now)
         behind = Counter(self.leases[ahead].server for ahead in self._ahead)
         due, _next = self._due(now, behind)
         self._opened = {}
@@ -366,12 +412,17 @@ class LoadBalancer:
         for row in loads:
             opened = early_slot(row, row.name in due, behind[row.name])
             if opened:
-                lease_id = self._opened[row.name] = due[row.name][1]
-                slot = self.leases[lease_id].placed.slot or 0
-                caches[row.name][slot] = replace(caches[row.name][slot], free_in=None)
+                self._opened[row.name] = due[row.name][1]
             in_flight = row.in_flight - behind[row.name] - opened
             rows.append(row.model_copy(update={"in_flight": in_flight}) if in_flight != row.in_flight else row)
-        return rows, caches
+        return rows, partial(self._open_caches, now, dict(self._opened))
+
+    def _open_caches(self, now: float, opened: dict[str, str]) -> dict[str, list[SlotState]]:
+        caches = self._caches(now)
+        for name, lease_id in opened.items():
+            slot = self.leases[lease_id].placed.slot or 0
+            caches[name][slot] = replace(caches[name][slot], free_in=None)
+        return caches
 
     def _due(self, now: float, behind: Counter[str]) -> tuple[dict[str, tuple[float, str]], float | None]:
         """Per server with no request queued behind another yet, its running lease due soonest (seconds left, id);
@@ -395,10 +446,15 @@ class LoadBalancer:
         A request that `arrived` is planned now only when no policy asks it to
         wait for its wave (`coalesce_delay`) and a slot is free; otherwise it is
         only checked for eligibility, which is all that can have changed for
-        the rest of the queue.
+        the rest of the queue. Once an arrival found every slot taken, later
+        arrivals skip even that until the next release, probe or tick (which
+        refuses an ineligible one): with thousands queued, building the load
+        table per arrival was the balancer's main cost.
         """
         now = time.monotonic()
         if arrived is not None:
+            if self._full:
+                return
             loads, _ = self._view(now)
             delay = coalesce_delay(self.policy, loads, arrived.req, self.team.balancer.model_affinity)
             if delay is not None or not any(has_capacity(s) for s in loads):
@@ -406,14 +462,15 @@ class LoadBalancer:
                     eligible(loads, arrived.req)  # only whether it can ever be served: no need to plan the queue
                 except NoServerAvailable as exc:
                     arrived.future.set_exception(exc)
-                    self.waiters.remove(arrived)
+                    self._unqueue(arrived)
                     return
                 if delay is not None and self._coalescing is None:
                     self._coalescing = asyncio.get_running_loop().call_later(delay, self._coalesced)
+                self._full = delay is None
                 self._arm_due_timer()
                 return
+        self._full = False
         for _round in range(len(self.waiters) + 1):
-            self.waiters = [w for w in self.waiters if not w.future.done()]
             if not self.waiters or not self._dispatch_round(now):
                 break
         self._arm_due_timer()
@@ -440,24 +497,37 @@ class LoadBalancer:
     def _dispatch_round(self, now: float) -> bool:
         """One planning round; True if a grant was held back and the queue must be planned again."""
         loads, caches = self._view(now)
-        queue = [Queued(self.groups.with_avoid(w.req), now - w.enqueued, tuple(w.capabilities)) for w in self.waiters]
-        decisions = plan_dispatch(
-            self.policy,
-            loads,
-            queue,
-            caches=caches,
-            counter=self._rr if self.policy == "round_robin" else None,
-            rng=self._rng,
-            affinity=self.team.balancer.model_affinity,
-        )
+        self.planner.regroup(self.groups.with_avoid)
+        decisions = self._plan(loads, caches, now)
+        queue = {key: Queued(self.waiters[key].req) for key in decisions}  # for the groups: `avoid` plays no part
         decisions, held_back = apply_group_diversity(decisions, queue)
-        for index, decision in decisions.items():
-            waiter = self.waiters[index]
+        for key, decision in decisions.items():
+            waiter = self.waiters[key]
             if isinstance(decision, NoServerAvailable):
+                self._unqueue(waiter)
                 waiter.future.set_exception(NoServerAvailable(decision.message))
             else:
                 self._grant(waiter, decision, loads, now)
         return held_back
+
+    def _plan(
+        self, loads: list[ServerLoad], caches: Callable[[], dict[str, list[SlotState]]], now: float
+    ) -> dict[int, Decision]:
+        """The planner's decisions by arrival number; `planner: reference` plans the whole queue from scratch."""
+        counter = self._rr if self.policy == "round_robin" else None
+        if self.team.balancer.planner == "incremental":
+            return self.planner.plan(loads, now, caches=_OnFirstRead(caches), counter=counter)
+        keyed = self.planner.queue(now)
+        done = plan_dispatch(
+            self.policy,
+            loads,
+            [q for _, q in keyed],
+            caches=caches(),
+            counter=counter,
+            rng=self.planner.rng,
+            affinity=self.team.balancer.model_affinity,
+        )
+        return {keyed[i][0]: d for i, d in done.items()}
 
     # ---- observation ----------------------------------------------------------------------
 

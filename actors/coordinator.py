@@ -265,7 +265,7 @@ class Coordinator:
             journal = RunJournal.create(
                 Path(spec.runs_dir), run_id, spec.plan_raw or {}, spec.team_raw, secrets=secrets
             )
-        run = RunRecorder(journal)
+        run = RunRecorder(journal, runnable.priority_class or "interactive")
         self.runs[run_id] = run
         return run
 

@@ -30,7 +30,15 @@ from teamorch.journal import (
     TaskQueued,
     attempt_events,
 )
-from teamorch.messages import Assignment, ConsensusSpec, OrchestrationPlan, RunReport, Task, TaskResult
+from teamorch.messages import (
+    Assignment,
+    ConsensusSpec,
+    OrchestrationPlan,
+    PriorityClass,
+    RunReport,
+    Task,
+    TaskResult,
+)
 from teamorch.policies.dag import (
     Cancel,
     Journal,
@@ -54,11 +62,13 @@ class RunRecorder:
     are never sent again and their dependants receive the journaled outputs.
     The in-memory copy is the journal's (secrets scrubbed), so what a client
     polls, a dependant reads and the report shows are the same text.
+    `priority_class` is the run's, given to every lease of its tasks.
     """
 
-    def __init__(self, journal: RunJournal) -> None:
+    def __init__(self, journal: RunJournal, priority_class: PriorityClass = "interactive") -> None:
         self.journal = journal
         self.run_id = journal.run_id
+        self.priority_class = priority_class
         self.results: Journal = journal.finished_results()
 
     def resolved(self, plan: OrchestrationPlan) -> None:
@@ -178,6 +188,7 @@ class PlanExecutor:
                 priority=self.priority[task.task_id],
                 group=diversity_group(self.plan, task, self.run_id),
                 run_id=self.run_id,
+                priority_class=self.recorder.priority_class,
             ),
             # One id per hand-out: a specialist Ray restarts mid-task re-runs it under the same id (no second
             # generation), while a later session of a resumed run asks afresh.

@@ -102,6 +102,7 @@ class Specialist:
             prefix=list(prefix.chain),
             prefix_tokens=list(prefix.tokens),
             prompt_tokens=prefix.total,
+            priority_class=assignment.priority_class,
         )
         attempts: list[Attempt] = []
         response, error = await self._until_done(assignment, req, lease_req, attempts, dispatch)

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import embedded_prefix, overhead, prefix, routing, scale, speedup, startup, tail
+from benchmarks import embedded_prefix, overhead, prefix, priority, routing, scale, speedup, startup, tail
 from benchmarks.common import SIM_NOTE, ensure_ray, machine_info, table
 
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         ("embedded prefix", embedded_prefix),
         ("tail", tail),
         ("scale", scale),
+        ("priority", priority),
         ("startup", startup),
     ):
         print(f"\n... running {name}", flush=True)

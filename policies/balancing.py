@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
 from teamorch.policies.prefix import SlotState, matched_tokens, server_preference
+from teamorch.policies.priority import TOP_RANK, Aging, rank
 
 # Priors used before any server has been measured.
 PRIOR_TOKEN_SECONDS = 0.02
@@ -220,11 +221,19 @@ class Queued:
 
     `waited`: seconds it has queued so far; peak_ewma counts them toward the
     job's size (aging), so a short job cannot starve behind long ones.
+    `rank`: its priority class's rank as the balancer sees it now
+    (`teamorch.policies.priority`; None: its class's own rank), above `priority`.
     """
 
     req: LeaseRequest
     waited: float = 0.0
     capabilities: tuple[str, ...] = ()
+    rank: int | None = None
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Its place before any policy's own order: (minus) class rank, then (minus) critical-path priority."""
+        return (-(rank(self.req.priority_class) if self.rank is None else self.rank), -self.req.priority)
 
 
 Decision = str | NoServerAvailable
@@ -243,7 +252,7 @@ def plan_dispatch(
 ) -> dict[int, Decision]:
     """Decide, for every queued request, "start now on server X", "fail" or (absent from the answer) "wait".
 
-    `queue` is in the balancer's order (priority, then arrival); `running` gives,
+    `queue` is in the balancer's order (class rank, priority, then arrival); `running` gives,
     per server, the expected remaining seconds of each request in flight there;
     `caches` gives, per server, each slot with what its prefix cache holds and
     (when busy) its remaining seconds, and then replaces `running` for it.
@@ -279,7 +288,8 @@ def plan_dispatch(
     if policy == "peak_ewma":
         decisions.update(_plan_peak_ewma(loads, queue, live, running or {}, caches or {}, affinity, rng))
     else:
-        decisions.update(_plan_one_at_a_time(policy, loads, queue, list(live), counter, rng, affinity))
+        order = sorted(live, key=lambda i: queue[i].order)  # the balancer's order already; stable for it
+        decisions.update(_plan_one_at_a_time(policy, loads, queue, order, counter, rng, affinity))
     return decisions
 
 
@@ -411,7 +421,7 @@ def _plan_peak_ewma(
     x (1 + 4 x recent error rate), after a model load where the model is not
     resident. On top of it:
 
-    * Order (`_longest_first`): within one priority (the plan's critical-path
+    * Order (`_longest_first`): within one class rank and priority (the plan's critical-path
       depth), longest expected job first, with seconds already waited added to
       a job's size. In a batch this is LPT, the classic makespan rule (a long
       job started last is what makes a tail); with steady arrivals, aging stops
@@ -576,7 +586,7 @@ def _probe_shortest(
 def _longest_first(
     queue: Sequence[Queued], live: Iterable[int], speeds: Mapping[str, _Speed], servers: Mapping[str, _Server]
 ) -> list[int]:
-    """Queue indices by priority, then requests for a model some server holds before those for a model none
+    """Queue indices by class rank and priority, then requests for a model some server holds before those for a model none
     holds, then expected size (on the fleet's best speeds) plus seconds waited, largest first.
 
     Resident first: a request whose model must be loaded somewhere is planned
@@ -594,10 +604,10 @@ def _longest_first(
             break
         held.update(server.resident)
 
-    def key(index: int) -> tuple[int, bool, float, int]:
+    def key(index: int) -> tuple[tuple[int, int], bool, float, int]:
         queued = queue[index]
         homeless = held is not None and queued.req.model not in held
-        return (-queued.req.priority, homeless, -(best_fixed + best_tok * _tokens(queued.req) + queued.waited), index)
+        return (queued.order, homeless, -(best_fixed + best_tok * _tokens(queued.req) + queued.waited), index)
 
     return sorted(live, key=key)
 
@@ -841,7 +851,7 @@ def _cold_start_probes(
     prior = max(speeds.values(), key=lambda sp: sp.per_token)  # everyone has the priors before any answer
     groups: dict[str, list[int]] = {}
     work: Counter[str] = Counter()
-    for i in sorted(live, key=lambda i: (-queue[i].req.priority, _tokens(queue[i].req), i)):
+    for i in sorted(live, key=lambda i: (queue[i].order, _tokens(queue[i].req), i)):
         group = _group(queue[i].req)
         groups.setdefault(group, []).append(i)
         work[group] = max(work[group], prior.prefill * queue[i].req.prompt_tokens)  # one cold prefill per group
@@ -909,7 +919,7 @@ def coalesce_delay(policy: str, loads: Sequence[ServerLoad], req: LeaseRequest, 
 
 
 def apply_group_diversity(
-    decisions: Mapping[int, Decision], queue: Sequence[Queued]
+    decisions: Mapping[int, Decision], queue: Sequence[Queued] | Mapping[int, Queued]
 ) -> tuple[dict[int, Decision], bool]:
     """Keep one grant per (diversity group, server) in a round; True when one was held back.
 
@@ -943,24 +953,31 @@ _BOUND_SLACK = 1e-9
 REPLAN_EVENTS = 256
 # A release this close to the end the tentative schedule expects is on schedule; any other one re-plans everything.
 _ON_TIME = 1e-6
+# The same for a live fleet (the balancer actor): a release comes milliseconds off its estimate at best (Ray hops,
+# HTTP, the server's own pace), so an exact tolerance would re-plan on every event. Within this many seconds the
+# kept plan goes on; the drift it ignores is bounded by REPLAN_EVENTS, after which the queue is planned from scratch.
+LIVE_ON_TIME = 0.05
 
 
 @dataclass
 class _Entry:
-    """One queued request in `Planner`: `base` as asked, `req` with the servers its group holds added to `avoid`."""
+    """One queued request in `Planner`: `base` as asked, `req` with the servers its group holds added to `avoid`,
+    `rank` its class's rank (the top one once `Aging` promoted it)."""
 
     key: int
     base: LeaseRequest
     req: LeaseRequest
     enqueued: float
     capabilities: tuple[str, ...]
+    rank: int = TOP_RANK
     bucket: tuple[object, ...] = ()
 
 
-def _bucket(req: LeaseRequest) -> tuple[object, ...]:
-    """Requests with one bucket have the same candidates and the same size: only their arrival orders them."""
+def _bucket(entry: _Entry) -> tuple[object, ...]:
+    """Requests with one bucket have the same candidates, rank and size: only their arrival orders them."""
+    req = entry.req
     elig = (req.model, tuple(req.requires), tuple(req.exclude), req.server, tuple(req.avoid))
-    return (elig, req.priority, _tokens(req))
+    return (elig, entry.rank, req.priority, _tokens(req))
 
 
 class Planner:
@@ -970,6 +987,9 @@ class Planner:
     is granted, refused or cancelled (`remove`); `plan` then gives the same
     decisions as `plan_dispatch` over that queue, keyed by the caller's keys
     (its arrival sequence numbers, which order requests of equal priority).
+    Priority classes rank above priority, and `aging` (seconds) is the batch
+    class's starvation clock (`teamorch.policies.priority`): `plan` promotes
+    the request it names, and `remove(key, granted=now)` tells it of a grant.
     For peak_ewma, what a round of `plan_dispatch` rebuilds from the whole
     queue is kept here instead:
 
@@ -994,7 +1014,8 @@ class Planner:
     Planning from scratch still costs the requests a round reserves on busy
     slots before the freed one wins one (30 to 4,000 on 100 x 4 slots). So
     the last peak_ewma plan is kept and continued (`_Tentative`) while the
-    fleet does what it expected, for up to `keep` events (REPLAN_EVENTS): an event then costs about one request's search. Its
+    fleet does what it expected, for up to `keep` events (REPLAN_EVENTS), and while arrivals rank behind
+    what it reserved: an event then costs about one request's search. Its
     decisions are those of the reference except where the reference would
     re-plan around a request running past its estimate (OVERDUE_SECONDS) or
     an estimate that drifted within SPEED_DRIFT; `keep=0` plans every event
@@ -1002,10 +1023,19 @@ class Planner:
     """
 
     def __init__(
-        self, policy: str, *, affinity: bool = True, rng: random.Random | None = None, keep: int = REPLAN_EVENTS
+        self,
+        policy: str,
+        *,
+        affinity: bool = True,
+        rng: random.Random | None = None,
+        keep: int = REPLAN_EVENTS,
+        aging: float = 30.0,
+        on_time: float = _ON_TIME,
     ) -> None:
         _check_policy(policy)
         self.policy = policy
+        self.on_time = on_time  # a release within this of its expected end keeps the plan (LIVE_ON_TIME: live fleet)
+        self.aging = Aging(aging)
         self.keep = keep  # events a plan is continued (`_Tentative`); 0: every event plans from scratch
         self.affinity = affinity
         self.rng = rng or random.Random(0)
@@ -1016,24 +1046,35 @@ class Planner:
         self._ranked: list[tuple[object, ...]] | None = None  # `_order`'s, for `_ranked_for`
         self._ranked_for: tuple[float, frozenset[str] | None] = (0.0, None)
         self._kept: _Tentative | None = None  # the last plan, continued while the fleet follows it
+        self._grouped: dict[int, _Entry] = {}  # entries with a diversity group: `regroup` reads only these
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, key: int, req: LeaseRequest, enqueued: float, capabilities: Sequence[str] = ()) -> None:
         """Queue `req` under `key` (a larger key arrived later), `enqueued` at that monotonic time."""
-        entry = _Entry(key, req, req, enqueued, tuple(capabilities))
+        entry = _Entry(key, req, req, enqueued, tuple(capabilities), rank(req.priority_class))
         self.entries[key] = entry
-        self._kept = None  # it may rank ahead of requests already reserved
+        if req.group:
+            self._grouped[key] = entry
+        if entry.rank < TOP_RANK:
+            self.aging.add(key, enqueued)
         self._file(entry)
+        if self._kept is not None and not self._kept.admit(key, self._rank(entry), entry.bucket[0]):
+            self._kept = None  # it ranks ahead of requests already reserved: they must be planned again
         self.prefixes.update(req.prefix)
         self.models[req.model] += 1
 
-    def remove(self, key: int) -> None:
-        """Forget `key` (granted, refused or cancelled); unknown keys are ignored."""
+    def remove(self, key: int, granted: float | None = None) -> None:
+        """Forget `key` (granted at monotonic time `granted`, or refused or cancelled); unknown keys are ignored."""
         entry = self.entries.pop(key, None)
         if entry is None:
             return
+        self._grouped.pop(key, None)
+        if rank(entry.base.priority_class) < TOP_RANK:
+            self.aging.remove(key, entry.enqueued)
+            if granted is not None:
+                self.aging.served(granted)
         if self._kept is not None and not self._kept.forget(key, entry.req):
             self._kept = None
         self._unfile(entry)
@@ -1041,7 +1082,7 @@ class Planner:
         self.models[entry.req.model] -= 1
 
     def _file(self, entry: _Entry) -> None:
-        entry.bucket = _bucket(entry.req)
+        entry.bucket = _bucket(entry)
         bisect.insort(self.buckets.setdefault(entry.bucket, []), (entry.enqueued, entry.key))
         if self._ranked is not None:
             bisect.insort(self._ranked, self._rank(entry))
@@ -1055,13 +1096,24 @@ class Planner:
             del self._ranked[bisect.bisect_left(self._ranked, self._rank(entry))]
 
     def queue(self, now: float) -> list[tuple[int, Queued]]:
-        """The queue in the balancer's order (priority, then arrival), as `plan_dispatch` takes it."""
-        ordered = sorted(self.entries.values(), key=lambda e: (-e.req.priority, e.key))
-        return [(e.key, Queued(e.req, now - e.enqueued, e.capabilities)) for e in ordered]
+        """The queue in the balancer's order (class rank, priority, then arrival), as `plan_dispatch` takes it."""
+        self._promote(now)
+        ordered = sorted(self.entries.values(), key=lambda e: (-e.rank, -e.req.priority, e.key))
+        return [(e.key, Queued(e.req, now - e.enqueued, e.capabilities, e.rank)) for e in ordered]
+
+    def _promote(self, now: float) -> None:
+        """The batch request `Aging` says has starved long enough takes the top rank (one re-filing)."""
+        key = self.aging.due(now)
+        entry = self.entries.get(key) if key is not None else None
+        if entry is not None:
+            self._kept = None
+            self._unfile(entry)
+            entry.rank = TOP_RANK
+            self._file(entry)
 
     def regroup(self, with_avoid: Callable[[LeaseRequest], LeaseRequest]) -> None:
         """Re-derive `avoid` for the requests that have a diversity group (the balancer's `GroupServers`)."""
-        for entry in [e for e in self.entries.values() if e.base.group]:
+        for entry in list(self._grouped.values()):
             req = with_avoid(entry.base)
             if req.avoid != entry.req.avoid:
                 self._kept = None
@@ -1081,6 +1133,7 @@ class Planner:
 
         Refused requests are removed here; granted ones stay until `remove`.
         """
+        self._promote(now)
         speeds = _speeds(loads)
         probing = self._probing(loads, speeds)
         if self._kept is not None and not probing:  # only ever kept for peak_ewma past its cold start
@@ -1103,10 +1156,10 @@ class Planner:
         if not cands or not any(has_capacity(s) for s in loads):
             return refused
         servers = _virtual_slots(loads, speeds, {}, caches or {})
-        keys = [rank[-1] for rank in self._order(speeds, servers)]
+        ranks = list(self._order(speeds, servers))
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
-        kept = _Tentative(now, loads, keys, cands, servers, demand, search, self.keep)
+        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time)
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
@@ -1161,7 +1214,7 @@ class Planner:
         best_tok, held = self._ranked_for
         req = entry.req
         homeless = held is not None and req.model not in held
-        return (-req.priority, homeless, entry.enqueued - best_tok * _tokens(req), entry.key)
+        return (-entry.rank, -req.priority, homeless, entry.enqueued - best_tok * _tokens(req), entry.key)
 
 
 class _BestFit:
@@ -1293,23 +1346,28 @@ class _Tentative:
     and only a release onto an empty line continues the list scheduling from
     where it stopped (`extend`). Times are seconds after `t0`, the time of
     the full plan. `advance` gives up (the caller plans from scratch) when a
-    release is not where and when expected, a grant was not applied, a
+    release is not where and when expected (within `on_time` seconds), a grant was not applied, a
     server's eligibility, slots or models changed, its speeds drifted by more
-    than SPEED_DRIFT, or after `events` events (`Planner.keep`).
+    than SPEED_DRIFT, or after `events` events (`Planner.keep`). A request that
+    arrives meanwhile joins the order when it ranks behind every request planned
+    so far (`admit`): those reservations stand whatever it is.
     """
 
     def __init__(
         self,
         t0: float,
         loads: Sequence[ServerLoad],
-        keys: list[int],
+        ranks: list[tuple[object, ...]],
         cands: dict[object, set[str]],
         servers: dict[str, _Server],
         demand: _Demand,
         search: _BestFit,
         events: int,
+        on_time: float = _ON_TIME,
     ) -> None:
-        self.t0, self.events, self.keys, self.pos, self.cands = t0, events, keys, 0, cands
+        self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
+        self.ranks, self.keys = ranks, [rank[-1] for rank in ranks]  # the planning order (`Planner._rank`)
+        self.on_time = on_time
         self.servers, self.demand, self.search = servers, demand, search
         self.rows = {row.name: row for row in loads}  # as planned: drift is measured from these
         self.seen = dict(self.rows)  # as last checked
@@ -1322,6 +1380,16 @@ class _Tentative:
         self.planned: set[int] = set()  # keys out of `demand`'s counts
         self.waiting: set[int] = set()  # keys reserved, not granted
         self.stale = False
+
+    def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
+        """A request that arrived after the plan joins its order when it ranks behind every request planned so
+        far (and its candidates are known); False when the plan would change ahead of it."""
+        if elig not in self.cands or (self.pos and rank < self.ranks[self.pos - 1]):
+            return False
+        at = bisect.bisect_left(self.ranks, rank, lo=self.pos)
+        self.ranks.insert(at, rank)
+        self.keys.insert(at, key)
+        return True
 
     def forget(self, key: int, req: LeaseRequest) -> bool:
         """`key` leaves the queue; False when the plan relied on it waiting (a reserved request was cancelled)."""
@@ -1358,15 +1426,20 @@ class _Tentative:
         return grants
 
     def _release(self, name: str, r: float, grants: dict[int, Decision]) -> bool:
-        """The slot of `name` expected to end first ended: its first reservation starts, or it waits idle."""
+        """The slot of `name` expected to end nearest `r` ended: its first reservation starts, or it waits idle.
+
+        Nearest, not first: the plan's slots are virtual (a server gives out its
+        own), so with a tolerance (`on_time`) the request that ended is the one
+        whose end is closest; exact times make it the first to end, as before.
+        """
         ends = self.ends[name]
         if not ends:
             return False
-        slot = min(ends, key=ends.__getitem__)
+        slot = min(ends, key=lambda i: (abs(ends[i] - r), ends[i]))
         end = ends.pop(slot)
-        due = (name, slot) in self.due and r <= end + _ON_TIME
+        due = (name, slot) in self.due and r <= end + self.on_time
         self.due.discard((name, slot))
-        if abs(end - r) > _ON_TIME and not due:
+        if abs(end - r) > self.on_time and not due:
             return False
         line = self.booked.get((name, slot))
         if line:

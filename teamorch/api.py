@@ -36,6 +36,7 @@ from teamorch.messages import (
     OrchestrationPlan,
     ParallelAnalysisSpec,
     PipelineSpec,
+    PriorityClass,
     RunReport,
     StageSpec,
     TaskResult,
@@ -125,9 +126,14 @@ def execute(
     on_event: Callable[[JournalEvent], None] | None = None,
     run_id: str | None = None,
     journal: JournalSpec | None = None,
+    priority_class: PriorityClass | None = None,
 ) -> RunReport:
     """Run a plan or pattern on `coordinator` from this driver, calling `on_event` with each of the run's
     events and `on_result` with each result as it arrives.
+
+    `priority_class` overrides the runnable's (default interactive): on a team
+    that several runs share, a `batch` run's requests wait for interactive
+    ones at the balancer, with aging (`teamorch.policies.priority`).
 
     `journal` keeps the run on disk under its `runs_dir` (or resumes the run
     `run_id` there). If the coordinator dies mid-run, raises `RunInterrupted`
@@ -135,6 +141,8 @@ def execute(
     lost; Ctrl-C cancels the run (closing every in-flight request) and raises
     `RunCancelled` the same way.
     """
+    if priority_class is not None:
+        runnable = runnable.model_copy(update={"priority_class": priority_class})
     follow = _follow(coordinator, runnable, run_id, journal, poll)
     seen: set[str] = set()
     try:

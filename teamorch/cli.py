@@ -164,8 +164,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     new_run_dir(runs_dir, run_id)
     print(f"Run {run_id}", flush=True)  # first, so whoever started it can resume it whatever happens next
     plan_raw = read_plan_raw(args.plan)
+    if args.priority_class:  # kept in the journaled plan, so `teamorch resume` runs in the same class
+        plan_raw["priority_class"] = args.priority_class
     up = _join(args)
     plan, team = load_plan(args.plan, args.team, team=up.team.config if up else None)
+    if args.priority_class:
+        plan = plan.model_copy(update={"priority_class": args.priority_class})
     team_raw = up.team.raw if up else None  # the team that runs: with --coordinator, as `teamorch up` recorded it
     if team_raw is None and args.team:
         team_raw = read_yaml(args.team, expand_env=False)
@@ -498,6 +502,11 @@ def _add_run_commands(sub: Any) -> None:
     run.add_argument("--run-id", help="name the run (default: UTC time + random suffix); printed first")
     run.add_argument("--runs-dir", help=RUNS_DIR_HELP)
     run.add_argument("--coordinator", metavar="NAME", help=COORDINATOR_HELP)
+    run.add_argument(
+        "--priority-class",
+        choices=["interactive", "batch"],
+        help="on a team several runs share: batch runs wait for interactive ones (default: the plan's, else interactive)",
+    )
     run.set_defaults(func=cmd_run)
 
     res = sub.add_parser("resume", help="continue a journaled run whose driver died; finished tasks are not rerun")

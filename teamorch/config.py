@@ -128,6 +128,11 @@ class BalancerConfig(_Model):
     hedge_min_samples: int = Field(default=10, ge=1)
     hedge_min_seconds: float = Field(default=0.1, ge=0)
     fleet_memory: bool | str | None = None
+    # Runs of two priority classes on one team: how long the batch class may go without a grant while
+    # interactive requests are served first (`teamorch.policies.priority`).
+    aging_seconds: float = Field(default=30.0, gt=0)
+    # "reference" plans the whole queue from scratch on every event (`plan_dispatch`): the benchmarks' baseline.
+    planner: Literal["incremental", "reference"] = "incremental"
 
 
 class RetryConfig(_Model):

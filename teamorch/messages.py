@@ -20,6 +20,10 @@ TaskStatus = Literal["succeeded", "failed", "cancelled", "skipped"]
 # "work" tasks produce findings; "synthesis" tasks (synthesizer, reducer, judge) combine them.
 TaskKind = Literal["work", "synthesis"]
 
+# Which run goes first when several share one fleet (`teamorch.policies.priority`): someone is waiting on an
+# interactive run's answer, nobody on a batch run's; batch requests yield to interactive ones, with aging.
+PriorityClass = Literal["interactive", "batch"]
+
 _CRITERIA = re.compile(r"^(all_tasks_complete|majority|any|at_least:\s*[1-9]\d*)$")
 
 
@@ -83,6 +87,7 @@ class OrchestrationPlan(_Model):
     pattern: str | None = None
     plan_source: str = "user"
     plan_notes: list[str] = Field(default_factory=list)
+    priority_class: PriorityClass | None = None  # None: interactive (`teamorch run --priority-class` overrides)
 
     @field_validator("success_criteria")
     @classmethod
@@ -436,6 +441,7 @@ class LeaseRequest(_Model):
     prefix: list[str] = Field(default_factory=list)
     prefix_tokens: list[int] = Field(default_factory=list)
     prompt_tokens: int = 0
+    priority_class: PriorityClass = "interactive"  # the run's class: ranks above `priority` at the balancer
 
 
 class HedgeAsk(_Model):
@@ -474,6 +480,7 @@ class Assignment(_Model):
     group: str | None = None  # requests sharing a group go to distinct servers (the experts of a consensus round)
     response_format: dict[str, Any] | str | None = None  # a JSON schema (or "json") constraining the output
     run_id: str | None = None  # the run the task belongs to: live events (`Coordinator.task_event`) name it
+    priority_class: PriorityClass = "interactive"  # the run's class, passed on in the task's LeaseRequest
 
 
 class JournalSpec(_Model):
@@ -509,6 +516,7 @@ class _PatternBase(_Model):
     options: dict[str, Any] = Field(default_factory=dict)
     synthesis_strategy: str | None = None
     success_criteria: str | None = None
+    priority_class: PriorityClass | None = None  # None: interactive
 
 
 class ParallelAnalysisSpec(_PatternBase):

@@ -14,7 +14,8 @@ from teamorch.policies.prefix import SlotState, signature
 
 
 def _case(seed: int) -> tuple[list[ServerLoad], dict[str, list[SlotState]], list[tuple[LeaseRequest, float]]]:
-    """A random busy fleet (distinct speeds: no exact ties), two models, shared prefixes, some pinned requests."""
+    """A random busy fleet (distinct speeds: no exact ties), two models, shared prefixes, some pinned requests,
+    two priority classes."""
     rng = random.Random(seed)
     roles = [signature([f"role {r} " * rng.randint(20, 200)]) for r in range(4)]
     loads, caches = [], {}
@@ -52,6 +53,7 @@ def _case(seed: int) -> tuple[list[ServerLoad], dict[str, list[SlotState]], list
             prefix=[*role.chain, sig.chain[-1]],
             prefix_tokens=[*role.tokens, role.tokens[-1] + 5],
             prompt_tokens=role.tokens[-1] + 5,
+            priority_class=rng.choice(("interactive", "interactive", "batch")),
         )
         queue.append((req, rng.uniform(0.0, 30.0)))
     return loads, caches, queue
@@ -149,3 +151,16 @@ def test_planner_regroup_adds_the_groups_servers_to_avoid() -> None:
     planner.add(1, LeaseRequest(model="m", group="g"), 0.0)
     planner.regroup(lambda r: r.model_copy(update={"avoid": ["x"]}) if r.group else r)
     assert planner.entries[1].req.avoid == ["x"] and planner.entries[1].base.avoid == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_kept_plan_takes_an_arrival_that_ranks_behind_it_and_replans_for_one_ahead(seed: int) -> None:
+    loop = _filled(seed)
+    kept = loop.planner._kept
+    last = LeaseRequest(model="m", expected_tokens=1, priority=0, priority_class="batch")  # ranks behind everything
+    loop.planner.add(10_000, last, 0.0)
+    assert loop.planner._kept is kept
+    loop.planner.add(10_001, LeaseRequest(model="m", expected_tokens=1, priority=9), 0.0)  # ahead of everything
+    assert loop.planner._kept is None
+    loop.run()
+    assert not loop.planner.entries  # both were granted with the rest of the queue
