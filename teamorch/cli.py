@@ -9,6 +9,7 @@ still printed and written to `--json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -358,23 +359,25 @@ def cmd_plan(args: argparse.Namespace) -> int:
     team = load_team(args.team) if args.team else default_team()
     context = {"notes": Path(args.context_file).read_text(encoding="utf-8")} if args.context_file else {}
     coordinator, owned = _open_team(args, team, _join(args))
-    try:
-        plan = ray.get(coordinator.create_plan.remote(AutoSpec(problem=args.problem, context=context)))
-        print(f"# plan_source: {plan.plan_source}")
-        for note in plan.plan_notes:
-            print(f"# {note}")
-        body = plan.model_dump(include={"problem", "pattern", "synthesis_strategy", "success_criteria"})
-        body["tasks"] = [
-            t.model_dump(include={"task_id", "specialist", "input_data", "depends_on"}, exclude_defaults=True)
-            for t in plan.tasks
-        ]
-        print(yaml.safe_dump(body, sort_keys=False))
-        if not args.run:
-            return EXIT_OK
-        report = api.execute(coordinator, plan)
-    finally:
-        if owned:
-            api.stop_coordinator(coordinator)
+    out = sys.stdout  # the plan is for a pipe or a file: Ray's own notices (e.g. as actors stop) go to stderr
+    with contextlib.redirect_stdout(sys.stderr):
+        try:
+            plan = ray.get(coordinator.create_plan.remote(AutoSpec(problem=args.problem, context=context)))
+            print(f"# plan_source: {plan.plan_source}", file=out)
+            for note in plan.plan_notes:
+                print(f"# {note}", file=out)
+            body = plan.model_dump(include={"problem", "pattern", "synthesis_strategy", "success_criteria"})
+            body["tasks"] = [
+                t.model_dump(include={"task_id", "specialist", "input_data", "depends_on"}, exclude_defaults=True)
+                for t in plan.tasks
+            ]
+            print(yaml.safe_dump(body, sort_keys=False), file=out, flush=True)
+            if not args.run:
+                return EXIT_OK
+            report = api.execute(coordinator, plan)
+        finally:
+            if owned:
+                api.stop_coordinator(coordinator)
     print_report(report)
     _write_json(args.json, report.model_dump())
     return EXIT_OK if report.success else EXIT_FAILED
