@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from teamorch.config import TeamConfig
+from teamorch.messages import OrchestrationPlan
 from teamorch.sim import SimServer
 
 
@@ -16,5 +17,15 @@ def sim_team(servers: list[tuple[SimServer, int]], specialists: list[dict[str, A
             "default_model": "gemma3:270m",
             "specialists": specialists,
             **extra,
+        }
+    )
+
+
+def fan(n: int, tokens: int = 40) -> OrchestrationPlan:
+    """n independent tasks of specialist A, each asking for `tokens` output tokens: the balancer's plain workload."""
+    return OrchestrationPlan.model_validate(
+        {
+            "problem": "p",
+            "tasks": [{"task_id": f"t{i}", "specialist": "A", "options": {"num_predict": tokens}} for i in range(n)],
         }
     )

@@ -11,16 +11,7 @@ import yaml
 from teamorch import api
 from teamorch.cli import main
 from teamorch.messages import OrchestrationPlan
-from tests.helpers import sim_team
-
-
-def fan(n: int, tokens: int = 40) -> OrchestrationPlan:
-    return OrchestrationPlan.model_validate(
-        {
-            "problem": "p",
-            "tasks": [{"task_id": f"t{i}", "specialist": "A", "options": {"num_predict": tokens}} for i in range(n)],
-        }
-    )
+from tests.helpers import fan, sim_team
 
 
 def test_peak_ewma_sends_less_work_to_the_slow_server(sims, coordinator) -> None:

@@ -17,16 +17,7 @@ from teamorch.config import TeamConfig
 from teamorch.messages import OrchestrationPlan
 from teamorch.policies.fleet import MEMORY_VERSION, parse_memory
 from teamorch.sim import SimServer
-from tests.helpers import sim_team
-
-
-def fan(n: int, tokens: int = 40) -> OrchestrationPlan:
-    return OrchestrationPlan.model_validate(
-        {
-            "problem": "p",
-            "tasks": [{"task_id": f"t{i}", "specialist": "A", "options": {"num_predict": tokens}} for i in range(n)],
-        }
-    )
+from tests.helpers import fan, sim_team
 
 
 def one_run(team: TeamConfig, plan: OrchestrationPlan) -> None:

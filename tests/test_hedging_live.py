@@ -8,19 +8,9 @@ import time
 import httpx
 
 from teamorch import api
-from teamorch.messages import OrchestrationPlan
-from tests.helpers import sim_team
+from tests.helpers import fan, sim_team
 
 TOKENS = 40
-
-
-def fan(n: int) -> OrchestrationPlan:
-    return OrchestrationPlan.model_validate(
-        {
-            "problem": "p",
-            "tasks": [{"task_id": f"t{i}", "specialist": "A", "options": {"num_predict": TOKENS}} for i in range(n)],
-        }
-    )
 
 
 def test_a_straggler_is_hedged_on_the_other_server_and_the_loser_is_closed(sims, coordinator) -> None:
@@ -35,7 +25,7 @@ def test_a_straggler_is_hedged_on_the_other_server_and_the_loser_is_closed(sims,
     for sim in (fast, other):
         httpx.post(f"{sim.url}/sim/reset").raise_for_status()
     began = time.monotonic()
-    report = api.execute(handle, fan(1))
+    report = api.execute(handle, fan(1, TOKENS))
     took = time.monotonic() - began
 
     assert report.success and took < 2.5, (took, report.tasks[0].attempts)  # not the 5 s of the slow request

@@ -13,17 +13,8 @@ import time
 import ray
 
 from teamorch import api
-from teamorch.messages import OrchestrationPlan, RunReport
-from tests.helpers import sim_team
-
-
-def fan(n: int, tokens: int) -> OrchestrationPlan:
-    return OrchestrationPlan.model_validate(
-        {
-            "problem": "p",
-            "tasks": [{"task_id": f"t{i}", "specialist": "A", "options": {"num_predict": tokens}} for i in range(n)],
-        }
-    )
+from teamorch.messages import RunReport
+from tests.helpers import fan, sim_team
 
 
 def test_a_request_waits_at_the_gate_and_the_box_never_sees_more_than_its_slots(sims, coordinator) -> None:
