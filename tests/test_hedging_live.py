@@ -18,7 +18,7 @@ def test_a_straggler_is_hedged_on_the_other_server_and_the_loser_is_closed(sims,
     other = sims(name="other", tokens_per_second=200, ttft=0.01)
     hedging = {"hedge": True, "hedge_min_samples": 3, "hedge_min_seconds": 0.05}
     handle = coordinator(sim_team([(fast, 1), (other, 1)], [{"name": "A"}], balancer=hedging))
-    assert api.execute(handle, fan(12)).success  # the balancer learns both servers' speed and latency tail
+    assert api.execute(handle, fan(12, TOKENS)).success  # the balancer learns both servers' speed and latency tail
 
     # From now on `fast` generates at 2% of its speed: 40 tokens take 5 s there instead of 0.1 s.
     httpx.post(f"{fast.url}/sim/config", json={"slow_rate": 1.0, "slow_factor": 0.02}).raise_for_status()
