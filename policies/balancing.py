@@ -570,15 +570,24 @@ def _probe_shortest(
     if not unmeasured:
         return dict(live)
     probe: dict[str, int] = {}
-    # Among equally short requests the one that waited least: the longest-first order plans it last, when the
-    # measured servers' slots are taken, so it is the one the unmeasured server can win.
+    # Each unmeasured server its own request, the shortest left; among equally short ones the one that waited
+    # least: the longest-first order plans it last, when the measured servers' slots are taken, so it is the one
+    # the unmeasured server can win.
     shortest = sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, queue[i].waited, -i))
     for index in shortest:
-        for s in live[index]:
-            if s.name in unmeasured:
-                probe.setdefault(s.name, index)
+        server = next((s.name for s in live[index] if s.name in unmeasured and s.name not in probe), None)
+        if server is not None:
+            probe[server] = index
+    # More waiting than the measured servers have free slots for: the probe goes out now instead of losing its
+    # request to a measured server (which left the server unmeasured, and the fleet replanned from scratch, for
+    # as long as the queue was deep).
+    rows = {s.name: s for cands in live.values() for s in cands}
+    free = sum(max(0, s.effective_slots - s.in_flight) for s in rows.values() if s.name not in unmeasured)
+    forced = {index: name for name, index in probe.items()} if len(live) > free else {}
     return {
-        index: [s for s in cands if s.name not in unmeasured or probe[s.name] == index] or cands
+        index: [rows[forced[index]]]
+        if index in forced
+        else [s for s in cands if s.name not in unmeasured or probe.get(s.name) == index] or cands
         for index, cands in live.items()
     }
 
@@ -1165,10 +1174,12 @@ class Planner:
         return refused
 
     def _probing(self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed]) -> bool:
-        """Whether a server never measured could take a queued request now: `plan_dispatch` then picks its probe
-        (`_probe_shortest`); that lasts until its first answer, so planning the whole queue then costs little."""
+        """Whether a server never measured could take its probe now: `plan_dispatch` then picks it
+        (`_probe_shortest`); that lasts until its first request goes out, so planning the whole queue then costs
+        little. One whose probe is running takes nothing more until it answers: no reason to plan from scratch."""
         return any(
             not speeds[s.name].measured
+            and s.in_flight == 0
             and has_capacity(s)
             and s.circuit != "open"
             and (s.models_present is None or any(self.models[m] > 0 for m in s.models_present))
