@@ -570,24 +570,16 @@ def _probe_shortest(
     if not unmeasured:
         return dict(live)
     probe: dict[str, int] = {}
-    # Each unmeasured server its own request, the shortest left; among equally short ones the one that waited
-    # least: the longest-first order plans it last, when the measured servers' slots are taken, so it is the one
-    # the unmeasured server can win.
+    # Each unmeasured server its own request, the shortest left (so a fleet of many unmeasured servers probes
+    # them all in one round); among equally short ones the one that waited least: the longest-first order plans
+    # it last, when the measured servers' slots are taken, so it is the one the unmeasured server can win.
     shortest = sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, queue[i].waited, -i))
     for index in shortest:
         server = next((s.name for s in live[index] if s.name in unmeasured and s.name not in probe), None)
         if server is not None:
             probe[server] = index
-    # More waiting than the measured servers have free slots for: the probe goes out now instead of losing its
-    # request to a measured server (which left the server unmeasured, and the fleet replanned from scratch, for
-    # as long as the queue was deep).
-    rows = {s.name: s for cands in live.values() for s in cands}
-    free = sum(max(0, s.effective_slots - s.in_flight) for s in rows.values() if s.name not in unmeasured)
-    forced = {index: name for name, index in probe.items()} if len(live) > free else {}
     return {
-        index: [rows[forced[index]]]
-        if index in forced
-        else [s for s in cands if s.name not in unmeasured or probe.get(s.name) == index] or cands
+        index: [s for s in cands if s.name not in unmeasured or probe.get(s.name) == index] or cands
         for index, cands in live.items()
     }
 
