@@ -570,16 +570,15 @@ def _probe_shortest(
     if not unmeasured:
         return dict(live)
     probe: dict[str, int] = {}
-    # Each unmeasured server its own request, the shortest left (so a fleet of many unmeasured servers probes
-    # them all in one round); among equally short ones the one that waited least: the longest-first order plans
-    # it last, when the measured servers' slots are taken, so it is the one the unmeasured server can win.
+    # Among equally short requests the one that waited least: the longest-first order plans it last, when the
+    # measured servers' slots are taken, so it is the one the unmeasured server can win.
     shortest = sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, queue[i].waited, -i))
     for index in shortest:
-        server = next((s.name for s in live[index] if s.name in unmeasured and s.name not in probe), None)
-        if server is not None:
-            probe[server] = index
+        for s in live[index]:
+            if s.name in unmeasured:
+                probe.setdefault(s.name, index)
     return {
-        index: [s for s in cands if s.name not in unmeasured or probe.get(s.name) == index] or cands
+        index: [s for s in cands if s.name not in unmeasured or probe[s.name] == index] or cands
         for index, cands in live.items()
     }
 
