@@ -405,7 +405,7 @@ class LoadBalancer:
         built only if a planner reads them (`_OnFirstRead`).
         """
         loads = self.snapshot_now(now)
-        behind = Counter(self.leases[ahead].server for ahead in self._ahead)
+        behind = self._behind()
         due, _next = self._due(now, behind)
         self._opened = {}
         rows = []
@@ -423,6 +423,10 @@ class LoadBalancer:
             slot = self.leases[lease_id].placed.slot or 0
             caches[name][slot] = replace(caches[name][slot], free_in=None)
         return caches
+
+    def _behind(self) -> Counter[str]:
+        """Per server, how many early grants wait behind a running lease (at most one per server)."""
+        return Counter(self.leases[ahead].server for ahead in self._ahead)
 
     def _due(self, now: float, behind: Counter[str]) -> tuple[dict[str, tuple[float, str]], float | None]:
         """Per server with no request queued behind another yet, its running lease due soonest (seconds left, id);
@@ -482,7 +486,7 @@ class LoadBalancer:
             self._due_timer = None
         if not self.waiters:
             return
-        _due, upcoming = self._due(time.monotonic(), Counter(self.leases[a].server for a in self._ahead))
+        _due, upcoming = self._due(time.monotonic(), self._behind())
         if upcoming is not None:
             self._due_timer = asyncio.get_running_loop().call_later(upcoming, self._became_due)
 
