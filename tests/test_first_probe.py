@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from teamorch.messages import LeaseRequest, ServerLoad
-from teamorch.policies.balancing import Planner, Queued, plan_dispatch
+from teamorch.policies.balancing import Planner, Queued, _speeds, plan_dispatch
 
 SIZES = (300, 16, 1000, 64, 500)
 
@@ -58,3 +58,15 @@ def test_a_measured_fleet_is_planned_as_before() -> None:
     decisions = plan_dispatch("peak_ewma", loads, queue(), running={"fast": [0.5], "mid": [0.3]})
     # Its speed known, it takes what finishes soonest there (not necessarily the shortest job).
     assert {SIZES[i]: server for i, server in decisions.items()} == {64: "new"}
+
+
+def test_only_an_idle_unmeasured_server_makes_the_planner_plan_the_whole_queue() -> None:
+    # The first request on a 2-slot server still runs: it takes nothing more until it answers, so the kept
+    # plan goes on (planning 10,000 queued from scratch on every event had stalled a 100-server balancer).
+    planner = Planner("peak_ewma")
+    planner.add(0, LeaseRequest(model="m", expected_tokens=16), 0.0)
+    measured = srv("fast", ewma_token_seconds=0.002, ewma_ttft=0.04)
+    probing = [measured, srv("new", slots=2, in_flight=1)]
+    idle = [measured, srv("new", slots=2)]
+    assert not planner._probing(probing, _speeds(probing))
+    assert planner._probing(idle, _speeds(idle))
