@@ -71,6 +71,7 @@ def test_ray_accepts_cluster_yaml_and_rejects_a_broken_copy() -> None:
     config = prepare_config(cluster())
     validate_config(config)  # Ray's ray-schema.json and its own checks
     assert config["provider"]["type"] == "local" and config["max_workers"] == len(config["provider"]["worker_ips"])
+    assert any("make install" in c for c in config["setup_commands"])  # every node installs what the README does
     broken = copy.deepcopy(config)
     broken["head_start_ray_commands"] = "ray start --head"  # a string where Ray wants a list of commands
     with pytest.raises(jsonschema.ValidationError, match=r"'ray start --head' is not of type 'array'"):
