@@ -271,10 +271,14 @@ def _join(args: argparse.Namespace) -> _Up | None:
     again from the config `teamorch up` recorded, and a line says so."""
     if not getattr(args, "coordinator", None):
         return None
+    return _join_named(args.coordinator, args.address)
+
+
+def _join_named(name: str, address: str | None) -> _Up:
     from teamorch.team import join
 
     t0 = time.monotonic()
-    attached = join(args.coordinator, args.address)
+    attached = join(name, address)
     if attached.replaced:
         print(attached.replaced, flush=True)
     return _Up(attached, time.monotonic() - t0)
@@ -431,10 +435,8 @@ def cmd_servers(args: argparse.Namespace) -> int:
 
     if args.team is not None:
         coordinator, own = _open_team(args, load_team(args.team))
-    else:
-        from teamorch.team import attach
-
-        coordinator, own = attach(args.coordinator or args.name, args.address), False
+    else:  # like `run --coordinator`: a team whose coordinator died is started again from its record
+        coordinator, own = _join_named(args.coordinator or args.name, args.address).team.coordinator, False
     try:
         while True:
             loads = ray.get(coordinator.servers_load.remote())
@@ -531,8 +533,8 @@ def _add_run_commands(sub: Any) -> None:
 COORDINATOR_HELP = (
     "run on the team `teamorch up` started under NAME (--address: where its Ray is; default: RAY_ADDRESS, the "
     "last `ray start` here, or teamorch's private head) instead of starting a fleet for this command; run and "
-    "resume check the plan against that team, and run, resume and plan start a team whose coordinator died "
-    "again from what `up` recorded"
+    "resume check the plan against that team, and run, resume, plan and servers start a team whose "
+    "coordinator died again from what `up` recorded"
 )
 
 

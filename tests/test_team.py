@@ -342,6 +342,12 @@ def test_a_killed_team_is_started_again_by_the_next_run_which_checks_its_plan_ag
     assert status.returncode == 0 and "box" in status.stdout, status.stdout + status.stderr
     assert "finished, 1/1 tasks done" in status.stdout
 
+    # `servers --coordinator` brings a dead team back too (the same record), then shows its fleet.
+    assert python(KILL_AND_READ.format(address=address, name=name), env).returncode == 0
+    shown = teamorch(env, "servers", "--coordinator", name)
+    assert shown.returncode == 0, shown.stdout + shown.stderr
+    assert f"team {name!r} was down (its coordinator died: " in shown.stdout and "box" in shown.stdout, shown.stdout
+
     # A specialist the up team lacks is bad input, even when the plan's own `team:` has it; no model call.
     own_team = {"specialists": [{"name": "Ghost"}], "default_model": "gemma3:270m"}
     bad = tmp_path / "bad.yaml"
