@@ -16,6 +16,8 @@ about a server (`teamorch.policies.fleet.record_outcome`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import itertools
 import logging
 import random
@@ -54,6 +56,7 @@ from teamorch.policies.fleet import (
     GroupServers,
     Placement,
     ServerStats,
+    newest,
     parse_memory,
     recall,
     record_grant,
@@ -612,11 +615,16 @@ class LoadBalancer:
 
 
 def _write_memory(path: Path, memory: FleetMemory) -> None:
-    """Atomically (a temporary file renamed over it), so a reader or a crash never sees half a file."""
+    """Merged with what is in the file now (`newest`), under a lock, so teams sharing the file keep each other's
+    servers; written atomically (a temporary file renamed over it), so a reader or a crash never sees half a file."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-        tmp.write_text(memory.model_dump_json(indent=1), encoding="utf-8")
-        tmp.replace(path)
+        with path.with_name(f".{path.name}.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            with contextlib.suppress(OSError, UnicodeDecodeError, ValueError):  # none yet, or `_recall` warned
+                memory = newest(memory, parse_memory(path.read_text(encoding="utf-8")))
+            tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+            tmp.write_text(memory.model_dump_json(indent=1), encoding="utf-8")
+            tmp.replace(path)
     except OSError as exc:
         log.warning("fleet memory %s not saved: %s", path, exc)

@@ -479,6 +479,20 @@ def remember(servers: Iterable[ServerStats], memory: FleetMemory | None, now: fl
     return FleetMemory(servers=kept)
 
 
+def newest(ours: FleetMemory, theirs: FleetMemory) -> FleetMemory:
+    """Both files' servers, each from whichever measured it last.
+
+    Two teams (or two `teamorch run`s) may share one memory file; each read it
+    at its start, so writing its own copy back would drop what the other
+    saved in between. Merging with the file as it is at write time keeps both.
+    """
+    merged = dict(theirs.servers)
+    for key, entry in ours.servers.items():
+        if key not in merged or entry.measured_at >= merged[key].measured_at:
+            merged[key] = entry
+    return FleetMemory(servers=merged)
+
+
 class GroupServers:
     """Which servers each diversity group (e.g. one consensus round) already holds, newest groups last.
 

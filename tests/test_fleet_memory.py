@@ -18,6 +18,7 @@ from teamorch.policies.fleet import (
     FleetMemory,
     ServerStats,
     memory_key,
+    newest,
     parse_memory,
     recall,
     record_grant,
@@ -97,6 +98,19 @@ def test_saving_keeps_other_servers_and_does_not_refresh_an_idle_one() -> None:
     assert set(second.servers) == {memory_key(a.config), memory_key(b.config)}  # c never answered: not saved
     assert second.servers[memory_key(b.config)] == first.servers[memory_key(b.config)]
     assert second.servers[memory_key(a.config)].measured_at == NOW + 100
+
+
+def test_two_teams_sharing_one_file_keep_each_others_servers_and_the_latest_figures() -> None:
+    a, b, shared_then, shared_now = stats("a"), stats("b"), stats("s"), stats("s")
+    for s in (a, b, shared_then, shared_now):
+        answer(s)
+    answer(shared_now, eval_seconds=3.0)
+    one = remember([a, shared_now], None, NOW + 10)  # team one read an empty file, measured `s` last
+    two = remember([b, shared_then], None, NOW)  # team two read the same empty file, writes after team one
+    merged = newest(two, one)
+    assert set(merged.servers) == {memory_key(a.config), memory_key(b.config), memory_key(shared_now.config)}
+    assert merged.servers[memory_key(shared_now.config)] == one.servers[memory_key(shared_now.config)]
+    assert newest(one, two) == merged
 
 
 def test_a_primed_server_is_not_overwritten_by_a_restarted_balancer() -> None:

@@ -7,15 +7,17 @@ simulators' own counters say where requests went.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
 from typing import Any
 
 from teamorch import api
+from teamorch.actors.balancer import _write_memory
 from teamorch.config import TeamConfig
 from teamorch.messages import OrchestrationPlan
-from teamorch.policies.fleet import MEMORY_VERSION, parse_memory
+from teamorch.policies.fleet import MEMORY_VERSION, FleetMemory, RememberedServer, parse_memory
 from teamorch.sim import SimServer
 from tests.helpers import fan, sim_team
 
@@ -33,7 +35,7 @@ def saved(path: Path, servers: int, timeout: float = 10.0) -> dict[str, Any]:
     """The memory file once it holds `servers` servers (the balancer writes it in the background)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if path.exists():
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):  # not yet, or still the corrupt one
             raw = json.loads(path.read_text())
             if len(raw.get("servers", {})) >= servers:
                 return raw
@@ -86,3 +88,16 @@ def test_where_the_memory_file_is(tmp_path: Path, monkeypatch: Any) -> None:
         tmp_path / ".teamorch" / "fleet.json"
     )
     assert api.with_fleet_memory(team({"fleet_memory": "m.json"})).balancer.fleet_memory == str(tmp_path / "m.json")
+
+
+def test_a_save_merges_with_what_another_team_wrote_since_it_read_the_file(tmp_path: Path) -> None:
+    memory = tmp_path / "fleet.json"
+
+    def saving(key: str, at: float) -> FleetMemory:
+        return FleetMemory(servers={key: RememberedServer(token_seconds=0.01, samples=3, measured_at=at)})
+
+    _write_memory(memory, saving("a", 100.0))  # the balancer's own writer, as its background save calls it
+    _write_memory(memory, saving("b", 50.0))  # another team, which had read the file before `a` was saved
+    _write_memory(memory, saving("a", 10.0))  # an older figure for `a` does not replace the newer one
+    servers = parse_memory(memory.read_text()).servers
+    assert set(servers) == {"a", "b"} and servers["a"].measured_at == 100.0
