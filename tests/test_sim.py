@@ -314,7 +314,9 @@ def test_counters_give_hit_rate_and_slot_gaps_from_the_server_side() -> None:
         with ThreadPoolExecutor(3) as pool:
             list(pool.map(lambda t: final(s.url, task(t)), ["five", "six", "seven"]))
         gaps = stats(s.url)["slot_gap_seconds"]
-        assert len(gaps) == 3 and min(gaps) < 0.001  # a queued request gets the slot the moment it frees
+        # A queued request gets the slot the moment it frees: no client round trip, only the simulator's event
+        # loop waking it (in this process, sharing the GIL with the client threads: ms on a busy machine).
+        assert len(gaps) == 3 and min(gaps) < 0.01
 
 
 def test_slot_caches_and_residency_rules() -> None:
