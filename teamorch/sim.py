@@ -662,9 +662,9 @@ class SimServer:
         try:
             n = asked if isinstance(asked, int) and asked > 0 else cfg.default_tokens
             self._counts["slowed"] += slow
-            gen = _Gen(
-                self, request, dialect, model, n, prompt, taken, began, load_wait, cfg.slow_factor if slow else 1.0
-            )
+            usage = bool((body.get("stream_options") or {}).get("include_usage"))
+            speed = cfg.slow_factor if slow else 1.0
+            gen = _Gen(self, request, dialect, model, n, prompt, taken, began, load_wait, speed, usage)
             response = await gen.run(self._reply_text(cfg.name, model, text, n), stream, fail_line and stream)
             entry["completed"] = gen.completed
             return response
@@ -696,8 +696,10 @@ class _Gen:
         began: float,
         load_wait: float,
         speed: float = 1.0,
+        include_usage: bool = False,
     ) -> None:
         self.sim, self.request, self.dialect, self.model, self.n = sim, request, dialect, model, n
+        self.include_usage = include_usage  # OpenAI's `stream_options.include_usage`: a last chunk with usage only
         self.prompt, self.taken, self.began, self.load_wait = prompt, taken, began, load_wait
         self.speed = speed  # fraction of the configured tokens/s this generation runs at (the slow-tail fault)
         self.openai = dialect == "openai"
@@ -790,7 +792,9 @@ class _Gen:
         if not stream:
             return web.json_response(final)
         if self.openai:
-            await self._send({**self._chunk(None, "stop"), "usage": final["usage"]})
+            await self._send(self._chunk(None, "stop"))
+            if self.include_usage:
+                await self._send({**self._chunk(None), "choices": [], "usage": final["usage"]})
             await self._send("[DONE]")
         else:
             await self._send(final)

@@ -194,9 +194,9 @@ def test_openai_compatible_protocol(sims, coordinator) -> None:
     assert report.success, [t.error for t in report.tasks]
     assert all(t.tokens == 7 and t.output.startswith("[vllm]") for t in report.tasks)
     assert s.stats()["completed"] == 2
-    # Non-streaming /v1/chat/completions reports no time to first token; native /api/chat streaming would.
+    # Streamed /v1/chat/completions gives the balancer the time to first token, as native /api/chat does.
     (load,) = ray.get(handle.servers_load.remote())
-    assert load.ewma_latency is not None and load.ewma_ttft is None
+    assert load.ewma_latency is not None and load.ewma_ttft is not None
 
 
 def test_coordinator_keeps_totals_not_every_task(sims, coordinator) -> None:

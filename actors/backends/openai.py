@@ -1,14 +1,19 @@
 """OpenAI-compatible `/v1/chat/completions` (vLLM, llama.cpp server, LM Studio, Ollama's /v1).
 
-Non-streaming: these servers report token usage reliably only on the final
-object, and cancellation still works because closing the request closes the
-connection. So a call here reports no progress (`tokens_generated`) while it runs.
+Streaming (server-sent events), as the native Ollama backend: it gives the time
+to first token and live `tokens_generated` progress, and a 200 stream that ends
+in an `error` event or without `[DONE]` fails the request instead of returning
+half an answer. Token usage is asked for with `stream_options.include_usage`
+(OpenAI, vLLM, llama.cpp server and Ollama send it in a last chunk); a server
+that sends none is counted by content chunks, one token each, as these servers
+stream them.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -27,9 +32,69 @@ _OPTION_MAP = {
 }
 
 
+@dataclass
+class SseAnswer:
+    """What one streamed chat completion said so far, fed its event-stream lines in order."""
+
+    server: str
+    pieces: list[str] = field(default_factory=list)
+    usage: dict[str, Any] | None = None
+    done: bool = False  # `[DONE]` seen
+
+    def feed(self, line: str) -> bool:
+        """Take one line; True when it added content (a token, for progress). An `error` event raises."""
+        if not line.startswith("data:"):
+            return False  # blank separators, `: keep-alive` comments, `event:` names
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self.done = True
+            return False
+        try:
+            chunk = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise MalformedResponse(self.server, f"invalid event data: {data[:120]!r}") from exc
+        if not isinstance(chunk, dict):
+            raise MalformedResponse(self.server, f"unexpected event data: {data[:120]!r}")
+        if "error" in chunk:
+            error = chunk["error"]
+            raise ServerError(
+                self.server,
+                f"error in stream: {error.get('message', error) if isinstance(error, dict) else error}",
+                200,
+            )
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices") or []
+        content = ((choices[0].get("delta") or {}).get("content") or "") if choices else ""
+        if content:
+            self.pieces.append(content)
+        return bool(content)
+
+    def response(self, req: ChatRequest, started: float, ttft: float | None) -> ChatResponse:
+        if not self.done:
+            raise MalformedResponse(self.server, "stream ended without [DONE]")
+        usage = self.usage or {}
+        return ChatResponse(
+            text="".join(self.pieces),
+            model=req.model,
+            server=self.server,
+            prompt_tokens=int(usage.get("prompt_tokens") or 0),
+            # vLLM, llama.cpp and Ollama's /v1 report cached prompt tokens here (Ollama only when some were cached).
+            prompt_cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
+            tokens=int(usage["completion_tokens"]) if "completion_tokens" in usage else len(self.pieces),
+            ttft=ttft,
+            total_seconds=time.monotonic() - started,
+        )
+
+
 class OpenAIBackend(HttpBackend):
     async def chat(self, req: ChatRequest, on_tokens: TokenSink | None = None) -> ChatResponse:
-        payload: dict[str, Any] = {"model": req.model, "messages": req.messages, "stream": False}
+        payload: dict[str, Any] = {
+            "model": req.model,
+            "messages": req.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         for key, value in req.options.items():
             if key in _OPTION_MAP:
                 payload[_OPTION_MAP[key]] = value
@@ -38,30 +103,22 @@ class OpenAIBackend(HttpBackend):
         elif req.format == "json":
             payload["response_format"] = {"type": "json_object"}
         started = time.monotonic()
+        ttft: float | None = None
+        answer = SseAnswer(self.name)
         try:
             async with self.client.stream("POST", "/v1/chat/completions", json=payload) as response:
-                body = await self.read_capped(response)
+                if response.status_code != 200:
+                    raise self.error_for(response.status_code, await self.read_capped(response), req.model)
+                async for line in self.capped_lines(response):
+                    if answer.feed(line):
+                        ttft = ttft if ttft is not None else time.monotonic() - started
+                        if on_tokens is not None:
+                            on_tokens(len(answer.pieces))
+                    if answer.done:
+                        break
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from exc
-        if response.status_code != 200:
-            raise self.error_for(response.status_code, body, req.model)
-        try:
-            data = json.loads(body)
-            text = data["choices"][0]["message"]["content"] or ""
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, IndexError, TypeError) as exc:
-            raise MalformedResponse(self.name, "not an OpenAI chat.completion object") from exc
-        usage = data.get("usage") or {}
-        elapsed = time.monotonic() - started
-        return ChatResponse(
-            text=text,
-            model=req.model,
-            server=self.name,
-            prompt_tokens=int(usage.get("prompt_tokens") or 0),
-            # vLLM, llama.cpp and Ollama's /v1 report cached prompt tokens here (Ollama only when some were cached).
-            prompt_cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens"),
-            tokens=int(usage.get("completion_tokens") or 0),
-            total_seconds=elapsed,
-        )
+        return answer.response(req, started, ttft)
 
     async def models(self) -> tuple[list[str] | None, list[str] | None]:
         try:
