@@ -109,13 +109,12 @@ class OpenAIBackend(HttpBackend):
             async with self.client.stream("POST", "/v1/chat/completions", json=payload) as response:
                 if response.status_code != 200:
                     raise self.error_for(response.status_code, await self.read_capped(response), req.model)
+                # Read to the end, past `[DONE]`, so the keep-alive connection goes back to httpx's pool.
                 async for line in self.capped_lines(response):
                     if answer.feed(line):
                         ttft = ttft if ttft is not None else time.monotonic() - started
                         if on_tokens is not None:
                             on_tokens(len(answer.pieces))
-                    if answer.done:
-                        break
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from exc
         return answer.response(req, started, ttft)
