@@ -32,11 +32,13 @@ class OllamaBackend(HttpBackend):
         pieces: list[str] = []
         final: dict[str, Any] | None = None
         try:
-            async with self.client.stream("POST", "/api/chat", json=payload) as response:
+            async with self.lane() as client, client.stream("POST", "/api/chat", json=payload) as response:
                 if response.status_code != 200:
                     raise self.error_for(response.status_code, await self.read_capped(response), req.model)
+                # Read to the end (Ollama sends nothing after `done`), so the keep-alive connection goes back to
+                # the lane: httpx closes one whose body was left unread, and the next request would pay a connect.
                 async for line in self.capped_lines(response):
-                    chunk = self._chunk(line)
+                    chunk = None if final is not None else self._chunk(line)
                     if chunk is None:
                         continue
                     content = (chunk.get("message") or {}).get("content") or ""
@@ -48,7 +50,6 @@ class OllamaBackend(HttpBackend):
                             on_tokens(len(pieces))  # Ollama streams one token per line
                     if chunk.get("done"):
                         final = chunk
-                        break
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from exc
         if final is None:

@@ -106,7 +106,7 @@ class OpenAIBackend(HttpBackend):
         ttft: float | None = None
         answer = SseAnswer(self.name)
         try:
-            async with self.client.stream("POST", "/v1/chat/completions", json=payload) as response:
+            async with self.lane() as client, client.stream("POST", "/v1/chat/completions", json=payload) as response:
                 if response.status_code != 200:
                     raise self.error_for(response.status_code, await self.read_capped(response), req.model)
                 # Read to the end, past `[DONE]`, so the keep-alive connection goes back to httpx's pool.
