@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
+from teamorch.policies.placement import Assignment, GroupWork, Host, Rate, place, sticky
 from teamorch.policies.prefix import SlotState, matched_tokens, server_preference
 from teamorch.policies.priority import TOP_RANK, Aging, rank
 
@@ -730,9 +731,17 @@ class _Demand:
         self.held.update(chain)
 
 
-def _fit(server: _Server, speed: _Speed, req: LeaseRequest, affinity: bool, demand: _Demand) -> _Fit | None:
-    """The slot of `server` where `req` scores best, counting a model switch and each slot's cached prefix."""
-    if not server.slots:
+def _fit(
+    server: _Server,
+    speed: _Speed,
+    req: LeaseRequest,
+    affinity: bool,
+    demand: _Demand,
+    lanes: frozenset[int] | None = None,
+) -> _Fit | None:
+    """The slot of `server` where `req` scores best, counting a model switch and each slot's cached prefix;
+    only among `lanes` when given (the slots the placement gives `req`'s group)."""
+    if not server.slots or (lanes is not None and not lanes):
         return None
     switch = affinity and server.resident is not None and req.model not in server.resident
     ready = penalty = 0.0
@@ -748,7 +757,7 @@ def _fit(server: _Server, speed: _Speed, req: LeaseRequest, affinity: bool, dema
     held, share = demand.fleet_match(req), demand.busy()
     best: _Fit | None = None
     for i, slot in enumerate(server.slots):
-        if slot.free_at <= 0.0 and i != taken:
+        if (slot.free_at <= 0.0 and i != taken) or (lanes is not None and i not in lanes):
             continue  # a request sent now gets the free slot the server picks, not the one we would like
         start = max(slot.free_at, ready)
         cached = 0 if switch else slot.cached(req)
@@ -804,33 +813,139 @@ def _earliest_finish(
     """Reserve, request by request in `order`, the slot where each finishes first; start those whose slot is free now.
 
     "First" is by `_Fit.score`: the finish, plus the prefill the choice makes
-    a later request pay. Mutates `servers`: each reservation moves its slot's
-    free time to the request's expected finish.
+    a later request pay, among the servers the placement gives its group
+    (`_placed`). Mutates `servers`: each reservation moves its slot's free
+    time to the request's expected finish.
     """
     decisions: dict[int, Decision] = {}
     demand = _Demand.of(queue, order, servers)
+    placement = _placement(_group_work(queue[i].req for i in order), servers, speeds, affinity, demand)
     for index in order:
         if not any(server.free_now() for server in servers.values()):
             break  # nothing can start now; what is left waits for the next event
         req = queue[index].req
         demand.planned(req)
-        best: tuple[float, float, float, float, str] | None = None
-        chosen: _Fit | None = None
-        for s in live[index]:
-            fit = _fit(servers[s.name], speeds[s.name], req, affinity, demand)
-            if fit is None:
-                continue
-            key = (fit.score, fit.finish, fit.start, rng.random(), s.name)  # the rng breaks exact ties
-            if best is None or key < best:
-                best, chosen = key, fit
-        if best is None or chosen is None:
+        names = [s.name for s in live[index]]
+
+        def best_in(placed: bool, req: LeaseRequest = req, names: list[str] = names) -> tuple[str, _Fit] | None:
+            best: tuple[float, float, float, float, str] | None = None
+            chosen: _Fit | None = None
+            for name in names:
+                lanes = _lanes(placement, req, name, servers[name], demand) if placed else None
+                fit = _fit(servers[name], speeds[name], req, affinity, demand, lanes)
+                if fit is None:
+                    continue
+                key = (fit.score, fit.finish, fit.start, rng.random(), name)  # the rng breaks exact ties
+                if best is None or key < best:
+                    best, chosen = key, fit
+            return None if best is None or chosen is None else (best[4], chosen)
+
+        found = _placed(placement, req, names, servers, best_in)
+        if found is None:
             continue
-        server = servers[best[4]]
-        free_now = server.slots[chosen.slot].free_at <= 0.0
-        _reserve(server, chosen, req, demand)
+        server = servers[found[0]]
+        free_now = server.slots[found[1].slot].free_at <= 0.0
+        _take_lane(placement, req, found, servers, demand)
+        _reserve(server, found[1], req, demand)
         if free_now:
-            decisions[index] = best[4]
+            decisions[index] = found[0]
     return decisions
+
+
+def _group_work(reqs: Iterable[LeaseRequest]) -> dict[str, GroupWork]:
+    groups: dict[str, GroupWork] = {}
+    for req in reqs:
+        _count_group(groups, req, 1)
+    return groups
+
+
+def _count_group(groups: dict[str, GroupWork], req: LeaseRequest, sign: int) -> None:
+    """Add (`sign` 1) or take out (-1) `req`'s work in its group (`teamorch.policies.placement.GroupWork`)."""
+    key = _group(req)
+    work = groups.setdefault(key, GroupWork(req.model))
+    work.add(_tokens(req), req.prompt_tokens, req.prefix, req.prefix_tokens, sign)
+    if work.count <= 0:
+        del groups[key]
+
+
+def _placement(
+    groups: Mapping[str, GroupWork],
+    servers: Mapping[str, _Server],
+    speeds: Mapping[str, _Speed],
+    affinity: bool,
+    demand: _Demand,
+) -> Assignment:
+    """The queue's groups placed on the virtual servers (`teamorch.policies.placement.place`); nothing placed,
+    at the cost of one look at the median server, when no group is worth keeping together (`sticky`)."""
+    models = {g.model for g in groups.values()}
+
+    def host(name: str) -> Host:
+        server, sp = servers[name], speeds[name]
+        return Host(
+            name,
+            Rate(sp.fixed * sp.penalty, sp.per_token * sp.penalty, sp.prefill * sp.penalty, sp.load),
+            tuple((slot.free_at, f"{slot.model}\x00{slot.chain[0]}" if slot.chain else None) for slot in server.slots),
+            tuple(server.resident) if affinity and server.resident is not None else None,
+            affinity and server.resident is not None and server.limit < len(models),
+        )
+
+    usable = [name for name, server in servers.items() if server.slots]
+    if not usable:
+        return Assignment()
+    mid = host(_median(usable, speeds))
+    for work in groups.values():
+        work.share(demand.queued.__getitem__)
+    if not any(sticky(work, mid.rate, mid.bound) for work in groups.values()):
+        return Assignment()
+    return place(groups, [host(name) for name in usable])
+
+
+def _median(names: list[str], speeds: Mapping[str, _Speed]) -> str:
+    return sorted(names, key=lambda n: (speeds[n].per_token * speeds[n].penalty, n))[len(names) // 2]
+
+
+def _placed(
+    placement: Assignment,
+    req: LeaseRequest,
+    cands: Iterable[str],
+    servers: Mapping[str, _Server],
+    best_in: Callable[[bool], tuple[str, _Fit] | None],
+) -> tuple[str, _Fit] | None:
+    """The best fit (`best_in(placed)`) among the slots `placement` opens to `req`'s group (None: it waits);
+    anywhere only when the group has no slot on any of its candidate servers (`Assignment.homeless`)."""
+    found = best_in(True)
+    if found is None and placement.homeless(_group(req), cands, lambda name: len(servers[name].slots)):
+        return best_in(False)
+    return found
+
+
+def _left(demand: _Demand) -> Callable[[str], int]:
+    """Requests of a group (`_group`) the round has not planned yet."""
+
+    def left(group: str) -> int:
+        model, _, head = group.partition("\x00")
+        return demand.queued[head] if head else demand.models[model]
+
+    return left
+
+
+def _lanes(
+    placement: Assignment, req: LeaseRequest, name: str, server: _Server, demand: _Demand
+) -> frozenset[int] | None:
+    """The slots of `server` open to `req` (`Assignment.slots`); None: any."""
+    if not placement.placed:
+        return None
+    return placement.slots(_group(req), name, [not slot.chain for slot in server.slots], _left(demand))
+
+
+def _take_lane(
+    placement: Assignment, req: LeaseRequest, found: tuple[str, _Fit], servers: Mapping[str, _Server], demand: _Demand
+) -> None:
+    """Tell the placement which slot `req` takes (before `_reserve` fills it): `Assignment.took`."""
+    if placement.placed:
+        name, fit = found
+        empty = [not slot.chain for slot in servers[name].slots]
+        placement.took(_group(req), name, fit.slot, empty, _left(demand))
 
 
 def _cold_start_probes(
@@ -1043,6 +1158,7 @@ class Planner:
         self.buckets: dict[tuple[object, ...], list[tuple[float, int]]] = {}
         self.prefixes: Counter[str] = Counter()
         self.models: Counter[str] = Counter()
+        self.groups: dict[str, GroupWork] = {}  # the queue's work per prefix group, for `_placement`
         self._ranked: list[tuple[object, ...]] | None = None  # `_order`'s, for `_ranked_for`
         self._ranked_for: tuple[float, frozenset[str] | None] = (0.0, None)
         self._kept: _Tentative | None = None  # the last plan, continued while the fleet follows it
@@ -1063,6 +1179,7 @@ class Planner:
         if self._kept is not None and not self._kept.admit(key, self._rank(entry), entry.bucket[0]):
             self._kept = None  # it ranks ahead of requests already reserved: they must be planned again
         self.prefixes.update(req.prefix)
+        _count_group(self.groups, req, 1)
         self.models[req.model] += 1
 
     def remove(self, key: int, granted: float | None = None) -> None:
@@ -1079,6 +1196,7 @@ class Planner:
             self._kept = None
         self._unfile(entry)
         self.prefixes.subtract(entry.req.prefix)
+        _count_group(self.groups, entry.req, -1)
         self.models[entry.req.model] -= 1
 
     def _file(self, entry: _Entry) -> None:
@@ -1159,7 +1277,8 @@ class Planner:
         ranks = list(self._order(speeds, servers))
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
-        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time)
+        placement = _placement(self.groups, servers, speeds, self.affinity, demand)
+        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time, placement)
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
@@ -1268,7 +1387,10 @@ class _BestFit:
             bound = min(bound, warm + speed.seconds(tokens))
         return bound * (1.0 - _BOUND_SLACK)
 
-    def best(self, req: LeaseRequest, cands: set[str], demand: _Demand) -> tuple[str, _Fit] | None:
+    def best(
+        self, req: LeaseRequest, cands: set[str], demand: _Demand, placement: Assignment | None = None
+    ) -> tuple[str, _Fit] | None:
+        """`placement`: only the slots it opens to `req`'s group."""
         tokens = _tokens(req)
         floor = (self.min_fixed + self.min_tok * tokens) * (1.0 - _BOUND_SLACK)
         best: tuple[str, _Fit] | None = None
@@ -1278,7 +1400,8 @@ class _BestFit:
                 break
             if name not in cands or (best is not None and self._bound(name, earliest, req, tokens) > best[1].score):
                 continue
-            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand)
+            lanes = _lanes(placement, req, name, self.servers[name], demand) if placement is not None else None
+            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand, lanes)
             if fit is None:
                 continue
             rank = (fit.score, fit.finish, fit.start)
@@ -1366,7 +1489,9 @@ class _Tentative:
         search: _BestFit,
         events: int,
         on_time: float = _ON_TIME,
+        placement: Assignment | None = None,
     ) -> None:
+        self.placement = placement or Assignment()
         self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
         self.ranks, self.keys = ranks, [rank[-1] for rank in ranks]  # the planning order (`Planner._rank`)
         self.on_time = on_time
@@ -1465,12 +1590,23 @@ class _Tentative:
                 continue
             self.demand.planned(entry.req)
             self.planned.add(key)
-            found = self.search.best(entry.req, self.cands[entry.bucket[0]], self.demand)
+            req = entry.req
+            cands = self.cands[entry.bucket[0]]
+            found = _placed(
+                self.placement,
+                req,
+                cands,
+                self.servers,
+                lambda placed, req=req, cands=cands: self.search.best(  # type: ignore[misc]
+                    req, cands, self.demand, self.placement if placed else None
+                ),
+            )
             if found is None:
                 continue
             name, fit = found
             at = (name, fit.slot)
             starts = at in self.idle
+            _take_lane(self.placement, req, found, self.servers, self.demand)
             self.search.reserve(name, fit, entry.req, self.demand)
             if fit.switch:  # the load drains the server's other slots: later releases there are not predicted
                 self.stale = True

@@ -1,0 +1,378 @@
+"""Which servers serve each prefix group and each model: the queued work placed as a whole, before any request.
+
+Why a placement at all: the earliest-finish scheduler (`teamorch.policies.balancing`)
+decides one request at a time. With long shared prompts, the request at the
+head of the queue finishes soonest on whatever slot is free, so a fast server
+takes a specialist it has never served, prefills its role prompt cold, and
+the next request of the specialist it displaced pays the same again (prefix
+thrash). With servers that hold one model, a server whose model still has
+queued work switches to another and a load back follows. Each choice looks
+right and the run pays many cold prefills and loads. The big routers bound
+this with a balance rule around a cache-aware choice (SGLang's cache-aware
+router and its balance thresholds, llm-d's prefix + load scorers); here the
+whole queue is known, so its work is placed first:
+
+* A **group** is a model plus the first prompt block (a specialist's role
+  prompt), `GroupWork`: its queued requests' output tokens, the prompt tokens
+  each prefills anyway, and the shared block's tokens (one cold prefill).
+* A **bin** is one slot of a server, or the whole server when it holds fewer
+  models than the queue asks for (`Host.bound`): such a server serves one model
+  at a time on all its slots, and switching costs a load.
+* `place` finds the shortest makespan T at which every group fits: groups in
+  order of decreasing work, each first on the bins that already hold it (no
+  cold cost), then the whole remainder on the bin that fits it most tightly,
+  else the bin that does most of it (each new bin costs the group's cold
+  prefill there, and the load of its model where it is not resident). The
+  makespan is bisected; the greedy pack at T is the plan. Its bins sized by
+  measured speeds, so a hot group gets as many slots as its work needs and a
+  small one shares a slot with another small one.
+* The scheduler then routes a request only among its group's servers
+  (`Assignment.servers`), by earliest finish as before, and spills to any
+  server once its group's servers cannot finish it by the plan's makespan
+  (`Assignment.spills`): the bounded-load rule, with the bound taken from the plan.
+
+Groups whose cold cost is small beside their requests (a short role prompt,
+a resident model) are not placed (`STICKY_FRACTION`): spreading them costs
+nothing and the scheduler balances them freely, as before.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+# A group is placed only when one cold prefill (plus a load on a one-model server) costs at least this fraction of
+# one of its requests: below it a second copy of the prefix is cheap and the scheduler spreads the group freely.
+STICKY_FRACTION = 0.5
+# Bisection steps of the makespan (relative precision 2^-steps of the first feasible guess).
+SEARCH_STEPS = 30
+# A remainder of a group's work smaller than this fraction is rounding, not a reason to open another bin.
+_EPS = 1e-9
+
+
+@dataclass
+class GroupWork:
+    """The queued work of one group, summed in integers so any order of additions and removals gives the same plan.
+
+    `shared`: the prompt tokens every queued request of the group shares (the
+    deepest prefix block all of them hold, `share`): one cold prefill per bin
+    that does not hold it; `own`: the rest of their prompts, prefilled by each request.
+    """
+
+    model: str
+    count: int = 0
+    tokens: int = 0  # expected output tokens
+    prompt: int = 0  # prompt tokens
+    chain: tuple[str, ...] = ()  # one request's prefix blocks (the group shares its first) and their token counts
+    marks: tuple[int, ...] = ()
+    shared: int = 0
+
+    def add(self, tokens: int, prompt: int, chain: Sequence[str], marks: Sequence[int], sign: int = 1) -> None:
+        self.count += sign
+        self.tokens += sign * tokens
+        self.prompt += sign * prompt
+        if not self.chain:
+            self.chain, self.marks = tuple(chain), tuple(marks)
+
+    def share(self, holding: Callable[[str], int]) -> None:
+        """Set `shared` from `holding` (queued requests holding a prefix block, the planner's prefix counts): the
+        blocks of `chain` every request of the group holds."""
+        k = 0
+        while k < len(self.chain) and holding(self.chain[k]) >= self.count:
+            k += 1
+        self.shared = self.marks[k - 1] if k else 0
+
+    @property
+    def own(self) -> int:
+        return max(0, self.prompt - self.count * self.shared)
+
+
+@dataclass(frozen=True)
+class Rate:
+    """One server's cost model, per slot: seconds = fixed + per_token x output + prefill x uncached prompt."""
+
+    fixed: float
+    per_token: float
+    prefill: float
+    load: float
+
+    def work(self, g: GroupWork) -> float:
+        """Seconds of one slot to serve all of `g` warm (its shared block cached)."""
+        return g.count * self.fixed + self.per_token * g.tokens + self.prefill * g.own
+
+
+@dataclass(frozen=True)
+class Host:
+    """One server as placement sees it: per slot, seconds until it frees and the group its cache holds."""
+
+    name: str
+    rate: Rate
+    slots: tuple[tuple[float, str | None], ...]
+    models: tuple[str, ...] | None = None  # resident models (None: not known, assumed resident)
+    bound: bool = False  # holds fewer models than the queue asks for: one bin for all its slots
+
+
+Lane = tuple[str, ...]
+
+
+@dataclass
+class Assignment:
+    """The plan: per (server, slot index in `Host.slots`) the groups it serves, in order; `placed`: the groups
+    placed (any other may go anywhere); `horizon`: the plan's makespan, seconds from its start.
+
+    Kept for one planning round (and the schedule the planner continues from
+    it): `took` swaps the lanes of two empty slots when the server gives a
+    request the other one, since empty slots are alike.
+    """
+
+    lanes: dict[tuple[str, int], Lane] = field(default_factory=dict)
+    placed: frozenset[str] = frozenset()
+    horizon: float = math.inf
+
+    def slots(
+        self, group: str, server: str, empty: Sequence[bool], left: Callable[[str], int]
+    ) -> frozenset[int] | None:
+        """The slots of `server` (`empty`: which hold no prompt) a request of `group` may take; None: any.
+
+        A slot is open to a group when every group before it in the slot's lane
+        has nothing left in the queue (`left`), so a slot serves its groups one
+        after the other instead of alternating between them. A slot whose lane
+        is done (or empty) is idle capacity, open to any group: the spill.
+        """
+        if group not in self.placed:
+            return None
+        ok = {i for i in range(len(empty)) if _open(group, self.lanes.get((server, i), ()), left)}
+        if any(empty[i] for i in ok):
+            ok.update(i for i, e in enumerate(empty) if e)
+        return frozenset(ok)
+
+    def took(self, group: str, server: str, slot: int, empty: Sequence[bool], left: Callable[[str], int]) -> None:
+        """A request of `group` takes `slot`: if that slot is empty and not open to it, it swaps lanes with an
+        empty slot that is (the server picks among empty slots by index, the plan does not care which)."""
+        if group not in self.placed or not empty[slot] or _open(group, self.lanes.get((server, slot), ()), left):
+            return
+        for j, e in enumerate(empty):
+            if e and j != slot and _open(group, self.lanes.get((server, j), ()), left):
+                mine, theirs = self.lanes.get((server, slot), ()), self.lanes.get((server, j), ())
+                self.lanes[(server, slot)], self.lanes[(server, j)] = theirs, mine
+                return
+
+    def homeless(self, group: str, servers: Iterable[str], width: Callable[[str], int]) -> bool:
+        """Whether a placed `group` has no lane on any of `servers` (pinned elsewhere, say): then it goes anywhere."""
+        return group in self.placed and not any(
+            group in self.lanes.get((name, i), ()) for name in servers for i in range(width(name))
+        )
+
+
+def _open(group: str, lane: Lane, left: Callable[[str], int]) -> bool:
+    for other in lane:
+        if other == group:
+            return True
+        if left(other) > 0:
+            return False
+    return True
+
+
+@dataclass
+class _Bin:
+    host: Host
+    slots: tuple[int, ...]  # the host's slots working on it side by side
+    used: float  # seconds from now it is busy in the plan so far
+    holds: set[str]  # groups whose prefix it has cached (or is planned to)
+    models: set[str] | None
+
+    def cold(self, key: str, g: GroupWork) -> float:
+        if key in self.holds:
+            return 0.0
+        load = self.host.rate.load if self.models is not None and g.model not in self.models else 0.0
+        return load + self.host.rate.prefill * g.shared
+
+    def doable(self, key: str, g: GroupWork, makespan: float) -> float:
+        """The fraction of `g`'s work this bin can still do by `makespan`."""
+        room = makespan - self.used - self.cold(key, g)
+        work = self.host.rate.work(g)
+        if room <= 0.0:
+            return 0.0
+        return math.inf if work <= 0.0 else room * len(self.slots) / work
+
+    def take(self, key: str, g: GroupWork, fraction: float) -> None:
+        self.used += self.cold(key, g) + fraction * self.host.rate.work(g) / len(self.slots)
+        self.holds.add(key)
+        if self.models is not None:
+            self.models.add(g.model)
+
+
+def _bins(hosts: Sequence[Host]) -> list[_Bin]:
+    """Fastest first (the order "first" fills them in)."""
+    out = []
+    for h in sorted(hosts, key=lambda h: (h.rate.per_token, h.rate.prefill, h.name)):
+        models = set(h.models) if h.models is not None else None
+        if h.bound:
+            used = sum(free for free, _ in h.slots) / len(h.slots)
+            held = {g for _, g in h.slots if g is not None}
+            out.append(_Bin(h, tuple(range(len(h.slots))), used, held, models))
+        else:
+            out += [
+                _Bin(h, (i,), free, {g} if g else set(), None if models is None else set(models))
+                for i, (free, g) in enumerate(h.slots)
+            ]
+    return out
+
+
+def sticky(g: GroupWork, rate: Rate, bound: bool) -> bool:
+    """Whether a cold start of `g` (prefill of its shared block, a load on a one-model server) costs at least
+    STICKY_FRACTION of one of its requests on a server of `rate`: only then is it worth keeping together."""
+    if g.count <= 0:
+        return False
+    cold = rate.prefill * g.shared + (rate.load if bound else 0.0)
+    per_request = rate.work(g) / g.count
+    return per_request <= 0.0 or cold >= STICKY_FRACTION * per_request
+
+
+def median_host(hosts: Sequence[Host]) -> Host:
+    """The server of median speed, which `sticky` is judged on."""
+    return sorted(hosts, key=lambda h: (h.rate.per_token, h.name))[len(hosts) // 2]
+
+
+Lanes = dict[tuple[str, int], Lane]
+
+
+def _choose(room: list[tuple[float, float, int]], left: float, rule: str) -> tuple[float, int]:
+    """The bin for the rest (`left`) of a group's work: (fraction it does there, bin index).
+
+    `room` holds (fraction doable, cold seconds, bin index) of each bin that can do some. When one bin can take
+    the whole rest, `rule` picks among those: "tight" the one left fullest (best fit), "warm" the one with the
+    least cold cost (a bin holding the group, a fast bin), "loose" the emptiest; otherwise the bin doing most.
+    """
+    if rule == "first":
+        return room[0][0], room[0][2]
+    fits = [r for r in room if r[0] >= left]
+    if not fits:
+        part, _, i = max(room)
+        return part, i
+    if rule == "tight":
+        part, _, i = min(fits)
+    elif rule == "warm":
+        part, _, i = min(fits, key=lambda r: (r[1], r[0]))
+    else:
+        part, _, i = max(fits)
+    return part, i
+
+
+def _pack(
+    groups: Sequence[tuple[str, GroupWork]], free: GroupWork | None, hosts: Sequence[Host], makespan: float, rule: str
+) -> Lanes | None:
+    """Each slot's lane when every group fits in `makespan` by the greedy of the module docstring; None: no fit."""
+    bins = _bins(hosts)
+    order: dict[int, list[str]] = {}
+    for key, g in groups:
+        left = 1.0
+        warm = [i for i, b in enumerate(bins) if key in b.holds]
+        for i, part in _level(key, g, [bins[i] for i in warm], min(makespan, _fill(key, g, [bins[i] for i in warm]))):
+            bins[warm[i]].take(key, g, part)
+            order.setdefault(warm[i], []).insert(0, key)  # what a slot holds goes first: no cold prefill
+            left -= part
+        while left > _EPS:
+            room = [(b.doable(key, g, makespan), b.cold(key, g), i) for i, b in enumerate(bins)]
+            room = [r for r in room if r[0] > _EPS]
+            if not room:
+                return None
+            part, i = _choose(room, left, rule)
+            part = min(left, part)
+            bins[i].take(key, g, part)
+            order.setdefault(i, []).append(key)
+            left -= part
+    if free is not None:  # the groups not placed go anywhere: the capacity left must hold them
+        done = sum(max(0.0, makespan - b.used) * len(b.slots) / max(b.host.rate.work(free), _EPS) for b in bins)
+        if done < 1.0:
+            return None
+    return {(bins[i].host.name, slot): tuple(lane) for i, lane in order.items() for slot in bins[i].slots}
+
+
+def _level(key: str, g: GroupWork, bins: Sequence[_Bin], until: float) -> list[tuple[int, float]]:
+    """(bin, fraction of `g`) for each of `bins` (which hold `g`) to work on it until `until`."""
+    return [(i, part) for i, b in enumerate(bins) if (part := b.doable(key, g, until)) > 0.0]
+
+
+def _fill(key: str, g: GroupWork, bins: Sequence[_Bin]) -> float:
+    """When all of `g` is done if the bins holding it share it so that they all end together (water-filling).
+
+    Why not fill them one by one: every bin holding the group is where its
+    requests go anyway (each finishes soonest there), and a bin emptied of it
+    only invites another group's cold prefill there.
+    """
+    if not bins:
+        return 0.0
+    starts = sorted((b.used, len(b.slots) / max(g_work(b, g), _EPS)) for b in bins)  # (busy until, fraction/s)
+    done, rate, t = 0.0, 0.0, starts[0][0]
+    for k, (used, speed) in enumerate(starts):
+        if k and rate > 0.0 and done + rate * (used - t) >= 1.0:
+            break
+        done += rate * (used - t)
+        t, rate = used, rate + speed
+    return t + (1.0 - done) / rate if rate > 0.0 else math.inf
+
+
+def g_work(b: _Bin, g: GroupWork) -> float:
+    return b.host.rate.work(g)
+
+
+def _merged(groups: Iterable[GroupWork]) -> GroupWork | None:
+    total: GroupWork | None = None
+    for g in groups:
+        total = total or GroupWork(g.model)
+        total.count += g.count
+        total.tokens += g.tokens
+        total.prompt += g.prompt
+    return total
+
+
+def place(groups: Mapping[str, GroupWork], hosts: Sequence[Host]) -> Assignment:
+    """Place the queued groups on `hosts` for the shortest makespan the greedy finds (module docstring)."""
+    hosts = [h for h in hosts if h.slots]
+    if not hosts:
+        return Assignment()
+    mid = median_host(hosts)
+    placed = sorted(
+        ((k, g) for k, g in groups.items() if sticky(g, mid.rate, mid.bound)),
+        key=lambda kg: (-statistics.median(h.rate.work(kg[1]) for h in hosts), kg[0]),
+    )
+    if not placed:
+        return Assignment()
+    keys = {k for k, _ in placed}
+    free = _merged(g for k, g in groups.items() if g.count > 0 and k not in keys)
+    slowest = max(hosts, key=lambda h: h.rate.per_token)
+    high = max(f for h in hosts for f, _ in h.slots) + sum(
+        slowest.rate.work(g) + slowest.rate.load + slowest.rate.prefill * g.shared for _, g in groups.items()
+    )
+    best: tuple[float, Lanes] | None = None
+    for rule in RULES:
+        found = _shortest(placed, free, hosts, high, rule)
+        if best is None or found[0] < best[0]:
+            best = found
+    assert best is not None
+    return Assignment(best[1], frozenset(keys), best[0])
+
+
+RULES = ("first", "tight", "warm", "loose")
+
+
+def _shortest(
+    placed: Sequence[tuple[str, GroupWork]], free: GroupWork | None, hosts: Sequence[Host], high: float, rule: str
+) -> tuple[float, Lanes]:
+    """The shortest makespan at which `rule`'s greedy packs every group (bisected), and that packing."""
+    homes = _pack(placed, free, hosts, high, rule)
+    while homes is None:  # the first guess should always fit (one bin takes everything); be safe anyway
+        high *= 2
+        homes = _pack(placed, free, hosts, high, rule)
+    low = 0.0
+    for _ in range(SEARCH_STEPS):
+        mid = (low + high) / 2
+        trial = _pack(placed, free, hosts, mid, rule)
+        if trial is None:
+            low = mid
+        else:
+            high, homes = mid, trial
+    return high, homes
