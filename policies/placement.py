@@ -183,6 +183,10 @@ class _Bin:
     holds: set[str]  # groups whose prefix it has cached (or is planned to)
     models: set[str] | None
 
+    def warm(self, key: str, g: GroupWork) -> bool:
+        """Whether the bin holds `g` now: its prefix in a slot, or (one-model server) its model resident."""
+        return key in self.holds or (self.host.bound and self.host.models is not None and g.model in self.host.models)
+
     def cold(self, key: str, g: GroupWork) -> float:
         if key in self.holds:
             return 0.0
@@ -264,26 +268,35 @@ def _choose(room: list[tuple[float, float, int]], left: float, rule: str) -> tup
 def _pack(
     groups: Sequence[tuple[str, GroupWork]], free: GroupWork | None, hosts: Sequence[Host], makespan: float, rule: str
 ) -> Lanes | None:
-    """Each slot's lane when every group fits in `makespan` by the greedy of the module docstring; None: no fit."""
+    """Each slot's lane when every group fits in `makespan` by the greedy of the module docstring; None: no fit.
+
+    Two passes: first every group takes the bins that hold it (no cold cost),
+    then each places the rest of its work on other bins. A bin holding one
+    group is never taken cold by another while its own group still needs it.
+    """
     bins = _bins(hosts)
     order: dict[int, list[str]] = {}
+    left = {}
     for key, g in groups:
-        left = 1.0
-        warm = [i for i, b in enumerate(bins) if key in b.holds]
+        left[key] = 1.0
+        warm = [i for i, b in enumerate(bins) if b.warm(key, g)]
         for i, part in _level(key, g, [bins[i] for i in warm], min(makespan, _fill(key, g, [bins[i] for i in warm]))):
             bins[warm[i]].take(key, g, part)
-            order.setdefault(warm[i], []).insert(0, key)  # what a slot holds goes first: no cold prefill
-            left -= part
-        while left > _EPS:
+            order.setdefault(warm[i], []).append(key)
+            left[key] -= part
+    for key, g in groups:
+        while left[key] > _EPS:
+            # A bin taken cold must fit one whole request at least: a fraction of one is not a request.
+            least = min(left[key], 1.0 / g.count) - _EPS
             room = [(b.doable(key, g, makespan), b.cold(key, g), i) for i, b in enumerate(bins)]
-            room = [r for r in room if r[0] > _EPS]
+            room = [r for r in room if r[0] > least]
             if not room:
                 return None
-            part, i = _choose(room, left, rule)
-            part = min(left, part)
+            part, i = _choose(room, left[key], rule)
+            part = min(left[key], part)
             bins[i].take(key, g, part)
             order.setdefault(i, []).append(key)
-            left -= part
+            left[key] -= part
     if free is not None:  # the groups not placed go anywhere: the capacity left must hold them
         done = sum(max(0.0, makespan - b.used) * len(b.slots) / max(b.host.rate.work(free), _EPS) for b in bins)
         if done < 1.0:
