@@ -45,7 +45,8 @@ from dataclasses import dataclass, field
 
 # A group is placed only when one cold prefill (plus a load on a one-model server) costs at least this fraction of
 # one of its requests: below it a second copy of the prefix is cheap and the scheduler spreads the group freely.
-STICKY_FRACTION = 0.5
+# The prefix benchmark's specialists cost 3-5 requests (a 500-word role prompt), its multi-model ones 3 (a load).
+STICKY_FRACTION = 1.0
 # Bisection steps of the makespan (relative precision 2^-steps of the first feasible guess).
 SEARCH_STEPS = 30
 # A remainder of a group's work smaller than this fraction is rounding, not a reason to open another bin.
@@ -228,7 +229,7 @@ def _bins(hosts: Sequence[Host]) -> list[_Bin]:
 def sticky(g: GroupWork, rate: Rate, bound: bool) -> bool:
     """Whether a cold start of `g` (prefill of its shared block, a load on a one-model server) costs at least
     STICKY_FRACTION of one of its requests on a server of `rate`: only then is it worth keeping together."""
-    if g.count <= 0:
+    if g.count < 2:  # one request has nothing to be kept together with
         return False
     cold = rate.prefill * g.shared + (rate.load if bound else 0.0)
     per_request = rate.work(g) / g.count
