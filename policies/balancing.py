@@ -889,7 +889,9 @@ def _placement(
             affinity and server.resident is not None and server.limit < len(models),
         )
 
-    usable = [name for name, server in servers.items() if server.slots]
+    # A server not measured yet is left out: its speed is a guess (`_speeds`), so a lane there could leave a
+    # group waiting on a slow box's first request; its slots stay open to any group, as the scheduler sees fit.
+    usable = [name for name, server in servers.items() if server.slots and speeds[name].measured]
     if not usable:
         return Assignment()
     mid = host(_median(usable, speeds))
