@@ -922,11 +922,13 @@ def _placed(
 
 
 def _left(demand: _Demand) -> Callable[[str], int]:
-    """Requests of a group (`_group`) the round has not planned yet."""
+    """Requests of a group (`_group`) still queued, planned in this round or not: a slot (a one-model server)
+    moves on to the next group of its lane only once the group before has nothing left to grant, so a
+    straggler of that group never finds its slots (its model) gone."""
 
     def left(group: str) -> int:
         model, _, head = group.partition("\x00")
-        return demand.queued[head] if head else demand.models[model]
+        return demand.queued.base[head] if head else demand.models.base[model]
 
     return left
 
@@ -1508,6 +1510,7 @@ class _Tentative:
         self.booked: dict[tuple[str, int], deque[tuple[int, float]]] = {}  # per slot: (key, expected finish)
         self.planned: set[int] = set()  # keys out of `demand`'s counts
         self.waiting: set[int] = set()  # keys reserved, not granted
+        self.groups: dict[int, str] = {}  # the prefix group (`_group`) of each key reserved
         self.stale = False
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
@@ -1560,9 +1563,17 @@ class _Tentative:
         Nearest, not first: the plan's slots are virtual (a server gives out its
         own), so with a tolerance (`on_time`) the request that ended is the one
         whose end is closest; exact times make it the first to end, as before.
+        When two slots could have ended and they hold different prefixes (or
+        what starts next on them differs), a wrong guess sends a request to the
+        slot holding the other prefix (a cold prefill): the queue is planned
+        again instead, from the balancer's slot index, which knows which slot freed.
+        Only while the placement keeps groups together (`Assignment.placed`):
+        otherwise a prefix is cheap to prefill again, and re-planning is not.
         """
         ends = self.ends[name]
         if not ends:
+            return False
+        if self.placement.placed and self._ambiguous(name, r):
             return False
         slot = min(ends, key=lambda i: (abs(ends[i] - r), ends[i]))
         end = ends.pop(slot)
@@ -1580,6 +1591,22 @@ class _Tentative:
         else:
             self.idle.add((name, slot))
         return True
+
+    def _ambiguous(self, name: str, r: float) -> bool:
+        """Whether more than one slot of `name` could have ended at `r` and they differ in what they hold or
+        what starts next on them."""
+        ends, slots = self.ends[name], self.servers[name].slots
+        could = [
+            i
+            for i, end in ends.items()
+            if abs(end - r) <= self.on_time or ((name, i) in self.due and r <= end + self.on_time)
+        ]
+        return len({(self._next_group(name, i), slots[i].model, slots[i].chain[:1]) for i in could}) > 1
+
+    def _next_group(self, name: str, slot: int) -> str | None:
+        """The prefix group of the request reserved next on `slot` of `name` (None: it goes idle)."""
+        line = self.booked.get((name, slot))
+        return self.groups[line[0][0]] if line else None
 
     def extend(self, entries: Mapping[int, _Entry], r: float = 0.0) -> dict[int, Decision]:
         """`_earliest_finish` from where it stopped, until no slot is idle: those whose slot is idle start."""
@@ -1621,5 +1648,6 @@ class _Tentative:
                 self.ends[name][fit.slot] = fit.finish
             else:
                 self.booked.setdefault(at, deque()).append((key, fit.finish))
+                self.groups[key] = _group(entry.req)
                 self.waiting.add(key)
         return grants
