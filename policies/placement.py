@@ -1,4 +1,4 @@
-"""Which servers serve each prefix group and each model: the queued work placed as a whole, before any request.
+"""Which slots serve each prefix group and each model: the queued work placed as a whole, before any request.
 
 Why a placement at all: the earliest-finish scheduler (`teamorch.policies.balancing`)
 decides one request at a time. With long shared prompts, the request at the
@@ -13,27 +13,39 @@ router and its balance thresholds, llm-d's prefix + load scorers); here the
 whole queue is known, so its work is placed first:
 
 * A **group** is a model plus the first prompt block (a specialist's role
-  prompt), `GroupWork`: its queued requests' output tokens, the prompt tokens
-  each prefills anyway, and the shared block's tokens (one cold prefill).
+  prompt), `GroupWork`: its queued requests' output tokens, their prompt
+  tokens, and the prefix they all share (one cold prefill per slot).
 * A **bin** is one slot of a server, or the whole server when it holds fewer
   models than the queue asks for (`Host.bound`): such a server serves one model
   at a time on all its slots, and switching costs a load.
-* `place` finds the shortest makespan T at which every group fits: groups in
-  order of decreasing work, each first on the bins that already hold it (no
-  cold cost), then the whole remainder on the bin that fits it most tightly,
-  else the bin that does most of it (each new bin costs the group's cold
-  prefill there, and the load of its model where it is not resident). The
-  makespan is bisected; the greedy pack at T is the plan. Its bins sized by
-  measured speeds, so a hot group gets as many slots as its work needs and a
-  small one shares a slot with another small one.
-* The scheduler then routes a request only among its group's servers
-  (`Assignment.servers`), by earliest finish as before, and spills to any
-  server once its group's servers cannot finish it by the plan's makespan
-  (`Assignment.spills`): the bounded-load rule, with the bound taken from the plan.
+* `place` finds the shortest makespan T at which every group fits (`_pack`,
+  bisected over T): first each group on the bins that already hold it (its
+  prefix cached, its model resident), shared so that they end together;
+  then what is left of each group, largest first, on the bin that fits it most
+  tightly, else the bin that does most of it, each new bin costing the
+  group's cold prefill there (and a load where its model is not resident);
+  a bin taken cold must fit one whole request. Work is in each server's
+  measured seconds, so a hot group gets as many slots as its work needs and
+  small groups share a slot one after the other.
+* The plan is each slot's **lane**: the groups it serves, in order (what it
+  holds first). The scheduler still picks, request by request, the slot where
+  each finishes first, but only among the slots open to its group
+  (`Assignment.slots`): a slot is open to the first group of its lane, and to
+  the next once the one before has nothing left in the queue, so a slot
+  serves its groups one after the other instead of alternating between them
+  and a one-model server keeps its model while it has queued work. A slot
+  with no lane, or whose lane is done, is open to any group: spare capacity
+  is spilled into, never held back (the bounded-load rule, with the bound
+  taken from the plan). A group with no lane on any server it may use goes
+  anywhere (`Assignment.homeless`).
 
-Groups whose cold cost is small beside their requests (a short role prompt,
-a resident model) are not placed (`STICKY_FRACTION`): spreading them costs
-nothing and the scheduler balances them freely, as before.
+The plan is made again at every planning round from the queue and the
+slots' contents, so it follows the servers' measured speeds as they are
+learned; a server not measured yet gets no lanes (the balancer's caller
+leaves it out). Groups whose cold start is cheap beside one of their requests
+(a short role prompt, a resident model) or that have a single request are
+not placed (`sticky`): spreading them costs nothing and the scheduler
+balances them freely, as before.
 """
 
 from __future__ import annotations
@@ -47,6 +59,9 @@ from dataclasses import dataclass, field
 # one of its requests: below it a second copy of the prefix is cheap and the scheduler spreads the group freely.
 # The prefix benchmark's specialists cost 3-5 requests (a 500-word role prompt), its multi-model ones 3 (a load).
 STICKY_FRACTION = 1.0
+# The plan is packed with this much more time than the shortest makespan found: at the shortest, every group is
+# split wherever a sliver fits, each piece a cold prefill; a little room keeps small groups whole on one slot.
+SLACK = 0.05
 # Bisection steps of the makespan (relative precision 2^-steps of the first feasible guess).
 SEARCH_STEPS = 30
 # A remainder of a group's work smaller than this fraction is rounding, not a reason to open another bin.
@@ -363,4 +378,5 @@ def place(groups: Mapping[str, GroupWork], hosts: Sequence[Host]) -> Assignment:
             low = mid
         else:
             high, lanes = mid, trial
-    return Assignment(lanes, frozenset(keys), high)
+    roomier = _pack(placed, free, hosts, high * (1.0 + SLACK))
+    return Assignment(roomier or lanes, frozenset(keys), high)
