@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
 from teamorch.policies.placement import Assignment, GroupWork, Host, Rate, place, sticky
-from teamorch.policies.prefix import SlotState, matched_tokens, server_preference
+from teamorch.policies.prefix import CachedSlot, SlotState, matched_tokens, server_preference
 from teamorch.policies.priority import TOP_RANK, Aging, rank
 
 # Priors used before any server has been measured.
@@ -136,6 +136,26 @@ def early_slot(s: ServerLoad, due: bool, queued_behind: int) -> bool:
         and s.ewma_token_seconds is not None
         and s.in_flight <= s.effective_slots
     )
+
+
+def early_lands(slots: Sequence[CachedSlot], slot: int, prefill_seconds: float | None) -> bool:
+    """Whether a request granted early for `slot` (`early_slot`) finds there the prompt the planner costed it with.
+
+    It waits at the server actor's gate and goes out when the server's first
+    stream ends, whichever slot that is; the server then gives it that free
+    slot. When another running slot holds a different prefix (model or first
+    block) worth more than the hops an early grant hides (EARLY_GRANT_SECONDS
+    of prefill), ending first there would cost it a cold prefill and overwrite
+    that slot's cache, which the planner's lanes count on: no early grant then.
+    """
+    mine = slots[slot]
+    seconds = prefill_seconds if prefill_seconds is not None else PRIOR_PREFILL_SECONDS
+    for i, other in enumerate(slots):
+        if i == slot or not other.busy or (other.model, other.chain[:1]) == (mine.model, mine.chain[:1]):
+            continue
+        if max((*mine.tokens[:1], *other.tokens[:1]), default=0) * seconds > EARLY_GRANT_SECONDS:
+            return False
+    return True
 
 
 def _prefer(cands: list[ServerLoad], keep: list[ServerLoad]) -> list[ServerLoad]:

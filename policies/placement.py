@@ -50,6 +50,7 @@ balances them freely, as before.
 
 from __future__ import annotations
 
+import bisect
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -62,8 +63,8 @@ STICKY_FRACTION = 1.0
 # The plan is packed with this much more time than the shortest makespan found: at the shortest, every group is
 # split wherever a sliver fits, each piece a cold prefill; a little room keeps small groups whole on one slot.
 SLACK = 0.05
-# Bisection steps of the makespan (relative precision 2^-steps of the first feasible guess).
-SEARCH_STEPS = 30
+# The makespan is bisected to this relative precision (the plan's own estimates are coarser).
+PRECISION = 0.005
 # A remainder of a group's work smaller than this fraction is rounding, not a reason to open another bin.
 _EPS = 1e-9
 
@@ -191,54 +192,75 @@ def _open(group: str, lane: Lane, left: Callable[[str], int]) -> bool:
     return True
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Bin:
+    """A slot, or a one-model server's slots together (`slots`), as placement packs it."""
+
     host: Host
-    slots: tuple[int, ...]  # the host's slots working on it side by side
-    used: float  # seconds from now it is busy in the plan so far
-    holds: set[str]  # groups whose prefix it has cached (or is planned to)
-    models: set[str] | None
-
-    def warm(self, key: str, g: GroupWork) -> bool:
-        """Whether the bin holds `g` now: its prefix in a slot, or (one-model server) its model resident."""
-        return key in self.holds or (self.host.bound and self.host.models is not None and g.model in self.host.models)
-
-    def cold(self, key: str, g: GroupWork) -> float:
-        if key in self.holds:
-            return 0.0
-        load = self.host.rate.load if self.models is not None and g.model not in self.models else 0.0
-        return load + self.host.rate.prefill * g.shared
-
-    def doable(self, key: str, g: GroupWork, makespan: float) -> float:
-        """The fraction of `g`'s work this bin can still do by `makespan`."""
-        room = makespan - self.used - self.cold(key, g)
-        work = self.host.rate.work(g)
-        if room <= 0.0:
-            return 0.0
-        return math.inf if work <= 0.0 else room * len(self.slots) / work
-
-    def take(self, key: str, g: GroupWork, fraction: float) -> None:
-        self.used += self.cold(key, g) + fraction * self.host.rate.work(g) / len(self.slots)
-        self.holds.add(key)
-        if self.models is not None:
-            self.models.add(g.model)
+    slots: tuple[int, ...]
+    used: float  # seconds from now it is busy before any placed work
+    holds: frozenset[str]  # groups whose prefix it has cached
+    models: frozenset[str] | None  # models resident (None: not known, assumed resident)
 
 
 def _bins(hosts: Sequence[Host]) -> list[_Bin]:
-    """Fastest first (the order "first" fills them in)."""
     out = []
-    for h in sorted(hosts, key=lambda h: (h.rate.per_token, h.rate.prefill, h.name)):
-        models = set(h.models) if h.models is not None else None
+    for h in hosts:
+        models = frozenset(h.models) if h.models is not None else None
         if h.bound:
             used = sum(free for free, _ in h.slots) / len(h.slots)
-            held = {g for _, g in h.slots if g is not None}
+            held = frozenset(g for _, g in h.slots if g is not None)
             out.append(_Bin(h, tuple(range(len(h.slots))), used, held, models))
         else:
-            out += [
-                _Bin(h, (i,), free, {g} if g else set(), None if models is None else set(models))
-                for i, (free, g) in enumerate(h.slots)
-            ]
+            out += [_Bin(h, (i,), free, frozenset({g} if g else ()), models) for i, (free, g) in enumerate(h.slots)]
     return out
+
+
+class _Table:
+    """What every trial packing reads, computed once per `place`: per group and bin, the seconds the bin takes
+    for all of the group's work, its cold prefill, its load, and whether the bin holds the group already."""
+
+    def __init__(self, groups: Sequence[tuple[str, GroupWork]], free: GroupWork | None, bins: Sequence[_Bin]) -> None:
+        self.groups, self.bins = groups, bins
+        self.work = [[b.host.rate.work(g) / len(b.slots) or _EPS for b in bins] for _, g in groups]
+        self.prefill = [[b.host.rate.prefill * g.shared for b in bins] for _, g in groups]
+        self.warm = [
+            [i for i, b in enumerate(bins) if key in b.holds or (b.host.bound and b.models and g.model in b.models)]
+            for key, g in groups
+        ]
+        self.free = [b.host.rate.work(free) / len(b.slots) or _EPS for b in bins] if free is not None else None
+
+
+class _Packing:
+    """One trial packing at one makespan: each bin's busy time, what it holds, and its lane so far."""
+
+    def __init__(self, table: _Table, makespan: float) -> None:
+        self.t, self.makespan = table, makespan
+        self.used = [b.used for b in table.bins]
+        self.holds = [set(b.holds) for b in table.bins]
+        self.models = [set(b.models) if b.models is not None else None for b in table.bins]
+        self.lanes: dict[int, list[str]] = {}
+
+    def cold(self, gi: int, i: int) -> float:
+        key, g = self.t.groups[gi]
+        if key in self.holds[i]:
+            return 0.0
+        models = self.models[i]
+        load = self.t.bins[i].host.rate.load if models is not None and g.model not in models else 0.0
+        return load + self.t.prefill[gi][i]
+
+    def doable(self, gi: int, i: int, until: float) -> float:
+        """The fraction of group `gi`'s work bin `i` can still do by `until`."""
+        return max(0.0, until - self.used[i] - self.cold(gi, i)) / self.t.work[gi][i]
+
+    def take(self, gi: int, i: int, fraction: float) -> None:
+        key, g = self.t.groups[gi]
+        self.used[i] += self.cold(gi, i) + fraction * self.t.work[gi][i]
+        self.holds[i].add(key)
+        models = self.models[i]
+        if models is not None:
+            models.add(g.model)
+        self.lanes.setdefault(i, []).append(key)
 
 
 def sticky(g: GroupWork, rate: Rate, bound: bool) -> bool:
@@ -259,72 +281,67 @@ def median_host(hosts: Sequence[Host]) -> Host:
 Lanes = dict[tuple[str, int], Lane]
 
 
-def _choose(room: list[tuple[float, int]], left: float) -> tuple[float, int]:
-    """The bin for the rest (`left`) of a group's work: (fraction it does there, bin index).
+def _cold_pieces(p: _Packing, gi: int, left: float) -> bool:
+    """Place the `left` fraction of group `gi` on bins that do not hold it; False when it does not fit.
 
-    `room` holds (fraction doable, bin index) of each bin that can do some: the
-    bin left fullest among those that take the whole rest (best fit: the big
-    empty ones stay for the work that needs them), else the one doing most.
-    (First fit, worst fit and least-cold-cost fit were tried on the prefix
-    benchmark's fleets: best fit found the shortest makespan in 190 of 197 plans.)
+    Best fit: the bin left fullest among those that take the whole rest (the
+    big empty ones stay for the work that needs them), else the one doing most,
+    and again with what remains. (First fit, worst fit and least-cold-cost fit
+    were tried on the prefix benchmark's fleets: best fit found the shortest
+    makespan in 190 of 197 plans.) A bin taken cold must fit one whole request
+    at least: a fraction of one is not a request. Taking a bin changes no other
+    bin's room for this group, so the bins are sorted once, most room first.
     """
-    fits = [r for r in room if r[0] >= left]
-    return min(fits) if fits else max(room)
+    count = p.t.groups[gi][1].count
+    room = sorted((d, i) for i in range(len(p.t.bins)) if (d := p.doable(gi, i, p.makespan)) > _EPS)
+    room.reverse()
+    while left > _EPS:
+        least = min(left, 1.0 / count) - _EPS
+        if not room or room[0][0] <= least:
+            return False
+        fits = bisect.bisect_left([-d for d, _ in room], -left + _EPS)  # room[:fits] hold all that is left
+        part, i = room.pop(fits - 1 if fits else 0)
+        part = min(left, part)
+        p.take(gi, i, part)
+        left -= part
+    return True
 
 
-def _pack(
-    groups: Sequence[tuple[str, GroupWork]], free: GroupWork | None, hosts: Sequence[Host], makespan: float
-) -> Lanes | None:
+def _pack(table: _Table, makespan: float) -> Lanes | None:
     """Each slot's lane when every group fits in `makespan` by the greedy of the module docstring; None: no fit.
 
     Two passes: first every group takes the bins that hold it (no cold cost),
     then each places the rest of its work on other bins. A bin holding one
     group is never taken cold by another while its own group still needs it.
     """
-    bins = _bins(hosts)
-    order: dict[int, list[str]] = {}
-    left = {}
-    for key, g in groups:
-        left[key] = 1.0
-        warm = [i for i, b in enumerate(bins) if b.warm(key, g)]
-        for i, part in _level(key, g, [bins[i] for i in warm], min(makespan, _fill(key, g, [bins[i] for i in warm]))):
-            bins[warm[i]].take(key, g, part)
-            order.setdefault(warm[i], []).append(key)
-            left[key] -= part
-    for key, g in groups:
-        while left[key] > _EPS:
-            # A bin taken cold must fit one whole request at least: a fraction of one is not a request.
-            least = min(left[key], 1.0 / g.count) - _EPS
-            room = [(d, i) for i, b in enumerate(bins) if (d := b.doable(key, g, makespan)) > least]
-            if not room:
-                return None
-            part, i = _choose(room, left[key])
-            part = min(left[key], part)
-            bins[i].take(key, g, part)
-            order.setdefault(i, []).append(key)
-            left[key] -= part
-    if free is not None:  # the groups not placed go anywhere: the capacity left must hold them
-        done = sum(max(0.0, makespan - b.used) * len(b.slots) / max(b.host.rate.work(free), _EPS) for b in bins)
-        if done < 1.0:
+    p = _Packing(table, makespan)
+    left = [1.0] * len(table.groups)
+    for gi, warm in enumerate(table.warm):
+        until = min(makespan, _fill(p, gi, warm))
+        for i in warm:
+            part = p.doable(gi, i, until)
+            if part > 0.0:
+                p.take(gi, i, part)
+                left[gi] -= part
+    for gi in range(len(table.groups)):
+        if left[gi] > _EPS and not _cold_pieces(p, gi, left[gi]):
             return None
-    return {(bins[i].host.name, slot): tuple(lane) for i, lane in order.items() for slot in bins[i].slots}
+    free = table.free  # the groups not placed go anywhere: the capacity left must hold them
+    if free is not None and sum(max(0.0, makespan - used) / w for used, w in zip(p.used, free, strict=True)) < 1.0:
+        return None
+    return {(table.bins[i].host.name, slot): tuple(lane) for i, lane in p.lanes.items() for slot in table.bins[i].slots}
 
 
-def _level(key: str, g: GroupWork, bins: Sequence[_Bin], until: float) -> list[tuple[int, float]]:
-    """(bin, fraction of `g`) for each of `bins` (which hold `g`) to work on it until `until`."""
-    return [(i, part) for i, b in enumerate(bins) if (part := b.doable(key, g, until)) > 0.0]
-
-
-def _fill(key: str, g: GroupWork, bins: Sequence[_Bin]) -> float:
-    """When all of `g` is done if the bins holding it share it so that they all end together (water-filling).
+def _fill(p: _Packing, gi: int, warm: Sequence[int]) -> float:
+    """When all of group `gi` is done if the bins holding it (`warm`) share it so that they all end together.
 
     Why not fill them one by one: every bin holding the group is where its
     requests go anyway (each finishes soonest there), and a bin emptied of it
     only invites another group's cold prefill there.
     """
-    if not bins:
+    if not warm:
         return 0.0
-    starts = sorted((b.used, len(b.slots) / max(g_work(b, g), _EPS)) for b in bins)  # (busy until, fraction/s)
+    starts = sorted((p.used[i], 1.0 / p.t.work[gi][i]) for i in warm)  # (busy until, fraction per second)
     done, rate, t = 0.0, 0.0, starts[0][0]
     for k, (used, speed) in enumerate(starts):
         if k and rate > 0.0 and done + rate * (used - t) >= 1.0:
@@ -332,10 +349,6 @@ def _fill(key: str, g: GroupWork, bins: Sequence[_Bin]) -> float:
         done += rate * (used - t)
         t, rate = used, rate + speed
     return t + (1.0 - done) / rate if rate > 0.0 else math.inf
-
-
-def g_work(b: _Bin, g: GroupWork) -> float:
-    return b.host.rate.work(g)
 
 
 def _merged(groups: Iterable[GroupWork]) -> GroupWork | None:
@@ -361,22 +374,22 @@ def place(groups: Mapping[str, GroupWork], hosts: Sequence[Host]) -> Assignment:
     if not placed:
         return Assignment()
     keys = {k for k, _ in placed}
-    free = _merged(g for k, g in groups.items() if g.count > 0 and k not in keys)
-    slowest = max(hosts, key=lambda h: h.rate.per_token)
-    high = max(f for h in hosts for f, _ in h.slots) + sum(
-        slowest.rate.work(g) + slowest.rate.load + slowest.rate.prefill * g.shared for _, g in groups.items()
-    )
-    lanes = _pack(placed, free, hosts, high)
-    while lanes is None:  # the first guess always fits (one bin takes everything); be safe anyway
-        high *= 2
-        lanes = _pack(placed, free, hosts, high)
-    low = 0.0
-    for _ in range(SEARCH_STEPS):  # feasibility grows with the makespan (near enough for a greedy): bisect
+    table = _Table(placed, _merged(g for k, g in groups.items() if g.count > 0 and k not in keys), _bins(hosts))
+    # Start from the work spread evenly over every bin (no schedule is much shorter) and grow by half until the
+    # greedy packs it; then bisect between the last miss and the first fit.
+    n = len(table.bins)
+    high = sum(b.used for b in table.bins) / n + sum(min(w) for w in table.work) / n
+    high += min(table.free) / n if table.free is not None else 0.0
+    low, lanes = 0.0, None
+    while lanes is None:
+        low, high = high, high * 1.5
+        lanes = _pack(table, high)
+    while high - low > PRECISION * high:  # feasibility grows with the makespan (near enough for a greedy): bisect
         mid = (low + high) / 2
-        trial = _pack(placed, free, hosts, mid)
+        trial = _pack(table, mid)
         if trial is None:
             low = mid
         else:
             high, lanes = mid, trial
-    roomier = _pack(placed, free, hosts, high * (1.0 + SLACK))
+    roomier = _pack(table, high * (1.0 + SLACK))
     return Assignment(roomier or lanes, frozenset(keys), high)
