@@ -142,16 +142,17 @@ def early_lands(slots: Sequence[CachedSlot], slot: int, prefill_seconds: float |
     """Whether a request granted early for `slot` (`early_slot`) finds there the prompt the planner costed it with.
 
     It waits at the server actor's gate and goes out when the server's first
-    stream ends, whichever slot that is; the server then gives it that free
-    slot. When another running slot holds a different prefix (model or first
-    block) worth more than the hops an early grant hides (EARLY_GRANT_SECONDS
-    of prefill), ending first there would cost it a cold prefill and overwrite
-    that slot's cache, which the planner's lanes count on: no early grant then.
+    stream ends, whichever slot that is, or at once if a slot is free (the
+    planner may leave one idle for its own group: `teamorch.policies.placement`);
+    the server then gives it that slot. When another slot holds a different
+    prefix (model or first block; or nothing) worth more than the hops an
+    early grant hides (EARLY_GRANT_SECONDS of prefill), landing there would
+    cost it a cold prefill and overwrite that slot's cache: no early grant then.
     """
     mine = slots[slot]
     seconds = prefill_seconds if prefill_seconds is not None else PRIOR_PREFILL_SECONDS
     for i, other in enumerate(slots):
-        if i == slot or not other.busy or (other.model, other.chain[:1]) == (mine.model, mine.chain[:1]):
+        if i == slot or (other.model, other.chain[:1]) == (mine.model, mine.chain[:1]):
             continue
         if max((*mine.tokens[:1], *other.tokens[:1]), default=0) * seconds > EARLY_GRANT_SECONDS:
             return False
