@@ -213,3 +213,19 @@ def test_the_multi_model_replay_pays_few_loads(fleet: str) -> None:
 
     case = next(c for c in cases() if c.workload.startswith("multi") and c.label == fleet)
     assert replay(case, planner=True).loads <= len(case.shapes) + max(0, len(case.work.specialists) - len(case.shapes))
+
+
+def test_an_early_grant_only_where_the_slot_that_frees_first_holds_the_same_prefix() -> None:
+    from teamorch.policies.balancing import early_lands
+    from teamorch.policies.prefix import CachedSlot
+
+    def slot(name: str, busy: bool = True, words: int = ROLE_WORDS) -> CachedSlot:
+        sig = signature([f"{name} " * words])
+        return CachedSlot("m", sig.chain, sig.tokens, busy)
+
+    prefill = 1 / 400  # a 500-word role prompt: 1.25 s of prefill, far more than the hops an early grant hides
+    assert early_lands([slot("x"), slot("x")], 0, prefill)
+    assert not early_lands([slot("x"), slot("y")], 0, prefill)  # y's stream may end first: x would land there
+    assert not early_lands([slot("x"), slot("y", busy=False)], 0, prefill)  # a free slot: x would go out at once
+    assert not early_lands([slot("x"), CachedSlot()], 0, prefill)
+    assert early_lands([slot("x", words=3), slot("y", words=3)], 0, prefill)  # short prompts: nothing at stake
