@@ -1652,6 +1652,9 @@ class _Tentative:
                 ),
             )
             if found is None:
+                # Its group's slots are still another group's: they open as that group's queue empties, which
+                # this plan does not follow. The next event plans the queue again.
+                self.stale = self.stale or _group(req) in self.placement.placed
                 continue
             name, fit = found
             at = (name, fit.slot)
