@@ -8,6 +8,7 @@ only copy of a model that still has queued work.
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
@@ -229,3 +230,29 @@ def test_an_early_grant_only_where_the_slot_that_frees_first_holds_the_same_pref
     assert not early_lands([slot("x"), slot("y", busy=False)], 0, prefill)  # a free slot: x would go out at once
     assert not early_lands([slot("x"), CachedSlot()], 0, prefill)
     assert early_lands([slot("x", words=3), slot("y", words=3)], 0, prefill)  # short prompts: nothing at stake
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_request_waiting_for_its_groups_slot_is_granted_when_the_slot_opens(seed: int) -> None:
+    # The Planner continues its last plan between events. A request whose group's slots were still another group's
+    # was passed over by that plan; once that queue empties, the plan must be made again, or the request waits
+    # until the kept plan expires (hundreds of events; in this event loop, forever).
+    from benchmarks.scale import MODEL, EventLoop, incremental, make_fleet
+
+    rng = random.Random(seed)
+    roles = 2 + seed % 4
+    queue = []
+    for i in range(10 + seed):
+        sig = signature([f"role{rng.randrange(roles)} " * ROLE_WORDS, f"task {i}"])
+        queue.append(
+            LeaseRequest(
+                model=MODEL,
+                expected_tokens=rng.randint(8, 32),
+                prefix=list(sig.chain),
+                prefix_tokens=list(sig.tokens),
+                prompt_tokens=sig.total,
+            )
+        )
+    loop = EventLoop(make_fleet([0.002 * (1 + k) for k in range(2 + seed % 3)], 1 + seed % 2), queue, incremental)
+    loop.run()
+    assert len(loop.planner) == 0
