@@ -983,10 +983,13 @@ def _cold_start_probes(
 
     Short, because the first answers are how the servers' speeds are learned.
     Spread, because each slot's first request is a cold prefill anyway and
-    leaves its prefix cached: slot by slot, the prefix group (first block: the
-    specialist's role prompt) with the most expected work (the priors, one
-    cold prefill included) per slot already given to it is served next, its
-    shortest request first.
+    leaves its prefix cached: slot by slot, a prefix group (first block: the
+    specialist's role prompt) that has no slot yet, then the one with the most
+    expected work (the priors, one cold prefill included) per slot already
+    given to it, is served next, its shortest request first. Every group
+    first: a group left without a slot pays its cold prefill later, after the
+    big groups' work, where it makes the tail (the placement,
+    `teamorch.policies.placement`, then sizes each group's slots).
     """
     prior = max(speeds.values(), key=lambda sp: sp.per_token)  # everyone has the priors before any answer
     groups: dict[str, list[int]] = {}
@@ -1008,7 +1011,7 @@ def _cold_start_probes(
             open_ = {g: i for g, i in firsts.items() if i is not None}
             if not open_:
                 break
-            group = max(open_, key=lambda g: work[g] / (held[g] + 1))
+            group = max(open_, key=lambda g: (held[g] == 0, work[g] / (held[g] + 1)))
             decisions[open_[group]] = name
             held[group] += 1
             if models is not None and queue[open_[group]].req.model not in models:
