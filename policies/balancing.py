@@ -474,10 +474,15 @@ def _plan_peak_ewma(
       the slowest measured server (see `_speeds`); that request is the
       shortest one waiting (`_probe_shortest`), never a long job sent blind. When nothing at all is
       measured (a cold start), every free slot is first sent a short waiting
-      request (`_cold_start_probes`), the prefixes spread over the slots by
-      their expected work: the cheapest way to learn every server's speed,
-      where guessing would hand an unknown slow box a long job; and every
-      slot's first request pays a cold prefill anyway.
+      request (`_cold_start_probes`), the prefixes spread over the slots
+      (every group one first, then by expected work): the cheapest way to
+      learn every server's speed, where guessing would hand an unknown slow
+      box a long job; and every slot's first request pays a cold prefill anyway.
+    * Prefix groups and models are placed as a whole first
+      (`teamorch.policies.placement`, `_placement`): each request is then
+      planned only onto the slots open to its group (`_placed`), so a fast
+      server does not switch between specialists one request at a time, and
+      a one-model server keeps its model while the model has queued work.
     * The whole fleet is scanned rather than two sampled (power of two
       choices): P2C protects many balancers with stale views from herding;
       here one balancer owns an exact table and scanning is O(queue x slots).
