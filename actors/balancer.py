@@ -45,6 +45,7 @@ from teamorch.policies.balancing import (
     coalesce_delay,
     due_in,
     due_soon,
+    early_lands,
     early_slot,
     eligible,
     has_capacity,
@@ -413,7 +414,11 @@ class LoadBalancer:
         self._opened = {}
         rows = []
         for row in loads:
-            opened = early_slot(row, row.name in due, behind[row.name])
+            opened = early_slot(row, row.name in due, behind[row.name]) and early_lands(
+                self.servers[row.name].prefix.slots,
+                self.leases[due[row.name][1]].placed.slot or 0,
+                row.ewma_prefill_seconds,
+            )
             if opened:
                 self._opened[row.name] = due[row.name][1]
             in_flight = row.in_flight - behind[row.name] - opened

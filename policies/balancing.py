@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
-from teamorch.policies.prefix import SlotState, matched_tokens, server_preference
+from teamorch.policies.placement import Assignment, GroupWork, Host, Rate, place, sticky
+from teamorch.policies.prefix import CachedSlot, SlotState, matched_tokens, server_preference
 from teamorch.policies.priority import TOP_RANK, Aging, rank
 
 # Priors used before any server has been measured.
@@ -135,6 +136,27 @@ def early_slot(s: ServerLoad, due: bool, queued_behind: int) -> bool:
         and s.ewma_token_seconds is not None
         and s.in_flight <= s.effective_slots
     )
+
+
+def early_lands(slots: Sequence[CachedSlot], slot: int, prefill_seconds: float | None) -> bool:
+    """Whether a request granted early for `slot` (`early_slot`) finds there the prompt the planner costed it with.
+
+    It waits at the server actor's gate and goes out when the server's first
+    stream ends, whichever slot that is, or at once if a slot is free (the
+    planner may leave one idle for its own group: `teamorch.policies.placement`);
+    the server then gives it that slot. When another slot holds a different
+    prefix (model or first block; or nothing) worth more than the hops an
+    early grant hides (EARLY_GRANT_SECONDS of prefill), landing there would
+    cost it a cold prefill and overwrite that slot's cache: no early grant then.
+    """
+    mine = slots[slot]
+    seconds = prefill_seconds if prefill_seconds is not None else PRIOR_PREFILL_SECONDS
+    for i, other in enumerate(slots):
+        if i == slot or (other.model, other.chain[:1]) == (mine.model, mine.chain[:1]):
+            continue
+        if max((*mine.tokens[:1], *other.tokens[:1]), default=0) * seconds > EARLY_GRANT_SECONDS:
+            return False
+    return True
 
 
 def _prefer(cands: list[ServerLoad], keep: list[ServerLoad]) -> list[ServerLoad]:
@@ -452,10 +474,15 @@ def _plan_peak_ewma(
       the slowest measured server (see `_speeds`); that request is the
       shortest one waiting (`_probe_shortest`), never a long job sent blind. When nothing at all is
       measured (a cold start), every free slot is first sent a short waiting
-      request (`_cold_start_probes`), the prefixes spread over the slots by
-      their expected work: the cheapest way to learn every server's speed,
-      where guessing would hand an unknown slow box a long job; and every
-      slot's first request pays a cold prefill anyway.
+      request (`_cold_start_probes`), the prefixes spread over the slots
+      (every group one first, then by expected work): the cheapest way to
+      learn every server's speed, where guessing would hand an unknown slow
+      box a long job; and every slot's first request pays a cold prefill anyway.
+    * Prefix groups and models are placed as a whole first
+      (`teamorch.policies.placement`, `_placement`): each request is then
+      planned only onto the slots open to its group (`_placed`), so a fast
+      server does not switch between specialists one request at a time, and
+      a one-model server keeps its model while the model has queued work.
     * The whole fleet is scanned rather than two sampled (power of two
       choices): P2C protects many balancers with stale views from herding;
       here one balancer owns an exact table and scanning is O(queue x slots).
@@ -730,9 +757,17 @@ class _Demand:
         self.held.update(chain)
 
 
-def _fit(server: _Server, speed: _Speed, req: LeaseRequest, affinity: bool, demand: _Demand) -> _Fit | None:
-    """The slot of `server` where `req` scores best, counting a model switch and each slot's cached prefix."""
-    if not server.slots:
+def _fit(
+    server: _Server,
+    speed: _Speed,
+    req: LeaseRequest,
+    affinity: bool,
+    demand: _Demand,
+    lanes: frozenset[int] | None = None,
+) -> _Fit | None:
+    """The slot of `server` where `req` scores best, counting a model switch and each slot's cached prefix;
+    only among `lanes` when given (the slots the placement gives `req`'s group)."""
+    if not server.slots or (lanes is not None and not lanes):
         return None
     switch = affinity and server.resident is not None and req.model not in server.resident
     ready = penalty = 0.0
@@ -748,7 +783,7 @@ def _fit(server: _Server, speed: _Speed, req: LeaseRequest, affinity: bool, dema
     held, share = demand.fleet_match(req), demand.busy()
     best: _Fit | None = None
     for i, slot in enumerate(server.slots):
-        if slot.free_at <= 0.0 and i != taken:
+        if (slot.free_at <= 0.0 and i != taken) or (lanes is not None and i not in lanes):
             continue  # a request sent now gets the free slot the server picks, not the one we would like
         start = max(slot.free_at, ready)
         cached = 0 if switch else slot.cached(req)
@@ -804,33 +839,143 @@ def _earliest_finish(
     """Reserve, request by request in `order`, the slot where each finishes first; start those whose slot is free now.
 
     "First" is by `_Fit.score`: the finish, plus the prefill the choice makes
-    a later request pay. Mutates `servers`: each reservation moves its slot's
-    free time to the request's expected finish.
+    a later request pay, among the servers the placement gives its group
+    (`_placed`). Mutates `servers`: each reservation moves its slot's free
+    time to the request's expected finish.
     """
     decisions: dict[int, Decision] = {}
     demand = _Demand.of(queue, order, servers)
+    placement = _placement(_group_work(queue[i].req for i in order), servers, speeds, affinity, demand)
     for index in order:
         if not any(server.free_now() for server in servers.values()):
             break  # nothing can start now; what is left waits for the next event
         req = queue[index].req
         demand.planned(req)
-        best: tuple[float, float, float, float, str] | None = None
-        chosen: _Fit | None = None
-        for s in live[index]:
-            fit = _fit(servers[s.name], speeds[s.name], req, affinity, demand)
-            if fit is None:
-                continue
-            key = (fit.score, fit.finish, fit.start, rng.random(), s.name)  # the rng breaks exact ties
-            if best is None or key < best:
-                best, chosen = key, fit
-        if best is None or chosen is None:
+        names = [s.name for s in live[index]]
+
+        def best_in(placed: bool, req: LeaseRequest = req, names: list[str] = names) -> tuple[str, _Fit] | None:
+            best: tuple[float, float, float, float, str] | None = None
+            chosen: _Fit | None = None
+            for name in names:
+                lanes = _lanes(placement, req, name, servers[name], demand) if placed else None
+                fit = _fit(servers[name], speeds[name], req, affinity, demand, lanes)
+                if fit is None:
+                    continue
+                key = (fit.score, fit.finish, fit.start, rng.random(), name)  # the rng breaks exact ties
+                if best is None or key < best:
+                    best, chosen = key, fit
+            return None if best is None or chosen is None else (best[4], chosen)
+
+        found = _placed(placement, req, names, servers, best_in)
+        if found is None:
             continue
-        server = servers[best[4]]
-        free_now = server.slots[chosen.slot].free_at <= 0.0
-        _reserve(server, chosen, req, demand)
+        server = servers[found[0]]
+        free_now = server.slots[found[1].slot].free_at <= 0.0
+        _take_lane(placement, req, found, servers, demand)
+        _reserve(server, found[1], req, demand)
         if free_now:
-            decisions[index] = best[4]
+            decisions[index] = found[0]
     return decisions
+
+
+def _group_work(reqs: Iterable[LeaseRequest]) -> dict[str, GroupWork]:
+    groups: dict[str, GroupWork] = {}
+    for req in reqs:
+        _count_group(groups, req, 1)
+    return groups
+
+
+def _count_group(groups: dict[str, GroupWork], req: LeaseRequest, sign: int) -> None:
+    """Add (`sign` 1) or take out (-1) `req`'s work in its group (`teamorch.policies.placement.GroupWork`)."""
+    key = _group(req)
+    work = groups.setdefault(key, GroupWork(req.model))
+    work.add(_tokens(req), req.prompt_tokens, req.prefix, req.prefix_tokens, sign)
+    if work.count <= 0:
+        del groups[key]
+
+
+def _placement(
+    groups: Mapping[str, GroupWork],
+    servers: Mapping[str, _Server],
+    speeds: Mapping[str, _Speed],
+    affinity: bool,
+    demand: _Demand,
+) -> Assignment:
+    """The queue's groups placed on the virtual servers (`teamorch.policies.placement.place`); nothing placed,
+    at the cost of one look at the median server, when no group is worth keeping together (`sticky`)."""
+    models = {g.model for g in groups.values()}
+
+    def host(name: str) -> Host:
+        server, sp = servers[name], speeds[name]
+        return Host(
+            name,
+            Rate(sp.fixed * sp.penalty, sp.per_token * sp.penalty, sp.prefill * sp.penalty, sp.load),
+            tuple((slot.free_at, f"{slot.model}\x00{slot.chain[0]}" if slot.chain else None) for slot in server.slots),
+            tuple(server.resident) if affinity and server.resident is not None else None,
+            affinity and server.resident is not None and server.limit < len(models),
+        )
+
+    # A server not measured yet is left out: its speed is a guess (`_speeds`), so a lane there could leave a
+    # group waiting on a slow box's first request; its slots stay open to any group, as the scheduler sees fit.
+    usable = [name for name, server in servers.items() if server.slots and speeds[name].measured]
+    if not usable:
+        return Assignment()
+    mid = host(_median(usable, speeds))
+    for work in groups.values():
+        work.share(demand.queued.__getitem__)
+    if not any(sticky(work, mid.rate, mid.bound) for work in groups.values()):
+        return Assignment()
+    return place(groups, [host(name) for name in usable])
+
+
+def _median(names: list[str], speeds: Mapping[str, _Speed]) -> str:
+    return sorted(names, key=lambda n: (speeds[n].per_token * speeds[n].penalty, n))[len(names) // 2]
+
+
+def _placed(
+    placement: Assignment,
+    req: LeaseRequest,
+    cands: Iterable[str],
+    servers: Mapping[str, _Server],
+    best_in: Callable[[bool], tuple[str, _Fit] | None],
+) -> tuple[str, _Fit] | None:
+    """The best fit (`best_in(placed)`) among the slots `placement` opens to `req`'s group (None: it waits);
+    anywhere only when the group has no slot on any of its candidate servers (`Assignment.homeless`)."""
+    found = best_in(True)
+    if found is None and placement.homeless(_group(req), cands, lambda name: len(servers[name].slots)):
+        return best_in(False)
+    return found
+
+
+def _left(demand: _Demand) -> Callable[[str], int]:
+    """Requests of a group (`_group`) still queued, planned in this round or not: a slot (a one-model server)
+    moves on to the next group of its lane only once the group before has nothing left to grant, so a
+    straggler of that group never finds its slots (its model) gone."""
+
+    def left(group: str) -> int:
+        model, _, head = group.partition("\x00")
+        return demand.queued.base[head] if head else demand.models.base[model]
+
+    return left
+
+
+def _lanes(
+    placement: Assignment, req: LeaseRequest, name: str, server: _Server, demand: _Demand
+) -> frozenset[int] | None:
+    """The slots of `server` open to `req` (`Assignment.slots`); None: any."""
+    if not placement.placed:
+        return None
+    return placement.slots(_group(req), name, [not slot.chain for slot in server.slots], _left(demand))
+
+
+def _take_lane(
+    placement: Assignment, req: LeaseRequest, found: tuple[str, _Fit], servers: Mapping[str, _Server], demand: _Demand
+) -> None:
+    """Tell the placement which slot `req` takes (before `_reserve` fills it): `Assignment.took`."""
+    if placement.placed:
+        name, fit = found
+        empty = [not slot.chain for slot in servers[name].slots]
+        placement.took(_group(req), name, fit.slot, empty, _left(demand))
 
 
 def _cold_start_probes(
@@ -843,10 +988,13 @@ def _cold_start_probes(
 
     Short, because the first answers are how the servers' speeds are learned.
     Spread, because each slot's first request is a cold prefill anyway and
-    leaves its prefix cached: slot by slot, the prefix group (first block: the
-    specialist's role prompt) with the most expected work (the priors, one
-    cold prefill included) per slot already given to it is served next, its
-    shortest request first.
+    leaves its prefix cached: slot by slot, a prefix group (first block: the
+    specialist's role prompt) that has no slot yet, then the one with the most
+    expected work (the priors, one cold prefill included) per slot already
+    given to it, is served next, its shortest request first. Every group
+    first: a group left without a slot pays its cold prefill later, after the
+    big groups' work, where it makes the tail (the placement,
+    `teamorch.policies.placement`, then sizes each group's slots).
     """
     prior = max(speeds.values(), key=lambda sp: sp.per_token)  # everyone has the priors before any answer
     groups: dict[str, list[int]] = {}
@@ -868,7 +1016,7 @@ def _cold_start_probes(
             open_ = {g: i for g, i in firsts.items() if i is not None}
             if not open_:
                 break
-            group = max(open_, key=lambda g: work[g] / (held[g] + 1))
+            group = max(open_, key=lambda g: (held[g] == 0, work[g] / (held[g] + 1)))
             decisions[open_[group]] = name
             held[group] += 1
             if models is not None and queue[open_[group]].req.model not in models:
@@ -1043,6 +1191,7 @@ class Planner:
         self.buckets: dict[tuple[object, ...], list[tuple[float, int]]] = {}
         self.prefixes: Counter[str] = Counter()
         self.models: Counter[str] = Counter()
+        self.groups: dict[str, GroupWork] = {}  # the queue's work per prefix group, for `_placement`
         self._ranked: list[tuple[object, ...]] | None = None  # `_order`'s, for `_ranked_for`
         self._ranked_for: tuple[float, frozenset[str] | None] = (0.0, None)
         self._kept: _Tentative | None = None  # the last plan, continued while the fleet follows it
@@ -1063,6 +1212,7 @@ class Planner:
         if self._kept is not None and not self._kept.admit(key, self._rank(entry), entry.bucket[0]):
             self._kept = None  # it ranks ahead of requests already reserved: they must be planned again
         self.prefixes.update(req.prefix)
+        _count_group(self.groups, req, 1)
         self.models[req.model] += 1
 
     def remove(self, key: int, granted: float | None = None) -> None:
@@ -1079,6 +1229,7 @@ class Planner:
             self._kept = None
         self._unfile(entry)
         self.prefixes.subtract(entry.req.prefix)
+        _count_group(self.groups, entry.req, -1)
         self.models[entry.req.model] -= 1
 
     def _file(self, entry: _Entry) -> None:
@@ -1159,7 +1310,8 @@ class Planner:
         ranks = list(self._order(speeds, servers))
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
-        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time)
+        placement = _placement(self.groups, servers, speeds, self.affinity, demand)
+        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time, placement)
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
@@ -1268,7 +1420,10 @@ class _BestFit:
             bound = min(bound, warm + speed.seconds(tokens))
         return bound * (1.0 - _BOUND_SLACK)
 
-    def best(self, req: LeaseRequest, cands: set[str], demand: _Demand) -> tuple[str, _Fit] | None:
+    def best(
+        self, req: LeaseRequest, cands: set[str], demand: _Demand, placement: Assignment | None = None
+    ) -> tuple[str, _Fit] | None:
+        """`placement`: only the slots it opens to `req`'s group."""
         tokens = _tokens(req)
         floor = (self.min_fixed + self.min_tok * tokens) * (1.0 - _BOUND_SLACK)
         best: tuple[str, _Fit] | None = None
@@ -1278,7 +1433,8 @@ class _BestFit:
                 break
             if name not in cands or (best is not None and self._bound(name, earliest, req, tokens) > best[1].score):
                 continue
-            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand)
+            lanes = _lanes(placement, req, name, self.servers[name], demand) if placement is not None else None
+            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand, lanes)
             if fit is None:
                 continue
             rank = (fit.score, fit.finish, fit.start)
@@ -1366,7 +1522,9 @@ class _Tentative:
         search: _BestFit,
         events: int,
         on_time: float = _ON_TIME,
+        placement: Assignment | None = None,
     ) -> None:
+        self.placement = placement or Assignment()
         self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
         self.ranks, self.keys = ranks, [rank[-1] for rank in ranks]  # the planning order (`Planner._rank`)
         self.on_time = on_time
@@ -1381,6 +1539,7 @@ class _Tentative:
         self.booked: dict[tuple[str, int], deque[tuple[int, float]]] = {}  # per slot: (key, expected finish)
         self.planned: set[int] = set()  # keys out of `demand`'s counts
         self.waiting: set[int] = set()  # keys reserved, not granted
+        self.groups: dict[int, str] = {}  # the prefix group (`_group`) of each key reserved
         self.stale = False
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
@@ -1433,9 +1592,17 @@ class _Tentative:
         Nearest, not first: the plan's slots are virtual (a server gives out its
         own), so with a tolerance (`on_time`) the request that ended is the one
         whose end is closest; exact times make it the first to end, as before.
+        When two slots could have ended and they hold different prefixes (or
+        what starts next on them differs), a wrong guess sends a request to the
+        slot holding the other prefix (a cold prefill): the queue is planned
+        again instead, from the balancer's slot index, which knows which slot freed.
+        Only while the placement keeps groups together (`Assignment.placed`):
+        otherwise a prefix is cheap to prefill again, and re-planning is not.
         """
         ends = self.ends[name]
         if not ends:
+            return False
+        if self.placement.placed and self._ambiguous(name, r):
             return False
         slot = min(ends, key=lambda i: (abs(ends[i] - r), ends[i]))
         end = ends.pop(slot)
@@ -1454,6 +1621,22 @@ class _Tentative:
             self.idle.add((name, slot))
         return True
 
+    def _ambiguous(self, name: str, r: float) -> bool:
+        """Whether more than one slot of `name` could have ended at `r` and they differ in what they hold or
+        what starts next on them."""
+        ends, slots = self.ends[name], self.servers[name].slots
+        could = [
+            i
+            for i, end in ends.items()
+            if abs(end - r) <= self.on_time or ((name, i) in self.due and r <= end + self.on_time)
+        ]
+        return len({(self._next_group(name, i), slots[i].model, slots[i].chain[:1]) for i in could}) > 1
+
+    def _next_group(self, name: str, slot: int) -> str | None:
+        """The prefix group of the request reserved next on `slot` of `name` (None: it goes idle)."""
+        line = self.booked.get((name, slot))
+        return self.groups[line[0][0]] if line else None
+
     def extend(self, entries: Mapping[int, _Entry], r: float = 0.0) -> dict[int, Decision]:
         """`_earliest_finish` from where it stopped, until no slot is idle: those whose slot is idle start."""
         grants: dict[int, Decision] = {}
@@ -1465,12 +1648,26 @@ class _Tentative:
                 continue
             self.demand.planned(entry.req)
             self.planned.add(key)
-            found = self.search.best(entry.req, self.cands[entry.bucket[0]], self.demand)
+            req = entry.req
+            cands = self.cands[entry.bucket[0]]
+            found = _placed(
+                self.placement,
+                req,
+                cands,
+                self.servers,
+                lambda placed, req=req, cands=cands: self.search.best(  # type: ignore[misc]
+                    req, cands, self.demand, self.placement if placed else None
+                ),
+            )
             if found is None:
+                # Its group's slots are still another group's: they open as that group's queue empties, which
+                # this plan does not follow. The next event plans the queue again.
+                self.stale = self.stale or _group(req) in self.placement.placed
                 continue
             name, fit = found
             at = (name, fit.slot)
             starts = at in self.idle
+            _take_lane(self.placement, req, found, self.servers, self.demand)
             self.search.reserve(name, fit, entry.req, self.demand)
             if fit.switch:  # the load drains the server's other slots: later releases there are not predicted
                 self.stale = True
@@ -1483,5 +1680,6 @@ class _Tentative:
                 self.ends[name][fit.slot] = fit.finish
             else:
                 self.booked.setdefault(at, deque()).append((key, fit.finish))
+                self.groups[key] = _group(entry.req)
                 self.waiting.add(key)
         return grants

@@ -245,10 +245,13 @@ def fixed_cost(outcome: LeaseOutcome) -> float | None:
 
     latency - eval_seconds measures exactly that; the client-side ttft would
     also include the first streamed chunk's tokens, so it is only the fallback
-    when the server did not report its eval time.
+    when the server did not report its eval time. A model load the request
+    waited for is not part of it: the planner charges loads on their own
+    (`ewma_load_seconds`), and counted here it would make every later request
+    on that server look that much slower.
     """
     if outcome.latency is not None and outcome.eval_seconds:
-        return max(0.0, outcome.latency - outcome.eval_seconds)
+        return max(0.0, outcome.latency - outcome.eval_seconds - (outcome.load_seconds or 0.0))
     return outcome.ttft
 
 
