@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -35,7 +36,8 @@ class OllamaBackend(HttpBackend):
             async with self.client.stream("POST", "/api/chat", json=payload) as response:
                 if response.status_code != 200:
                     raise self.error_for(response.status_code, await self.read_capped(response), req.model)
-                async for line in self.capped_lines(response):
+                lines = self.capped_lines(response)
+                async for line in lines:
                     chunk = self._chunk(line)
                     if chunk is None:
                         continue
@@ -49,6 +51,7 @@ class OllamaBackend(HttpBackend):
                     if chunk.get("done"):
                         final = chunk
                         break
+                await _read_to_end(lines)
         except httpx.TransportError as exc:
             raise self.unreachable(exc) from exc
         if final is None:
@@ -90,6 +93,13 @@ class OllamaBackend(HttpBackend):
         except ServerError:
             loaded = None
         return _with_latest(present), _with_latest(loaded) if loaded is not None else None
+
+
+async def _read_to_end(lines: AsyncIterator[str]) -> None:
+    """Read the stream to its end (Ollama sends nothing after `done`), so the connection goes back to the
+    pool: httpx closes one whose body was left unread, and the next request would pay a TCP connect."""
+    async for _ in lines:
+        pass
 
 
 def _int_or_none(value: Any) -> int | None:
