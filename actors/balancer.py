@@ -78,6 +78,8 @@ from teamorch.policies.retry import restarting_verdict
 
 # Circuits turn half-open and requests age on the clock, not on events: the queue is re-planned this often.
 TICK_SECONDS = 0.25
+# The event loop sleeps in epoll, whose timeout is whole milliseconds: a shorter timer fires a millisecond late.
+LOOP_TIMER_RESOLUTION = 0.001
 # A long-lived team saves its fleet memory at least this often while it learns (and whenever the fleet goes idle).
 MEMORY_SAVE_SECONDS = 60.0
 
@@ -191,7 +193,7 @@ class LoadBalancer:
         self._rr = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
-        self._coalescing: asyncio.TimerHandle | None = None
+        self._coalescing: asyncio.Handle | None = None
         self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
         self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
         self._due_timer: asyncio.TimerHandle | None = None
@@ -469,7 +471,7 @@ class LoadBalancer:
                     self._unqueue(arrived)
                     return
                 if delay is not None and self._coalescing is None:
-                    self._coalescing = asyncio.get_running_loop().call_later(delay, self._coalesced)
+                    self._coalescing = _after(delay, self._coalesced)
                 self._full = delay is None
                 self._arm_due_timer()
                 return
@@ -609,6 +611,17 @@ class LoadBalancer:
         self._saved_at = time.monotonic()
         self._memory = remember(self.servers.values(), self._memory, time.time())
         self._saving = asyncio.create_task(asyncio.to_thread(_write_memory, self._memory_path, self._memory))
+
+
+def _after(delay: float, callback: Callable[[], None]) -> asyncio.Handle:
+    """Run `callback` in `delay` seconds; a delay under the loop's timer resolution waits one loop turn instead.
+
+    A wave's requests that reached this actor together are all queued by the
+    next turn; a sub-millisecond timer waited a whole millisecond for nothing
+    more, on every acquire of a fast fleet (measured: +1 ms per task).
+    """
+    loop = asyncio.get_running_loop()
+    return loop.call_later(delay, callback) if delay >= LOOP_TIMER_RESOLUTION else loop.call_soon(callback)
 
 
 def _write_memory(path: Path, memory: FleetMemory) -> None:

@@ -105,11 +105,12 @@ class Coordinator:
         if self._started:
             return list(self.servers)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self_handle = ray.get_runtime_context().current_actor
         for cfg in self.team.servers:
             # A request to a server that died is failed over by its specialist (to another server, within the
             # task deadline), never retried by Ray: a server pinned to a lost node would never come back.
             placed = {**_placed(cfg.ray_resources, here), **SUPERVISED, "max_task_retries": 0}
-            self.servers[cfg.name] = ray.remote(ModelServer).options(**placed).remote(cfg)
+            self.servers[cfg.name] = ray.remote(ModelServer).options(**placed).remote(cfg, self_handle)
         self.balancer = (
             ray.remote(LoadBalancer).options(**_placed({}, here), **SUPERVISED).remote(self.team, self.servers)
         )
@@ -117,7 +118,7 @@ class Coordinator:
             self.specialists[spec.name] = (
                 ray.remote(Specialist)
                 .options(**_placed(spec.ray_resources, here), **SUPERVISED)
-                .remote(spec, self.balancer, self.servers, self.team.retry, ray.get_runtime_context().current_actor)
+                .remote(spec, self.balancer, self.servers, self.team.retry, self_handle)
             )
         names = await asyncio.gather(*(await_ref(h.ready.remote()) for h in self.servers.values()))
         await await_ref(self.balancer.start.remote())

@@ -176,9 +176,7 @@ class Specialist:
         """Where the server tells this attempt's tokens as they stream: the coordinator running the task."""
         if self.coordinator is None or not assignment.run_id:
             return None
-        return ProgressTo(
-            coordinator=self.coordinator, run_id=assignment.run_id, task_id=assignment.task.task_id, attempt=attempt
-        )
+        return ProgressTo(run_id=assignment.run_id, task_id=assignment.task.task_id, attempt=attempt)
 
     async def _attempt(
         self,
