@@ -28,6 +28,7 @@ from teamorch.journal import (
     TaskFinished,
     TaskQueued,
     TaskStarted,
+    TokensGenerated,
     attempt_events,
     list_runs,
     new_run_id,
@@ -481,3 +482,26 @@ def test_teamorch_runs_lists_each_run_with_status_and_progress(runs: Path, capsy
         ("done-run", "finished", "2/2", "1", "yes"),
         ("cut-run", "interrupted", "1/2", "1", "-"),
     ]
+
+
+def test_without_secrets_a_task_event_is_stored_as_the_json_round_trip_would_store_it() -> None:
+    """The fast path (no dump/scrub/validate) keeps exactly what the round trip keeps: same events, same order."""
+    done = result("t1").model_copy(
+        update={"attempts": [Attempt(server="a", started_at=1.0, ended_at=1.5, outcome="busy", error="503 busy")]}
+    )
+    started, failed = attempt_events(done)
+    events = [
+        TaskQueued(task_id="t1", specialist="s"),
+        started,
+        TokensGenerated(task_id="t1", server="a", tokens=3, tokens_per_second=2.5, ttft=0.1),
+        failed,
+        TaskFinished(result=done),
+    ]
+    plain = RunJournal.in_memory("fast", plan_of(PLAN_RAW).model_dump(mode="json"))
+    scrubbed = RunJournal.in_memory("slow", plan_of(PLAN_RAW).model_dump(mode="json"), secrets=["never-in-any-text"])
+    for event in events:
+        plain.append(event)
+        scrubbed.append(event)
+    assert [e.model_dump() for e in plain.events[1:]] == [e.model_dump() for e in scrubbed.events[1:]]
+    assert [type(e) for e in plain.events[1:]] == [type(e) for e in scrubbed.events[1:]]
+    assert plain.events[-1].session == 1 and [e.seq for e in plain.events] == [1, 2, 3, 4, 5, 6]
