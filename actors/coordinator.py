@@ -188,6 +188,14 @@ class Coordinator:
         if run is not None:
             run.live(event)
 
+    async def task_events(self, run_id: str, events: list[LiveEvent]) -> None:
+        """`task_event` for several reports of one run at once: a specialist sends those of one loop turn
+        together (`actors.TurnBatch`), in the order they happened."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            for event in events:
+                run.live(event)
+
     async def runs(self) -> list[RunState]:
         """Runs in progress on this coordinator, then the last finished ones it keeps (`teamorch status`)."""
         return [run.journal.state() for run in [*self.runs.values(), *self.finished.values()]]
