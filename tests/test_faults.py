@@ -158,7 +158,7 @@ def test_a_response_past_max_response_bytes_fails_the_attempt_as_malformed(sims)
 
 
 def test_calls_in_turn_reuse_one_keep_alive_connection(sims) -> None:
-    """The stream is read to its end after the `done` line: an unread rest would make httpx close the
+    """The stream is read to its end after the `done` line: an unread rest would make the client close the
     connection, and every call would pay a TCP connect (the simulator counts the connections it saw)."""
     sim = sims(name="keep", tokens_per_second=1e6, ttft=0.0)
     backend = OllamaBackend(ServerConfig(name="keep", url=sim.url))

@@ -12,9 +12,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
-
-from teamorch.actors.backends import HttpBackend, TokenSink
+from teamorch.actors.backends import TRANSPORT_ERRORS, HttpBackend, TokenSink
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -33,9 +31,9 @@ class OllamaBackend(HttpBackend):
         pieces: list[str] = []
         final: dict[str, Any] | None = None
         try:
-            async with self.client.stream("POST", "/api/chat", json=payload) as response:
-                if response.status_code != 200:
-                    raise self.error_for(response.status_code, await self.read_capped(response), req.model)
+            async with self.client.post(self.url("/api/chat"), json=payload) as response:
+                if response.status != 200:
+                    raise self.error_for(response.status, await self.read_capped(response), req.model)
                 lines = self.capped_lines(response)
                 async for line in lines:
                     chunk = self._chunk(line)
@@ -52,7 +50,7 @@ class OllamaBackend(HttpBackend):
                         final = chunk
                         break
                 await _read_to_end(lines)
-        except httpx.TransportError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from exc
         if final is None:
             raise MalformedResponse(self.name, "stream ended without a final 'done' line")
@@ -97,7 +95,7 @@ class OllamaBackend(HttpBackend):
 
 async def _read_to_end(lines: AsyncIterator[str]) -> None:
     """Read the stream to its end (Ollama sends nothing after `done`), so the connection goes back to the
-    pool: httpx closes one whose body was left unread, and the next request would pay a TCP connect."""
+    pool: the client closes one whose body was left unread, and the next request would pay a TCP connect."""
     async for _ in lines:
         pass
 

@@ -11,9 +11,7 @@ import json
 import time
 from typing import Any
 
-import httpx
-
-from teamorch.actors.backends import HttpBackend, TokenSink
+from teamorch.actors.backends import TRANSPORT_ERRORS, HttpBackend, TokenSink
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -39,12 +37,12 @@ class OpenAIBackend(HttpBackend):
             payload["response_format"] = {"type": "json_object"}
         started = time.monotonic()
         try:
-            async with self.client.stream("POST", "/v1/chat/completions", json=payload) as response:
+            async with self.client.post(self.url("/v1/chat/completions"), json=payload) as response:
                 body = await self.read_capped(response)
-        except httpx.TransportError as exc:
+        except TRANSPORT_ERRORS as exc:
             raise self.unreachable(exc) from exc
-        if response.status_code != 200:
-            raise self.error_for(response.status_code, body, req.model)
+        if response.status != 200:
+            raise self.error_for(response.status, body, req.model)
         try:
             data = json.loads(body)
             text = data["choices"][0]["message"]["content"] or ""
