@@ -193,8 +193,9 @@ class Coordinator:
         together (`actors.TurnBatch`), in the order they happened."""
         run = self.runs.get(run_id)
         if run is not None:
-            for event in events:
-                run.live(event)
+            with run.journal.group():
+                for event in events:
+                    run.live(event)
 
     async def runs(self) -> list[RunState]:
         """Runs in progress on this coordinator, then the last finished ones it keeps (`teamorch status`)."""

@@ -155,12 +155,14 @@ class PlanExecutor:
         if not self.unsent:
             return bool(self.running)
         step = next_step(self.plan, self.journal, self._in_flight(), self.limit)
-        for result in step.settled:
-            self.unsent.discard(result.task_id)
-            self.recorder.record(result)
+        with self.recorder.journal.group():  # one fsync for the step's facts, before any task is sent
+            for result in step.settled:
+                self.unsent.discard(result.task_id)
+                self.recorder.record(result)
+            for task in step.start:
+                self.unsent.discard(task.task_id)
+                self.recorder.queued(task)
         for task in step.start:
-            self.unsent.discard(task.task_id)
-            self.recorder.queued(task)
             fut = asyncio.create_task(self._run_task(task))
             fut.add_done_callback(self.ended.put_nowait)
             self.running[fut] = task
@@ -168,14 +170,15 @@ class PlanExecutor:
 
     async def _collect(self, done: set[asyncio.Task[TaskResult]]) -> None:
         winners = []
-        for fut in done:
-            if fut not in self.running:
-                continue  # cancelled by `_cancel`, which recorded it
-            task = self.running.pop(fut)
-            result = fut.result()
-            self.recorder.record(result)
-            if hedge_won(self.plan, result):
-                winners.append(task.task_id)
+        with self.recorder.journal.group():  # one fsync for every result of this turn, before any is acted on
+            for fut in done:
+                if fut not in self.running:
+                    continue  # cancelled by `_cancel`, which recorded it
+                task = self.running.pop(fut)
+                result = fut.result()
+                self.recorder.record(result)
+                if hedge_won(self.plan, result):
+                    winners.append(task.task_id)
         if winners:
             await self._cancel(Cancel.HEDGE, f"hedged: {winners[0]!r} finished first")
 

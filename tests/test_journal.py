@@ -211,6 +211,35 @@ def test_every_written_event_is_fsynced_before_append_returns(
     assert len(synced) == 1
 
 
+def test_a_group_commit_writes_every_fact_in_order_and_fsyncs_once_at_its_end(
+    journal: RunJournal, runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(len((runs / "run-1" / EVENTS_FILE).read_bytes().splitlines()))  # lines on disk when synced
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    before = len(journal.events)
+    with journal.group():
+        for i in range(3):
+            journal.append(TaskQueued(task_id=f"t{i}", specialist="s"))
+            with journal.group():  # nested: still the one group
+                journal.append(TaskFinished(result=result(f"t{i}")))
+        journal.append(TaskFinished(result=result("t0")))  # a duplicate inside a group: still dropped
+        assert synced == []  # written, flushed, not yet synced
+    assert synced == [before + 6]  # one fsync, with all six facts on disk
+    on_disk = [json.loads(line) for line in (runs / "run-1" / EVENTS_FILE).read_bytes().splitlines()][before:]
+    assert [(e["type"], e.get("task_id") or e["result"]["task_id"]) for e in on_disk] == [
+        (kind, f"t{i}") for i in range(3) for kind in ("task_queued", "task_finished")
+    ]
+    assert [e["seq"] for e in on_disk] == list(range(before + 1, before + 7))
+    journal.append(TaskQueued(task_id="t9", specialist="s"))  # outside a group: synced before append returns
+    assert synced == [before + 6, before + 7]
+
+
 # ---- who may write, and what state a run is in -----------------------------------------------------
 
 
