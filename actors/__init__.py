@@ -2,12 +2,38 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypeVar
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
     from ray import ObjectRef
 
 T = TypeVar("T")
+
+
+class TurnBatch(Generic[T]):
+    """Messages added during one turn of the event loop, handed to `send` together when the turn ends.
+
+    A Ray actor call costs about half a millisecond of CPU between its two
+    ends whatever it carries (measured on 2 cores), so one-way messages that
+    many concurrent tasks send (lease releases, live events) go as one call per
+    turn: one per message when tasks run one at a time, far fewer in a burst.
+    Nothing waits for them, and they leave a turn later than alone would.
+    """
+
+    def __init__(self, send: Callable[[list[T]], None]) -> None:
+        self._send = send
+        self._items: list[T] = []
+
+    def add(self, item: T) -> None:
+        if not self._items:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._items.append(item)
+
+    def _flush(self) -> None:
+        items, self._items = self._items, []
+        self._send(items)
 
 
 async def await_ref(ref: ObjectRef[T]) -> T:

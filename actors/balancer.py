@@ -82,6 +82,8 @@ from teamorch.policies.retry import restarting_verdict
 
 # Circuits turn half-open and requests age on the clock, not on events: the queue is re-planned this often.
 TICK_SECONDS = 0.25
+# The event loop sleeps in epoll, whose timeout is whole milliseconds: a shorter timer fires a millisecond late.
+LOOP_TIMER_RESOLUTION = 0.001
 # A long-lived team saves its fleet memory at least this often while it learns (and whenever the fleet goes idle).
 MEMORY_SAVE_SECONDS = 60.0
 
@@ -195,7 +197,7 @@ class LoadBalancer:
         self._rr = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
-        self._coalescing: asyncio.TimerHandle | None = None
+        self._coalescing: asyncio.Handle | None = None
         self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
         self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
         self._due_timer: asyncio.TimerHandle | None = None
@@ -298,11 +300,21 @@ class LoadBalancer:
 
     async def release(self, done: LeaseOutcome) -> None:
         """Hand a slot back; the outcome updates the server's speed and health. Releasing twice is harmless."""
+        await self.release_many([done])
+
+    async def release_many(self, outcomes: list[LeaseOutcome]) -> None:
+        """Several releases (a specialist sends those of one loop turn together), then one planning round for
+        all the slots they free: per release, both the Ray call and the round were most of this actor's CPU."""
         await self.start()
+        freed = [self._release(done) for done in outcomes]  # every one released before planning
+        if any(freed):
+            self._dispatch()
+
+    def _release(self, done: LeaseOutcome) -> bool:
+        """One release; True if it changed what can be granted (the caller plans the queue again)."""
         lease = self.leases.pop(done.lease_id, None)
         if lease is None:
-            self._orphan(done.lease_id)
-            return
+            return self._orphan(done.lease_id)
         if lease.key:
             self.keyed.pop(lease.key, None)
         stats = self.servers[lease.server]
@@ -327,7 +339,7 @@ class LoadBalancer:
             probe = asyncio.create_task(self._probe(lease.server))
             self._probing.add(probe)  # held until done: the loop keeps only weak references to tasks
             probe.add_done_callback(self._probing.discard)
-        self._dispatch()
+        return True
 
     def _hand_over(self, lease_id: str, lease: _Lease, now: float) -> Placement:
         """A lease ends: an early grant waiting behind it leaves the gate now and keeps its slot.
@@ -345,12 +357,14 @@ class LoadBalancer:
             return replace(lease.placed, slot=None)
         return lease.placed
 
-    def _orphan(self, lease_id: str) -> None:
-        """A lease this balancer never granted: one from before a restart frees a slot; a repeat release is moot."""
+    def _orphan(self, lease_id: str) -> bool:
+        """A lease this balancer never granted: one from before a restart frees a slot (True); a repeat release
+        is moot."""
         parts = lease_id.rsplit("-", 2)  # server-epoch-seq (a server name may hold dashes itself)
         if len(parts) == 3 and parts[1] != self.epoch and parts[0] in self.servers:
             record_orphan_release(self.servers[parts[0]], time.monotonic())
-            self._dispatch()
+            return True
+        return False
 
     def _unqueue(self, waiter: _Waiter, granted: float | None = None) -> None:
         """`waiter` leaves the queue: granted (at monotonic `granted`), refused or cancelled. Twice is harmless."""
@@ -477,7 +491,7 @@ class LoadBalancer:
                     self._unqueue(arrived)
                     return
                 if delay is not None and self._coalescing is None:
-                    self._coalescing = asyncio.get_running_loop().call_later(delay, self._coalesced)
+                    self._coalescing = _after(delay, self._coalesced)
                 self._full = delay is None
                 self._arm_due_timer()
                 return
@@ -617,6 +631,17 @@ class LoadBalancer:
         self._saved_at = time.monotonic()
         self._memory = remember(self.servers.values(), self._memory, time.time())
         self._saving = asyncio.create_task(asyncio.to_thread(_write_memory, self._memory_path, self._memory))
+
+
+def _after(delay: float, callback: Callable[[], None]) -> asyncio.Handle:
+    """Run `callback` in `delay` seconds; a delay under the loop's timer resolution waits one loop turn instead.
+
+    A wave's requests that reached this actor together are all queued by the
+    next turn; a sub-millisecond timer waited a whole millisecond for nothing
+    more, on every acquire of a fast fleet (measured: +1 ms per task).
+    """
+    loop = asyncio.get_running_loop()
+    return loop.call_later(delay, callback) if delay >= LOOP_TIMER_RESOLUTION else loop.call_soon(callback)
 
 
 def _write_memory(path: Path, memory: FleetMemory) -> None:

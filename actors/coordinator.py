@@ -105,11 +105,12 @@ class Coordinator:
         if self._started:
             return list(self.servers)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self_handle = ray.get_runtime_context().current_actor
         for cfg in self.team.servers:
             # A request to a server that died is failed over by its specialist (to another server, within the
             # task deadline), never retried by Ray: a server pinned to a lost node would never come back.
             placed = {**_placed(cfg.ray_resources, here), **SUPERVISED, "max_task_retries": 0}
-            self.servers[cfg.name] = ray.remote(ModelServer).options(**placed).remote(cfg)
+            self.servers[cfg.name] = ray.remote(ModelServer).options(**placed).remote(cfg, self_handle)
         self.balancer = (
             ray.remote(LoadBalancer).options(**_placed({}, here), **SUPERVISED).remote(self.team, self.servers)
         )
@@ -117,7 +118,7 @@ class Coordinator:
             self.specialists[spec.name] = (
                 ray.remote(Specialist)
                 .options(**_placed(spec.ray_resources, here), **SUPERVISED)
-                .remote(spec, self.balancer, self.servers, self.team.retry, ray.get_runtime_context().current_actor)
+                .remote(spec, self.balancer, self.servers, self.team.retry, self_handle)
             )
         names = await asyncio.gather(*(await_ref(h.ready.remote()) for h in self.servers.values()))
         await await_ref(self.balancer.start.remote())
@@ -186,6 +187,15 @@ class Coordinator:
         run = self.runs.get(run_id)
         if run is not None:
             run.live(event)
+
+    async def task_events(self, run_id: str, events: list[LiveEvent]) -> None:
+        """`task_event` for several reports of one run at once: a specialist sends those of one loop turn
+        together (`actors.TurnBatch`), in the order they happened."""
+        run = self.runs.get(run_id)
+        if run is not None:
+            with run.journal.group():
+                for event in events:
+                    run.live(event)
 
     async def runs(self) -> list[RunState]:
         """Runs in progress on this coordinator, then the last finished ones it keeps (`teamorch status`)."""

@@ -128,12 +128,19 @@ class PlanExecutor:
         self.waves = plan.wave_of()
         self.priority = critical_path_priority(plan)
         self.running: dict[asyncio.Task[TaskResult], Task] = {}
+        # Tasks neither recorded nor in flight: while there are none, no result can start or skip anything.
+        self.unsent = {t.task_id for t in plan.tasks} - set(self.journal)
+        # Each task in flight puts itself here when it ends: waiting on the queue costs the same with 5 or 5,000
+        # in flight, where `asyncio.wait` over them all hooked and unhooked every one per result.
+        self.ended: asyncio.Queue[asyncio.Task[TaskResult]] = asyncio.Queue()
 
     async def run(self) -> str | None:
         """Run to the end; returns why the run was cut short, or None."""
         try:
             while self._dispatch_ready():
-                done, _ = await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+                done = {await self.ended.get()}
+                while not self.ended.empty():  # every result that came in with it: one DAG step for all
+                    done.add(self.ended.get_nowait())
                 await self._collect(done)
         except asyncio.CancelledError:
             await self._cancel(Cancel.RUN, RUN_CANCELLED)
@@ -145,22 +152,33 @@ class PlanExecutor:
 
     def _dispatch_ready(self) -> bool:
         """Record the tasks that will never run, start the ready ones; False when nothing is left in flight."""
+        if not self.unsent:
+            return bool(self.running)
         step = next_step(self.plan, self.journal, self._in_flight(), self.limit)
-        for result in step.settled:
-            self.recorder.record(result)
+        with self.recorder.journal.group():  # one fsync for the step's facts, before any task is sent
+            for result in step.settled:
+                self.unsent.discard(result.task_id)
+                self.recorder.record(result)
+            for task in step.start:
+                self.unsent.discard(task.task_id)
+                self.recorder.queued(task)
         for task in step.start:
-            self.recorder.queued(task)
-            self.running[asyncio.create_task(self._run_task(task))] = task
+            fut = asyncio.create_task(self._run_task(task))
+            fut.add_done_callback(self.ended.put_nowait)
+            self.running[fut] = task
         return bool(self.running)
 
     async def _collect(self, done: set[asyncio.Task[TaskResult]]) -> None:
         winners = []
-        for fut in done:
-            task = self.running.pop(fut)
-            result = fut.result()
-            self.recorder.record(result)
-            if hedge_won(self.plan, result):
-                winners.append(task.task_id)
+        with self.recorder.journal.group():  # one fsync for every result of this turn, before any is acted on
+            for fut in done:
+                if fut not in self.running:
+                    continue  # cancelled by `_cancel`, which recorded it
+                task = self.running.pop(fut)
+                result = fut.result()
+                self.recorder.record(result)
+                if hedge_won(self.plan, result):
+                    winners.append(task.task_id)
         if winners:
             await self._cancel(Cancel.HEDGE, f"hedged: {winners[0]!r} finished first")
 
@@ -172,6 +190,7 @@ class PlanExecutor:
                 self.recorder.record(unrun(task, self.waves, "cancelled", f"{reason}; its request was closed"))
         await asyncio.sleep(0)  # let the cancelled tasks reach ray.cancel before the run returns
         for result in cancel_waiting(self.plan, self.journal, self._in_flight(), scope, reason):
+            self.unsent.discard(result.task_id)
             self.recorder.record(result)
 
     async def _run_task(self, task: Task) -> TaskResult:

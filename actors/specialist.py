@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import ray
 from ray.actor import ActorHandle
 
-from teamorch.actors import await_ref
+from teamorch.actors import TurnBatch, await_ref
 from teamorch.actors.server import ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
 from teamorch.errors import NoServerAvailable, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, unwrap
@@ -68,6 +68,8 @@ class Specialist:
         self.coordinator = coordinator  # told of each attempt as it starts and fails (live events)
         self._rng = random.Random(hash(config.name) & 0xFFFF)
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
+        self._releases: TurnBatch[LeaseOutcome] = TurnBatch(self._release)
+        self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
 
     async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
         """Run one task to a final status; never raises for server trouble.
@@ -170,15 +172,26 @@ class Specialist:
         """Fire-and-forget: the coordinator journals the same facts from the result, so a lost report costs
         liveness only (the journal keys attempts by task and number, so the two are written once)."""
         if self.coordinator is not None and assignment.run_id:
-            self.coordinator.task_event.remote(assignment.run_id, event)
+            self._events.add((assignment.run_id, event))
+
+    def _report(self, events: list[tuple[str, LiveEvent]]) -> None:
+        """One call per run for the live events of one loop turn (`TurnBatch`)."""
+        by_run: dict[str, list[LiveEvent]] = {}
+        for run_id, event in events:
+            by_run.setdefault(run_id, []).append(event)
+        if self.coordinator is not None:
+            for run_id, batch in by_run.items():
+                self.coordinator.task_events.remote(run_id, batch)
+
+    def _release(self, outcomes: list[LeaseOutcome]) -> None:
+        """One call for the releases of one loop turn (`TurnBatch`); like each release, never awaited."""
+        self.balancer.release_many.remote(outcomes)
 
     def _progress_to(self, assignment: Assignment, attempt: int) -> ProgressTo | None:
         """Where the server tells this attempt's tokens as they stream: the coordinator running the task."""
         if self.coordinator is None or not assignment.run_id:
             return None
-        return ProgressTo(
-            coordinator=self.coordinator, run_id=assignment.run_id, task_id=assignment.task.task_id, attempt=attempt
-        )
+        return ProgressTo(run_id=assignment.run_id, task_id=assignment.task.task_id, attempt=attempt)
 
     async def _attempt(
         self,
@@ -261,7 +274,7 @@ class Specialist:
                         task_id=task_id, server=server, attempt=number, error_class=outcome, error=why, seconds=seconds
                     ),
                 )
-            self.balancer.release.remote(
+            self._releases.add(
                 _lease_outcome(call.lease.lease_id, outcome, req.model, call.started, response, error_text, wasted)
             )
 

@@ -79,6 +79,11 @@ class Fleet:
             proc.kill()
             proc.wait()
 
+    @property
+    def pid(self) -> int | None:
+        """The simulators' process, while the fleet is up (its CPU is the servers', not the client's)."""
+        return self._proc.pid if self._proc is not None else None
+
     def stats(self) -> dict[str, dict[str, Any]]:
         return {name: self._http.get(f"{url}/sim/stats").json() for name, url in self.urls.items()}
 

@@ -9,7 +9,8 @@ tokens/s, one output token), so everything measured is overhead:
   balancer lease -> server actor -> HTTP and back), vs one task inside a
   100-task dependency chain (no driver round trip: the coordinator's own
   per-task cost, including handing the previous output downstream);
-* dispatch throughput: one coordinator, one plan of 500 independent tiny tasks;
+* dispatch throughput: one coordinator, one plan of 500 independent tiny tasks,
+  journaled in memory (the Python API) and on disk (`teamorch run`: fsynced facts);
 * memory per task: growth of the coordinator process's resident set size
   (RSS) over several 500-task plans, divided by the tasks run. The
   coordinator keeps running totals and only the last few run journals, so
@@ -24,7 +25,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import pickle
+import tempfile
 import time
 from typing import Any
 
@@ -33,7 +36,7 @@ import ray
 
 from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
 from teamorch import api
-from teamorch.messages import OrchestrationPlan
+from teamorch.messages import JournalSpec, OrchestrationPlan
 from teamorch.sim import SimConfig
 
 LATENCY_SAMPLES = 200
@@ -115,6 +118,35 @@ def _rss(coordinator: Any) -> int:
     return int(ray.get(coordinator.__ray_call__.remote(lambda _self: _own_rss())))
 
 
+def _cpu_seconds(pid: int | str = "self") -> float:
+    """CPU seconds (user + system, every thread) process `pid` has used so far (Linux /proc; 0 elsewhere)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _processes(coordinator: Any) -> dict[str, Any]:
+    """The team's actors by role, for reading their CPU inside each one's process."""
+    balancer, servers, specialists = ray.get(
+        coordinator.__ray_call__.remote(lambda c: (c.balancer, c.servers, c.specialists))
+    )
+    actors = {"coordinator": coordinator, "balancer": balancer}
+    actors.update({f"server {name}": handle for name, handle in servers.items()})
+    actors.update({f"specialist {name}": handle for name, handle in specialists.items()})
+    return actors
+
+
+def _cpu(actors: dict[str, Any], fleet: Fleet) -> dict[str, float]:
+    """CPU seconds so far of each actor's process, of this driver and of the simulator's process."""
+    cpu = {role: float(ray.get(h.__ray_call__.remote(lambda _self: _cpu_seconds()))) for role, h in actors.items()}
+    cpu["driver (api.execute)"] = _cpu_seconds()
+    cpu["simulator (HTTP server, not teamorch)"] = _cpu_seconds(fleet.pid) if fleet.pid else 0.0
+    return cpu
+
+
 def main() -> dict[str, Any]:
     ensure_ray()
     rows: list[list[Any]] = []
@@ -140,10 +172,16 @@ def main() -> dict[str, Any]:
                 began = time.perf_counter()
                 burst_report = api.execute(coordinator, _tasks(BURST))
                 bursts.append((time.perf_counter() - began, burst_report))
-            rss_before = _rss(coordinator)
+            with tempfile.TemporaryDirectory() as runs_dir:  # kept on disk as `teamorch run` keeps it: fsynced
+                began = time.perf_counter()
+                spec = JournalSpec(runs_dir=runs_dir, plan_raw={"problem": "overhead"})
+                burst_report = api.execute(coordinator, _tasks(BURST), journal=spec)
+                on_disk = (time.perf_counter() - began, burst_report)
+            actors = _processes(coordinator)
+            rss_before, cpu_before = _rss(coordinator), _cpu(actors, fleet)
             for _ in range(MEMORY_PLANS):
                 report = api.execute(coordinator, _tasks(BURST))
-            rss_after = _rss(coordinator)
+            rss_after, cpu_after = _rss(coordinator), _cpu(actors, fleet)
             report_bytes = len(pickle.dumps(report))
         finally:
             api.stop_coordinator(coordinator)
@@ -180,8 +218,9 @@ def main() -> dict[str, Any]:
             BURST / wall,
             sum(1 for t in rep.tasks if t.status == "succeeded"),
         ]
-        for i, (wall, rep) in enumerate(bursts)
+        for i, (wall, rep) in enumerate([*bursts, on_disk])
     ]
+    burst_rows[-1][0] = f"{BURST}-task plan, journal on disk"
     tasks_run = MEMORY_PLANS * BURST
     mem_rows = [
         [
@@ -192,6 +231,8 @@ def main() -> dict[str, Any]:
         ],
         ["pickled RunReport per task (sent to the driver)", BURST, report_bytes / 1e6, report_bytes / BURST / 1e3],
     ]
+    cpu_rows = [[role, (cpu_after[role] - cpu_before[role]) / tasks_run * 1e3] for role in cpu_before]
+    cpu_rows.append(["all of them", sum(row[1] for row in cpu_rows)])
     text = "\n".join(
         [
             "",
@@ -203,11 +244,16 @@ def main() -> dict[str, Any]:
             f"({CHAIN}-task chain wall {chain_wall:.2f} s.)",
             "",
             table(["dispatch throughput", "tasks", "wall s", "tasks/s", "succeeded"], burst_rows),
-            "Both runs use the coordinator already warmed by the latency runs.",
+            "All runs use the coordinator already warmed by the latency runs; the first two journal in memory "
+            "(the Python API's default), the last on disk with every fact fsynced (as `teamorch run` does).",
             "",
             table(["memory", "tasks", "total MB", "KB per task"], mem_rows),
             "RSS growth is what the coordinator process still holds per task run (it keeps totals and the last "
             "few run journals, not every report) plus allocator slack; not a per-in-flight-task cost.",
+            "",
+            table(["CPU per task, by process", "ms"], cpu_rows),
+            f"Over the same {MEMORY_PLANS} x {BURST} tasks: user + system CPU of each process (all its threads, Ray's "
+            "included) divided by the tasks run. The sum is what bounds dispatch on a machine's cores.",
         ]
     )
     print(text, flush=True)

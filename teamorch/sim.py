@@ -62,6 +62,7 @@ _COUNTERS = (
     "evictions",
     "slowed",  # requests generated at `slow_factor` of the configured speed (the slow-tail fault)
     "tokens",
+    "connections",  # TCP connections that sent a request: a client reusing keep-alive connections opens few
 )
 Dialect = Literal["chat", "generate", "openai"]  # /api/chat, /api/generate, /v1/chat/completions
 _GARBAGE = b'{"model": "sim", "message": {"content": "trunc\n<html>502 Bad Gateway</html>\n'
@@ -195,6 +196,7 @@ class SimServer:
         self._log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG)
         self._gap_count = 0
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._peers: set[object] = set()  # client addresses seen since the last reset (the `connections` count)
         self._peak = 0
         self._peak_model: dict[str, int] = {}
         self._busy_total = 0.0
@@ -352,6 +354,7 @@ class SimServer:
 
     async def _reset(self, _request: web.Request) -> web.Response:
         self._counts = dict.fromkeys(_COUNTERS, 0)
+        self._peers = set()
         self._peak = self._in_flight  # peaks restart from what is running now
         self._peak_model = {m: s.active for m, s in self._slots.items() if s.active}
         self._busy_total = 0.0
@@ -598,6 +601,13 @@ class SimServer:
     async def _ollama_chat(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "chat")
 
+    def _count_connection(self, request: web.Request) -> None:
+        """A request from a client address (host, port) not seen since the last reset came on a new connection."""
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        if peer not in self._peers:
+            self._peers.add(peer)
+            self._counts["connections"] += 1
+
     async def _ollama_generate(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "generate")
 
@@ -619,6 +629,7 @@ class SimServer:
         if not isinstance(body, dict):
             return self._error(400, "expected a JSON object", dialect, "invalid_request_error")
         self._counts["requests"] += 1
+        self._count_connection(request)
         entry = {"at": time.time(), "model": body.get("model"), "prompt": _parse(body, dialect)[0], "completed": False}
         self._log.append(entry)  # marked completed when its answer is sent: who got an output, and how often
         die_after = self.config.die_after

@@ -105,3 +105,21 @@ def test_a_specialists_second_task_goes_where_its_prompt_is_cached(sims, coordin
     assert (warm["requests"], warm["prefix_hits"]) == (2, 1)
     assert warm["cached_prompt_tokens"] >= shared
     assert next(b for b in boxes if b.config.name != first.server).stats()["requests"] == 0
+
+
+def test_a_sub_millisecond_coalesce_waits_one_loop_turn_not_a_timer() -> None:
+    """epoll sleeps whole milliseconds: a 30 us timer held every acquire of a fast fleet for ~1 ms."""
+    import asyncio
+
+    from teamorch.actors.balancer import LOOP_TIMER_RESOLUTION, _after
+
+    async def run() -> tuple[list[str], bool, bool]:
+        fired: list[str] = []
+        short = _after(LOOP_TIMER_RESOLUTION / 30, lambda: fired.append("short"))
+        long = _after(LOOP_TIMER_RESOLUTION * 5, lambda: fired.append("long"))
+        await asyncio.sleep(0)  # one turn of the loop
+        kinds = isinstance(short, asyncio.TimerHandle), isinstance(long, asyncio.TimerHandle)
+        long.cancel()
+        return fired, *kinds
+
+    assert asyncio.run(run()) == (["short"], False, True)

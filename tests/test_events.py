@@ -141,3 +141,24 @@ def test_tokens_generated_arrive_while_a_task_streams_throttled_and_in_seq(sims,
     assert all(b.at - a.at >= REPORT_EVERY - 0.05 for a, b in itertools.pairwise(progress))
     assert all(e.tokens_per_second > 0 and e.ttft is not None for e in progress)
     assert slow.stats()["completed"] == 1  # one generation on the server, whatever was reported about it
+
+
+def test_messages_of_one_loop_turn_go_in_one_batch_in_order() -> None:
+    """`TurnBatch` (live events, lease releases): one send per turn with everything added in it, none lost."""
+    import asyncio
+
+    from teamorch.actors import TurnBatch
+
+    async def run() -> list[list[int]]:
+        sent: list[list[int]] = []
+        batch: TurnBatch[int] = TurnBatch(sent.append)
+        for i in range(3):
+            batch.add(i)
+        assert sent == []  # nothing leaves before the turn ends
+        await asyncio.sleep(0)
+        batch.add(3)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return sent
+
+    assert asyncio.run(run()) == [[0, 1, 2], [3]]

@@ -157,6 +157,23 @@ def test_a_response_past_max_response_bytes_fails_the_attempt_as_malformed(sims)
     wait_for(lambda: sim.stats()["cancelled"] == 1)  # the stream was closed, not read to the end
 
 
+def test_calls_in_turn_reuse_one_keep_alive_connection(sims) -> None:
+    """The stream is read to its end after the `done` line: an unread rest would make the client close the
+    connection, and every call would pay a TCP connect (the simulator counts the connections it saw)."""
+    sim = sims(name="keep", tokens_per_second=1e6, ttft=0.0)
+    backend = OllamaBackend(ServerConfig(name="keep", url=sim.url))
+    req = ChatRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 3})
+
+    async def calls() -> list[int]:
+        try:
+            return [(await backend.chat(req)).tokens for _ in range(5)]
+        finally:
+            await backend.aclose()
+
+    assert asyncio.run(calls()) == [3] * 5
+    assert sim.stats()["requests"] == 5 and sim.stats()["connections"] == 1
+
+
 def test_an_answer_under_max_response_bytes_is_read_whole(sims) -> None:
     sim = sims(name="ok", tokens_per_second=10_000, ttft=0.0, reply_bytes=40_000)
     backend = OllamaBackend(ServerConfig(name="ok", url=sim.url, max_response_bytes=64 * 1024))

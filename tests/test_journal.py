@@ -28,6 +28,7 @@ from teamorch.journal import (
     TaskFinished,
     TaskQueued,
     TaskStarted,
+    TokensGenerated,
     attempt_events,
     list_runs,
     new_run_id,
@@ -208,6 +209,35 @@ def test_every_written_event_is_fsynced_before_append_returns(
     assert synced == [(runs / "run-1" / EVENTS_FILE).stat().st_ino]
     journal.append(TaskFinished(result=result("t1")))  # duplicate: nothing written, nothing synced
     assert len(synced) == 1
+
+
+def test_a_group_commit_writes_every_fact_in_order_and_fsyncs_once_at_its_end(
+    journal: RunJournal, runs: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[int] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(len((runs / "run-1" / EVENTS_FILE).read_bytes().splitlines()))  # lines on disk when synced
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    before = len(journal.events)
+    with journal.group():
+        for i in range(3):
+            journal.append(TaskQueued(task_id=f"t{i}", specialist="s"))
+            with journal.group():  # nested: still the one group
+                journal.append(TaskFinished(result=result(f"t{i}")))
+        journal.append(TaskFinished(result=result("t0")))  # a duplicate inside a group: still dropped
+        assert synced == []  # written, flushed, not yet synced
+    assert synced == [before + 6]  # one fsync, with all six facts on disk
+    on_disk = [json.loads(line) for line in (runs / "run-1" / EVENTS_FILE).read_bytes().splitlines()][before:]
+    assert [(e["type"], e.get("task_id") or e["result"]["task_id"]) for e in on_disk] == [
+        (kind, f"t{i}") for i in range(3) for kind in ("task_queued", "task_finished")
+    ]
+    assert [e["seq"] for e in on_disk] == list(range(before + 1, before + 7))
+    journal.append(TaskQueued(task_id="t9", specialist="s"))  # outside a group: synced before append returns
+    assert synced == [before + 6, before + 7]
 
 
 # ---- who may write, and what state a run is in -----------------------------------------------------
@@ -481,3 +511,26 @@ def test_teamorch_runs_lists_each_run_with_status_and_progress(runs: Path, capsy
         ("done-run", "finished", "2/2", "1", "yes"),
         ("cut-run", "interrupted", "1/2", "1", "-"),
     ]
+
+
+def test_without_secrets_a_task_event_is_stored_as_the_json_round_trip_would_store_it() -> None:
+    """The fast path (no dump/scrub/validate) keeps exactly what the round trip keeps: same events, same order."""
+    done = result("t1").model_copy(
+        update={"attempts": [Attempt(server="a", started_at=1.0, ended_at=1.5, outcome="busy", error="503 busy")]}
+    )
+    started, failed = attempt_events(done)
+    events = [
+        TaskQueued(task_id="t1", specialist="s"),
+        started,
+        TokensGenerated(task_id="t1", server="a", tokens=3, tokens_per_second=2.5, ttft=0.1),
+        failed,
+        TaskFinished(result=done),
+    ]
+    plain = RunJournal.in_memory("fast", plan_of(PLAN_RAW).model_dump(mode="json"))
+    scrubbed = RunJournal.in_memory("slow", plan_of(PLAN_RAW).model_dump(mode="json"), secrets=["never-in-any-text"])
+    for event in events:
+        plain.append(event)
+        scrubbed.append(event)
+    assert [e.model_dump() for e in plain.events[1:]] == [e.model_dump() for e in scrubbed.events[1:]]
+    assert [type(e) for e in plain.events[1:]] == [type(e) for e in scrubbed.events[1:]]
+    assert plain.events[-1].session == 1 and [e.seq for e in plain.events] == [1, 2, 3, 4, 5, 6]
