@@ -29,14 +29,17 @@ Run: `.venv/bin/python -m benchmarks.scale` (part of `make bench`).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import itertools
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from teamorch.messages import LeaseRequest, ServerLoad
+from teamorch.messages import Lease, LeaseOutcome, LeaseRequest, ServerLoad
 from teamorch.policies.balancing import REPLAN_EVENTS, Decision, Planner, plan_dispatch
 from teamorch.policies.prefix import SlotState, signature
 
@@ -253,32 +256,36 @@ def _actor_team(servers: int, slots: int, planner: str) -> Any:
 
 
 async def _actor_clients(
-    balancer: Any, requests: Sequence[LeaseRequest], speeds: dict[str, float]
+    balancer: Any, requests: Sequence[LeaseRequest], speeds: dict[str, float], slots: int
 ) -> tuple[list[float], float, int]:
     """Acquire, hold for the server's service time, release, for every request at once.
 
-    Returns the monotonic time of each grant, when the balancer had received
-    every acquire (a call made after them all answered: one caller's calls
-    start in order), and how many were waiting then.
+    A server admits `slots` requests at once, as the server actor's gate does:
+    an early grant (queued behind a request about to end) waits there, and its
+    latency counts the wait, its time to first token does not (the specialist
+    measures both so). Returns the monotonic time of each grant, when the
+    balancer had received every acquire (a call made after them all answered:
+    one caller's calls start in order), and how many were waiting then.
     """
-    import asyncio
-
-    from teamorch.messages import LeaseOutcome
 
     grants: list[float] = []
+    gates = {name: asyncio.Semaphore(slots) for name in speeds}
 
     async def one(req: LeaseRequest) -> None:
         lease = await balancer.acquire.remote(req)
-        grants.append(time.monotonic())
+        began = time.monotonic()
+        grants.append(began)
         tokens = req.expected_tokens or 0
         seconds = ACTOR_TTFT + speeds[lease.server] * tokens
-        await asyncio.sleep(seconds)
+        async with gates[lease.server]:
+            gated = time.monotonic() - began
+            await asyncio.sleep(seconds)
         # Prefill is free here (as in the simulator by default): the outcome says so, and the balancer learns it.
         outcome = LeaseOutcome(
             lease_id=lease.lease_id,
             outcome="ok",
             model=req.model,
-            latency=seconds,
+            latency=gated + seconds,  # the service time as configured: the client loop's own lag is not the server's
             ttft=ACTOR_TTFT,
             tokens=tokens,
             prompt_tokens=req.prompt_tokens,
@@ -302,12 +309,50 @@ async def _actor_clients(
     return grants, queued_at, waiting
 
 
+class _NullDesk:
+    """A lease desk that decides nothing: a freed slot goes to the longest waiting acquire.
+
+    Driven by the same clients as the balancer (one `acquire` and one `release`
+    per grant, the same slots), it measures what Ray's calls and asyncio's
+    futures alone allow on this machine: the ceiling for the balancer actor.
+    """
+
+    def __init__(self, servers: list[str], slots: int) -> None:
+        self.free = deque(name for name in servers for _ in range(slots))
+        self.held: dict[str, str] = {}
+        self.waiting: deque[asyncio.Future[str]] = deque()
+        self.count = itertools.count()
+
+    async def start(self) -> None:
+        return None
+
+    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
+        if self.free:
+            server = self.free.popleft()
+        else:
+            self.waiting.append(asyncio.get_running_loop().create_future())
+            server = await self.waiting[-1]  # the releasing call handed its slot over
+        lease_id = str(next(self.count))
+        self.held[lease_id] = server
+        return Lease(lease_id=lease_id, server=server)
+
+    async def release(self, done: LeaseOutcome) -> None:
+        server = self.held.pop(done.lease_id)
+        if self.waiting:
+            self.waiting.popleft().set_result(server)
+        else:
+            self.free.append(server)
+
+    async def snapshot(self) -> list[ServerLoad]:
+        return [ServerLoad(name="any", slots=1, effective_slots=1, waiting=len(self.waiting))]
+
+
 def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 10_000) -> tuple[float, int, int]:
     """Grants per second the balancer actor sustains with a full queue: (grants/s, grants, queued at the start).
 
     Counted from the moment the balancer holds every request (`_actor_clients`) for ACTOR_SECONDS.
+    `planner: "ceiling"` drives `_NullDesk` instead: Ray's own cost of an acquire and a release.
     """
-    import asyncio
 
     import ray
 
@@ -315,18 +360,26 @@ def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 1
     from teamorch.actors.balancer import LoadBalancer
 
     ensure_ray()
-    team = _actor_team(servers, slots, planner)
-    speeds = dict(zip([s.name for s in team.servers], speed_classes(servers, CLASSES, 0.05), strict=True))
+    team = _actor_team(servers, slots, "incremental" if planner == "ceiling" else planner)
+    names = [s.name for s in team.servers]
+    speeds = dict(zip(names, speed_classes(servers, CLASSES, 0.05), strict=True))
     rng = random.Random(3)
     # Tiny tasks: 8..32 output tokens, so 400 slots free up thousands of times a second.
-    requests = [r.model_copy(update={"expected_tokens": rng.randint(8, 32)}) for r in make_queue(queued + 2 * servers)]
-    warm_up, requests = requests[: 2 * servers], requests[2 * servers :]
+    # The warm-up fills every slot at once (the cold start's first round), so every server is measured before
+    # the queue arrives; fewer leave servers unmeasured, and the run would measure how they are probed instead.
+    warm = servers * slots
+    requests = [r.model_copy(update={"expected_tokens": rng.randint(8, 32)}) for r in make_queue(queued + warm)]
+    warm_up, requests = requests[:warm], requests[warm:]
     # Every request waits inside the balancer, as a team's specialists' acquire calls do.
-    balancer = ray.remote(LoadBalancer).options(num_cpus=0, max_concurrency=queued + 1000).remote(team, {})
+    options = {"num_cpus": 0, "max_concurrency": queued + 1000}
+    if planner == "ceiling":
+        balancer = ray.remote(_NullDesk).options(**options).remote(names, slots)
+    else:
+        balancer = ray.remote(LoadBalancer).options(**options).remote(team, {})
     try:
         ray.get(balancer.start.remote())
-        asyncio.run(_actor_clients(balancer, warm_up, speeds))  # every server measured: past the cold start
-        grants, start, waiting = asyncio.run(_actor_clients(balancer, requests, speeds))
+        asyncio.run(_actor_clients(balancer, warm_up, speeds, slots))  # every server measured: past the cold start
+        grants, start, waiting = asyncio.run(_actor_clients(balancer, requests, speeds, slots))
     finally:
         ray.kill(balancer)
     steady = [t for t in grants if t > start]
