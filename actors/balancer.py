@@ -306,12 +306,8 @@ class LoadBalancer:
         now = time.monotonic()
         placed = self._hand_over(done.lease_id, lease, now)
         if lease.gate and done.latency is not None:  # the seconds at the gate were not the server's
-            done = done.model_copy(
-                update={
-                    "latency": max(0.0, done.latency - lease.gate),
-                    "ttft": None if done.ttft is None else max(0.0, done.ttft - lease.gate),
-                }
-            )
+            # Only the latency counts them: the time to first token is measured from the HTTP send, past the gate.
+            done = done.model_copy(update={"latency": max(0.0, done.latency - lease.gate)})
         if lease.size:
             record_latency((stats.tail, self.tail), done, lease.expected, lease.size, lease.hedged)
         record_outcome(stats, done, lease.placed.cold, now, self.team.balancer.backoff_seconds, placed)
