@@ -565,6 +565,10 @@ def _probe_shortest(
     are busy with (a 3 s job on the slowest box was seen). The shortest
     request costs least if the guess was wrong. It still goes there only if
     that is where it finishes first (a model load, say, can make it wait).
+    Each unmeasured server gets its own request (the shortest one no other
+    unmeasured server took), so one round probes them all: with one shared
+    request, a round probed one server, and 60 new servers behind a long
+    queue took 60 rounds of planning the whole queue.
     """
     unmeasured = {name for name, sp in speeds.items() if not sp.measured}
     if not unmeasured:
@@ -574,11 +578,13 @@ def _probe_shortest(
     # measured servers' slots are taken, so it is the one the unmeasured server can win.
     shortest = sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, queue[i].waited, -i))
     for index in shortest:
-        for s in live[index]:
-            if s.name in unmeasured:
-                probe.setdefault(s.name, index)
+        if len(probe) == len(unmeasured):
+            break
+        name = next((s.name for s in live[index] if s.name in unmeasured and s.name not in probe), None)
+        if name is not None:
+            probe[name] = index
     return {
-        index: [s for s in cands if s.name not in unmeasured or probe[s.name] == index] or cands
+        index: [s for s in cands if s.name not in unmeasured or probe.get(s.name) == index] or cands
         for index, cands in live.items()
     }
 
