@@ -54,12 +54,13 @@ from teamorch.policies.fleet import (
     GroupServers,
     Placement,
     ServerStats,
+    free_slot,
+    learn_outcome,
     parse_memory,
     recall,
     record_grant,
     record_latency,
     record_orphan_release,
-    record_outcome,
     record_probe,
     record_restart,
     remember,
@@ -192,6 +193,7 @@ class LoadBalancer:
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
+        self._soon: asyncio.Handle | None = None  # the round planned for this loop turn's releases
         self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
         self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
         self._due_timer: asyncio.TimerHandle | None = None
@@ -293,24 +295,43 @@ class LoadBalancer:
         return HedgeGrant(lease=lease, reason=decision.reason)
 
     async def release(self, done: LeaseOutcome) -> None:
-        """Hand a slot back; the outcome updates the server's speed and health. Releasing twice is harmless."""
+        """Hand a slot back; the outcome updates the server's speed and health. Releasing twice is harmless.
+
+        The slot is free whatever goes wrong afterwards: an error while learning
+        from the outcome is logged, never a slot lost (the requests waiting for
+        it would wait until their deadline).
+        """
         await self.start()
         lease = self.leases.pop(done.lease_id, None)
         if lease is None:
             self._orphan(done.lease_id)
             return
-        if lease.key:
-            self.keyed.pop(lease.key, None)
+        try:
+            self._settle(done, lease, time.monotonic())
+        except Exception:
+            log.exception(
+                "lease %s on %s: its outcome was not learned from; its slot is free", done.lease_id, lease.server
+            )
+        finally:
+            self._dispatch_soon()
+
+    def _settle(self, done: LeaseOutcome, lease: _Lease, now: float) -> None:
+        """Free the lease's slot first (`free_slot`), then learn from its outcome."""
         stats = self.servers[lease.server]
+        placed = lease.placed
+        try:
+            if lease.key:
+                self.keyed.pop(lease.key, None)
+            placed = self._hand_over(done.lease_id, lease, now)
+        finally:
+            free_slot(stats, done, placed)
         fleet_metrics().lease_released(lease.server, done)
-        now = time.monotonic()
-        placed = self._hand_over(done.lease_id, lease, now)
         if lease.gate and done.latency is not None:  # the seconds at the gate were not the server's
             # Only the latency counts them: the time to first token is measured from the HTTP send, past the gate.
             done = done.model_copy(update={"latency": max(0.0, done.latency - lease.gate)})
         if lease.size:
             record_latency((stats.tail, self.tail), done, lease.expected, lease.size, lease.hedged)
-        record_outcome(stats, done, lease.placed.cold, now, self.team.balancer.backoff_seconds, placed)
+        learn_outcome(stats, done, lease.placed.cold, now, self.team.balancer.backoff_seconds, placed)
         self._learned = self._learned or done.ok
         if not self.leases and not self.waiters:
             self._save_memory()  # the fleet went idle (a cold run's end): keep what it taught
@@ -319,10 +340,25 @@ class LoadBalancer:
             probe = asyncio.create_task(self._probe(lease.server))
             self._probing.add(probe)  # held until done: the loop keeps only weak references to tasks
             probe.add_done_callback(self._probing.discard)
+
+    def _dispatch_soon(self) -> None:
+        """Plan once for every release that arrives in one turn of the event loop, not once per release.
+
+        Ray hands an actor its calls in bursts; each round reads the whole load
+        table, so at thousands of releases a second one round per release was
+        most of the balancer's time, and the grants of a burst are the same
+        either way (each round plans every freed slot).
+        """
+        if self._soon is None:
+            self._soon = asyncio.get_running_loop().call_soon(self._dispatch_now)
+
+    def _dispatch_now(self) -> None:
+        self._soon = None
         self._dispatch()
 
     def _hand_over(self, lease_id: str, lease: _Lease, now: float) -> Placement:
-        """A lease ends: an early grant waiting behind it leaves the gate now and keeps its slot.
+        """A lease ends: an early grant waiting at its server's gate leaves it now (and keeps its slot if it was
+        queued behind this one).
 
         Returns the placement to release: without its slot while another lease
         is placed on that slot, so the prefix index frees a slot only when no
@@ -335,6 +371,14 @@ class LoadBalancer:
         if lease.behind is not None:  # it ended before the request it waited for: that one keeps the slot
             self._ahead.pop(lease.behind, None)
             return replace(lease.placed, slot=None)
+        ahead_id = next((a for a, f in self._ahead.items() if self.leases[a].server == lease.server), None)
+        if ahead_id is not None:
+            # The gate is first come, first served: the early grant waiting on this server takes this slot now,
+            # not the one it was queued behind. That lease then leaves its slot to it in the prefix index.
+            follower = self.leases[self._ahead.pop(ahead_id)]
+            follower.behind, follower.granted, follower.gate = None, now, now - follower.issued
+            ahead = self.leases[ahead_id]
+            ahead.placed = replace(ahead.placed, slot=None)
         return lease.placed
 
     def _orphan(self, lease_id: str) -> None:
@@ -503,7 +547,9 @@ class LoadBalancer:
         decisions, held_back = apply_group_diversity(decisions, queue)
         for key, decision in decisions.items():
             waiter = self.waiters[key]
-            if isinstance(decision, NoServerAvailable):
+            if waiter.future.done():  # its acquire was cancelled and has not left the queue yet: nothing to grant
+                self._unqueue(waiter)
+            elif isinstance(decision, NoServerAvailable):
                 self._unqueue(waiter)
                 waiter.future.set_exception(NoServerAvailable(decision.message))
             else:

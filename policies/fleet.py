@@ -274,8 +274,26 @@ def record_outcome(
     paid a model load and is not a sample of the server's fixed cost.
     `placed`: what `record_grant` predicted for it (slot, cached tokens).
     """
-    stats.in_flight -= 1
     placed = placed or Placement(cold=cold)
+    free_slot(stats, outcome, placed)
+    learn_outcome(stats, outcome, cold, now, backoff_seconds, placed)
+
+
+def free_slot(stats: ServerStats, outcome: LeaseOutcome, placed: Placement) -> None:
+    """The slot of a lease that came back is free again (forgetting its cache if the request failed).
+
+    Apart from what the outcome teaches (`learn_outcome`), so the balancer can
+    free it first: an error in the learning must not keep a slot, or every
+    request waiting for it waits until its deadline.
+    """
+    stats.in_flight -= 1
+    stats.prefix.release(placed.slot, known=outcome.ok)
+
+
+def learn_outcome(
+    stats: ServerStats, outcome: LeaseOutcome, cold: bool, now: float, backoff_seconds: float, placed: Placement
+) -> None:
+    """What an outcome says about its server (speed, health, residency); its slot is freed by `free_slot`."""
     kind = outcome_kind(outcome)
     _record_residency(stats, outcome, placed)
     if kind != "cancelled":
@@ -296,8 +314,7 @@ def record_outcome(
 
 
 def _record_residency(stats: ServerStats, outcome: LeaseOutcome, placed: Placement) -> None:
-    """The slot frees (forgetting its contents if the request failed); a load done clears the model's other slots."""
-    stats.prefix.release(placed.slot, known=outcome.ok)
+    """A load done clears the model's other slots."""
     if stats.loading_model == outcome.model and (placed.cold or outcome.load_seconds):
         stats.loading_model = None
     if outcome.load_seconds:  # the model was (re)loaded for this request: its other slots start empty
