@@ -35,7 +35,9 @@ from teamorch.config import TeamConfig
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import HedgeAsk, HedgeGrant, Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
 from teamorch.policies.balancing import (
+    LIVE_KEEP_SECONDS,
     LIVE_ON_TIME,
+    LIVE_SHIFT_SECONDS,
     Decision,
     Planner,
     Queued,
@@ -56,6 +58,7 @@ from teamorch.policies.fleet import (
     ServerStats,
     free_slot,
     learn_outcome,
+    load_fresh_until,
     parse_memory,
     recall,
     record_grant,
@@ -81,6 +84,8 @@ from teamorch.policies.retry import restarting_verdict
 TICK_SECONDS = 0.25
 # A long-lived team saves its fleet memory at least this often while it learns (and whenever the fleet goes idle).
 MEMORY_SAVE_SECONDS = 60.0
+# Releases are planned together when they come less than this apart (`_dispatch_soon`): a grant waits this at most.
+ROUND_SECONDS = 0.002
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +187,8 @@ class LoadBalancer:
             rng=random.Random(0),
             aging=cfg.aging_seconds,
             on_time=LIVE_ON_TIME,
+            shift_within=LIVE_SHIFT_SECONDS,
+            keep_seconds=LIVE_KEEP_SECONDS,
         )
         self.leases: dict[str, _Lease] = {}
         self.groups = GroupServers()
@@ -193,7 +200,10 @@ class LoadBalancer:
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.TimerHandle | None = None
-        self._soon: asyncio.Handle | None = None  # the round planned for this loop turn's releases
+        self._soon: asyncio.Handle | None = None  # the round planned for the releases since the last one
+        self._planned_at = 0.0  # monotonic seconds of the last planning round
+        self._rows: dict[str, tuple[ServerLoad, float]] = {}  # `_table`'s rows, each with when the clock changes it
+        self._next_due: float | None = None  # monotonic seconds when the next running lease becomes due
         self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
         self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
         self._due_timer: asyncio.TimerHandle | None = None
@@ -318,6 +328,7 @@ class LoadBalancer:
     def _settle(self, done: LeaseOutcome, lease: _Lease, now: float) -> None:
         """Free the lease's slot first (`free_slot`), then learn from its outcome."""
         stats = self.servers[lease.server]
+        self._rows.pop(lease.server, None)
         placed = lease.placed
         try:
             if lease.key:
@@ -342,15 +353,19 @@ class LoadBalancer:
             probe.add_done_callback(self._probing.discard)
 
     def _dispatch_soon(self) -> None:
-        """Plan once for every release that arrives in one turn of the event loop, not once per release.
+        """Plan once for the releases that arrive close together, not once per release.
 
-        Ray hands an actor its calls in bursts; each round reads the whole load
-        table, so at thousands of releases a second one round per release was
-        most of the balancer's time, and the grants of a burst are the same
-        either way (each round plans every freed slot).
+        Each round reads the whole load table, so at thousands of releases a
+        second one round per release was most of the balancer's time; Ray
+        hands an actor each call in its own loop turn, so rounds are spaced
+        ROUND_SECONDS apart at most: an idle balancer plans a release at once,
+        a busy one plans each burst together (each round plans every freed slot).
         """
-        if self._soon is None:
-            self._soon = asyncio.get_running_loop().call_soon(self._dispatch_now)
+        if self._soon is not None:
+            return
+        loop = asyncio.get_running_loop()
+        wait = self._planned_at + ROUND_SECONDS - time.monotonic()
+        self._soon = loop.call_later(wait, self._dispatch_now) if wait > 0 else loop.call_soon(self._dispatch_now)
 
     def _dispatch_now(self) -> None:
         self._soon = None
@@ -386,6 +401,7 @@ class LoadBalancer:
         parts = lease_id.rsplit("-", 2)  # server-epoch-seq (a server name may hold dashes itself)
         if len(parts) == 3 and parts[1] != self.epoch and parts[0] in self.servers:
             record_orphan_release(self.servers[parts[0]], time.monotonic())
+            self._rows.pop(parts[0], None)
             self._dispatch()
 
     def _unqueue(self, waiter: _Waiter, granted: float | None = None) -> None:
@@ -403,11 +419,14 @@ class LoadBalancer:
         ahead_id = self._opened.pop(name, None) if stats.in_flight >= row.effective_slots else None
         ahead = self.leases[ahead_id] if ahead_id else None
         placed = record_grant(stats, now, waiter.req, drain, ahead.placed.slot if ahead else None)
+        self._rows.pop(name, None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
         start = now + max(0.0, ahead.expected - (now - ahead.granted)) if ahead else now
         self.leases[lease_id] = _Lease(name, start, expected, placed, waiter.key, behind=ahead_id, issued=now)
         if ahead_id:
             self._ahead[ahead_id] = lease_id
+        elif self._next_due is None or now + due_in(expected) < self._next_due:
+            self._next_due = now + due_in(expected)  # when this one becomes due (`_view` found the rest)
         if waiter.key:
             self.keyed[waiter.key] = lease_id
         fleet_metrics().lease_granted(name, now - waiter.enqueued)
@@ -444,9 +463,10 @@ class LoadBalancer:
         Which lease is due on each server is kept for `_grant`. The caches are
         built only if a planner reads them (`_OnFirstRead`).
         """
-        loads = self.snapshot_now(now)
+        loads = self._table(now)
         behind = self._behind()
-        due, _next = self._due(now, behind)
+        due, upcoming = self._due(now, behind)
+        self._next_due = None if upcoming is None else now + upcoming
         self._opened = {}
         rows = []
         for row in loads:
@@ -456,6 +476,21 @@ class LoadBalancer:
             in_flight = row.in_flight - behind[row.name] - opened
             rows.append(row.model_copy(update={"in_flight": in_flight}) if in_flight != row.in_flight else row)
         return rows, partial(self._open_caches, now, dict(self._opened))
+
+    def _table(self, now: float) -> list[ServerLoad]:
+        """The load table the planners read, each row kept until an event on its server or the clock changes it
+        (`load_fresh_until`): building 100 rows per planning round was a fifth of the balancer's time.
+
+        `waiting` is not filled in (no planner reads it; `snapshot_now` does).
+        An unchanged row is the same object, which a kept plan checks first.
+        """
+        rows = []
+        for name, stats in self.servers.items():
+            kept = self._rows.get(name)
+            if kept is None or now >= kept[1]:
+                kept = self._rows[name] = (to_load(stats, now, 0), load_fresh_until(stats, now))
+            rows.append(kept[0])
+        return rows
 
     def _open_caches(self, now: float, opened: dict[str, str]) -> dict[str, list[SlotState]]:
         caches = self._caches(now)
@@ -490,10 +525,10 @@ class LoadBalancer:
         A request that `arrived` is planned now only when no policy asks it to
         wait for its wave (`coalesce_delay`) and a slot is free; otherwise it is
         only checked for eligibility, which is all that can have changed for
-        the rest of the queue. Once an arrival found every slot taken, later
-        arrivals skip even that until the next release, probe or tick (which
-        refuses an ineligible one): with thousands queued, building the load
-        table per arrival was the balancer's main cost.
+        the rest of the queue. Once an arrival (or a round) found every slot
+        taken, later arrivals skip even that until the next release, probe or
+        tick (which refuses an ineligible one): with thousands queued, building
+        the load table per arrival was the balancer's main cost.
         """
         now = time.monotonic()
         if arrived is not None:
@@ -514,6 +549,7 @@ class LoadBalancer:
                 self._arm_due_timer()
                 return
         self._full = False
+        self._planned_at = now
         for _round in range(len(self.waiters) + 1):
             if not self.waiters or not self._dispatch_round(now):
                 break
@@ -524,11 +560,10 @@ class LoadBalancer:
         if self._due_timer is not None:
             self._due_timer.cancel()
             self._due_timer = None
-        if not self.waiters:
+        if not self.waiters or self._next_due is None:
             return
-        _due, upcoming = self._due(time.monotonic(), self._behind())
-        if upcoming is not None:
-            self._due_timer = asyncio.get_running_loop().call_later(upcoming, self._became_due)
+        wait = max(0.0, self._next_due - time.monotonic())
+        self._due_timer = asyncio.get_running_loop().call_later(wait, self._became_due)
 
     def _became_due(self) -> None:
         self._due_timer = None
@@ -554,6 +589,9 @@ class LoadBalancer:
                 waiter.future.set_exception(NoServerAvailable(decision.message))
             else:
                 self._grant(waiter, decision, loads, now)
+        # The queue is planned: until a slot frees, an arrival changes nothing but its own eligibility.
+        taken = Counter(d for d in decisions.values() if isinstance(d, str))
+        self._full = bool(self.waiters) and not any(has_capacity(row, taken[row.name]) for row in loads)
         return held_back
 
     def _plan(
@@ -608,6 +646,7 @@ class LoadBalancer:
         except Exception as exc:  # the server actor itself died
             probe = ProbeResult(healthy=False, error=f"server actor lost: {exc}", checked_at=time.time())
         record_probe(self.servers[name], probe, time.monotonic())
+        self._rows.pop(name, None)
         if dispatch:
             self._dispatch()
 

@@ -132,6 +132,21 @@ def to_load(stats: ServerStats, now: float, waiting: int) -> ServerLoad:
     )
 
 
+def load_fresh_until(stats: ServerStats, now: float) -> float:
+    """Until when (monotonic seconds) `to_load(stats, now, ...)` reads the same if nothing happens to `stats`.
+
+    The clock alone changes a row when a 503 back-off, an unaccounted slot or
+    an open circuit runs out, and while a model loads (its remaining time).
+    So the balancer can keep a row between events and rebuild it only then.
+    """
+    if stats.loading_model:
+        return now
+    ends = [stats.busy_until, stats.unaccounted_until]
+    if stats.breaker.opened_at is not None:
+        ends.append(stats.breaker.opened_at + stats.breaker.reset)
+    return min((end for end in ends if end > now), default=float("inf"))
+
+
 def record_restart(stats: ServerStats, now: float) -> None:
     """The balancer came back from a crash knowing nothing of the leases it had granted.
 
