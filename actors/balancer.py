@@ -38,6 +38,7 @@ from teamorch.policies.balancing import (
     LIVE_KEEP_SECONDS,
     LIVE_ON_TIME,
     LIVE_SHIFT_SECONDS,
+    LIVE_SPEED_DRIFT,
     Decision,
     Planner,
     Queued,
@@ -189,6 +190,7 @@ class LoadBalancer:
             on_time=LIVE_ON_TIME,
             shift_within=LIVE_SHIFT_SECONDS,
             keep_seconds=LIVE_KEEP_SECONDS,
+            drift=LIVE_SPEED_DRIFT,
         )
         self.leases: dict[str, _Lease] = {}
         self.groups = GroupServers()
@@ -342,7 +344,8 @@ class LoadBalancer:
             done = done.model_copy(update={"latency": max(0.0, done.latency - lease.gate)})
         if lease.size:
             record_latency((stats.tail, self.tail), done, lease.expected, lease.size, lease.hedged)
-        learn_outcome(stats, done, lease.placed.cold, now, self.team.balancer.backoff_seconds, placed)
+        backoff = self.team.balancer.backoff_seconds
+        learn_outcome(stats, done, lease.placed.cold, now, backoff, placed, gated=lease.gate > 0)
         self._learned = self._learned or done.ok
         if not self.leases and not self.waiters:
             self._save_memory()  # the fleet went idle (a cold run's end): keep what it taught

@@ -300,6 +300,7 @@ async def _actor_clients(
             latency=gated + seconds,  # the service time as configured: the client loop's own lag is not the server's
             ttft=ACTOR_TTFT,
             tokens=tokens,
+            eval_seconds=speeds[lease.server] * tokens,  # the server's own generation time, as Ollama reports it
             prompt_tokens=req.prompt_tokens,
             cached_tokens=0,
             prompt_eval_seconds=0.0,

@@ -972,6 +972,12 @@ LIVE_SHIFT_SECONDS = 0.5
 # A live kept plan is continued for at least this many seconds whatever its event count (REPLAN_EVENTS): at
 # thousands of events a second, 256 events is a tenth of a second, and a plan from scratch costs tens of ms.
 LIVE_KEEP_SECONDS = 1.0
+# Relative change of a server's speed estimates that a kept tentative schedule tolerates before it is re-planned.
+SPEED_DRIFT = 0.05
+# A live server's EWMAs move more than SPEED_DRIFT between requests (a busy host's timings, a gate wait estimated
+# from the balancer's side): a kept plan tolerates this much there (relative), and is re-planned at the latest
+# after LIVE_KEEP_SECONDS and REPLAN_EVENTS anyway.
+LIVE_SPEED_DRIFT = 0.25
 
 
 @dataclass
@@ -1048,12 +1054,14 @@ class Planner:
         on_time: float = _ON_TIME,
         shift_within: float = 0.0,
         keep_seconds: float = 0.0,
+        drift: float = SPEED_DRIFT,
     ) -> None:
         _check_policy(policy)
         self.policy = policy
         self.on_time = on_time  # a release within this of its expected end keeps the plan (LIVE_ON_TIME: live fleet)
         self.shift_within = shift_within  # ... within this, it shifts its slot's line (LIVE_SHIFT_SECONDS)
         self.keep_seconds = keep_seconds  # a plan younger than this outlives `keep` events (LIVE_KEEP_SECONDS)
+        self.drift = drift  # speed estimates within this (relative) keep the plan (LIVE_SPEED_DRIFT: live fleet)
         self.aging = Aging(aging)
         self.keep = keep  # events a plan is continued (`_Tentative`); 0: every event plans from scratch
         self.affinity = affinity
@@ -1178,8 +1186,8 @@ class Planner:
         ranks = list(self._order(speeds, servers))
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
-        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time)
-        kept.shift_within, kept.keep_seconds = self.shift_within, self.keep_seconds  # live only (`Planner`)
+        live = {"shift_within": self.shift_within, "keep_seconds": self.keep_seconds, "drift": self.drift}
+        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time, **live)
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
@@ -1327,10 +1335,6 @@ class _BestFit:
         bisect.insort(self.ranked, (self._earliest(name), name))
 
 
-# Relative change of a server's speed estimates that a kept tentative schedule tolerates before it is re-planned.
-SPEED_DRIFT = 0.05
-
-
 def _shape(row: ServerLoad) -> tuple[object, ...]:
     """What of a load row decides eligibility and slots: any change there invalidates a kept schedule."""
     return (
@@ -1348,8 +1352,8 @@ def _shape(row: ServerLoad) -> tuple[object, ...]:
     )
 
 
-def _drifted(row: ServerLoad, base: ServerLoad) -> bool:
-    """Whether `row` left what the kept schedule assumed: its shape, or a speed estimate by more than SPEED_DRIFT."""
+def _drifted(row: ServerLoad, base: ServerLoad, tolerance: float = SPEED_DRIFT) -> bool:
+    """Whether `row` left what the kept schedule assumed: its shape, or a speed estimate by more than `tolerance`."""
     if _shape(row) != _shape(base):
         return True
     for now, then in (
@@ -1358,7 +1362,7 @@ def _drifted(row: ServerLoad, base: ServerLoad) -> bool:
         (row.ewma_prefill_seconds, base.ewma_prefill_seconds),
         (row.ewma_load_seconds, base.ewma_load_seconds),
     ):
-        if (now is None) != (then is None) or (now is not None and then and abs(now - then) > SPEED_DRIFT * then):
+        if (now is None) != (then is None) or (now is not None and then and abs(now - then) > tolerance * then):
             return True
     return False
 
@@ -1378,7 +1382,7 @@ class _Tentative:
     release is not where and when expected (within `on_time` seconds; within `shift_within`, the
     slot's reservations shift by the difference instead), a grant was not applied, a
     server's eligibility, slots or models changed, its speeds drifted by more
-    than SPEED_DRIFT, or after `events` events (`Planner.keep`) once `keep_seconds` have passed. A request that
+    than SPEED_DRIFT (`drift`), or after `events` events (`Planner.keep`) once `keep_seconds` have passed. A request that
     arrives meanwhile joins the order when it ranks behind every request planned
     so far (`admit`): those reservations stand whatever it is.
     """
@@ -1394,8 +1398,13 @@ class _Tentative:
         search: _BestFit,
         events: int,
         on_time: float = _ON_TIME,
+        *,
+        shift_within: float = 0.0,
+        keep_seconds: float = 0.0,
+        drift: float = SPEED_DRIFT,
     ) -> None:
         self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
+        self.shift_within, self.keep_seconds, self.drift = shift_within, keep_seconds, drift  # see `Planner`
         self.ranks, self.keys = ranks, [rank[-1] for rank in ranks]  # the planning order (`Planner._rank`)
         self.on_time = on_time
         self.servers, self.demand, self.search = servers, demand, search
@@ -1410,8 +1419,6 @@ class _Tentative:
         self.planned: set[int] = set()  # keys out of `demand`'s counts
         self.waiting: set[int] = set()  # keys reserved, not granted
         self.stale = False
-        self.shift_within = 0.0  # `Planner.shift_within` and `Planner.keep_seconds`: 0, none (as planned purely)
-        self.keep_seconds = 0.0
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
         """A request that arrived after the plan joins its order when it ranks behind every request planned so
@@ -1444,7 +1451,7 @@ class _Tentative:
         grants: dict[int, Decision] = {}
         for row in loads:
             base = self.rows.get(row.name)
-            if base is None or (row is not self.seen[row.name] and _drifted(row, base)):
+            if base is None or (row is not self.seen[row.name] and _drifted(row, base, self.drift)):
                 return None
             self.seen[row.name] = row
             gap = self.in_flight[row.name] - row.in_flight

@@ -306,15 +306,28 @@ def free_slot(stats: ServerStats, outcome: LeaseOutcome, placed: Placement) -> N
 
 
 def learn_outcome(
-    stats: ServerStats, outcome: LeaseOutcome, cold: bool, now: float, backoff_seconds: float, placed: Placement
+    stats: ServerStats,
+    outcome: LeaseOutcome,
+    cold: bool,
+    now: float,
+    backoff_seconds: float,
+    placed: Placement,
+    gated: bool = False,
 ) -> None:
-    """What an outcome says about its server (speed, health, residency); its slot is freed by `free_slot`."""
+    """What an outcome says about its server (speed, health, residency); its slot is freed by `free_slot`.
+
+    `gated`: the request waited at its server actor's gate (an early grant).
+    That wait is known only as the balancer saw it, lease delivery and event
+    loop lag included, which for a short request is as long as its fixed
+    cost; so its fixed cost is read from its time to first token (measured
+    past the gate), as when a server reports no eval time (`fixed_cost`).
+    """
     kind = outcome_kind(outcome)
     _record_residency(stats, outcome, placed)
     if kind != "cancelled":
         stats.breaker.record(outcome.ok, outcome.outcome, now)
     if kind == "ok":
-        _record_success(stats, outcome, cold, placed)
+        _record_success(stats, outcome, cold, placed, gated)
     elif kind == "busy":
         # 503: the server's own queue is full (someone else is using it). Back off its slots for a while;
         # a penalty whose back-off has run out no longer counts.
@@ -352,7 +365,9 @@ def uncached_tokens(outcome: LeaseOutcome, placed: Placement) -> int | None:
     return None
 
 
-def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, placed: Placement) -> None:
+def _record_success(
+    stats: ServerStats, outcome: LeaseOutcome, cold: bool, placed: Placement, gated: bool = False
+) -> None:
     stats.completed += 1
     stats.outcomes.append(True)
     alpha = REMEMBERED_ALPHA if stats.remembered else EWMA_ALPHA  # this run's first answer outweighs the last run's
@@ -363,7 +378,7 @@ def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, place
     uncached = uncached_tokens(outcome, placed)
     if outcome.prompt_eval_seconds is not None and uncached is not None and uncached >= MIN_PREFILL_SAMPLE:
         stats.ewma_prefill_seconds = ewma(stats.ewma_prefill_seconds, outcome.prompt_eval_seconds / uncached, alpha)
-    fixed = fixed_cost(outcome)
+    fixed = outcome.ttft if gated else fixed_cost(outcome)
     if fixed is not None and uncached and stats.ewma_prefill_seconds is not None:
         fixed = max(0.0, fixed - uncached * stats.ewma_prefill_seconds)  # the planner adds prefill per token itself
     if fixed is not None and not cold:
