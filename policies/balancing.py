@@ -994,6 +994,17 @@ class _Entry:
     bucket: tuple[object, ...] = ()
 
 
+def _serves(row: ServerLoad, req: LeaseRequest) -> bool:
+    return _serves_any([row], req)
+
+
+def _serves_any(rows: Sequence[ServerLoad], req: LeaseRequest) -> bool:
+    try:
+        return bool(honour_avoid(eligible(rows, req), req))
+    except NoServerAvailable:
+        return False
+
+
 def _bucket(entry: _Entry) -> tuple[object, ...]:
     """Requests with one bucket have the same candidates, rank and size: only their arrival orders them."""
     req = entry.req
@@ -1162,13 +1173,8 @@ class Planner:
         """
         self._promote(now)
         speeds = _speeds(loads)
-        probing = self._probing(loads, speeds)
-        if self._kept is not None and not probing:  # only ever kept for peak_ewma past its cold start
-            grants = self._kept.advance(loads, now, self.entries)
-            if grants is not None:
-                return grants
-        self._kept = None
-        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()) or probing:
+        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()):
+            self._kept = None
             keyed = self.queue(now)
             queue = [q for _, q in keyed]
             done = plan_dispatch(
@@ -1179,23 +1185,70 @@ class Planner:
                 if isinstance(decision, NoServerAvailable):
                     self.remove(key)
             return decisions
+        # Servers never measured are not in the plan: each takes its probe (`_probes`) and joins once measured.
+        measured = [s for s in loads if speeds[s.name].measured]
+        grants = self._kept.advance(measured, now, self.entries) if self._kept is not None else None
+        if grants is None:
+            grants = self._fresh(loads, measured, speeds, now, caches)
+        if self._probing(loads, speeds):
+            grants.update(self._probes(loads, speeds, grants))
+        return grants
+
+    def _fresh(
+        self,
+        loads: Sequence[ServerLoad],
+        measured: Sequence[ServerLoad],
+        speeds: Mapping[str, _Speed],
+        now: float,
+        caches: Mapping[str, Sequence[SlotState]] | None,
+    ) -> dict[int, Decision]:
+        """Plan the queue from scratch on the measured servers (`_Tentative`), and keep the plan.
+
+        Eligibility is decided on the whole fleet: a request only a server not
+        yet measured can serve waits for its probe's answer, it is not refused.
+        """
+        self._kept = None
         refused, cands = self._eligibility(loads)
-        if not cands or not any(has_capacity(s) for s in loads):
+        unmeasured = {s.name for s in loads if not speeds[s.name].measured}
+        cands = {elig: names - unmeasured for elig, names in cands.items()}
+        if not any(cands.values()) or not any(has_capacity(s) for s in measured):
             return refused
-        servers = _virtual_slots(loads, speeds, {}, caches or {})
+        servers = _virtual_slots(measured, speeds, {}, caches or {})
         ranks = list(self._order(speeds, servers))
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
         live = {"shift_within": self.shift_within, "keep_seconds": self.keep_seconds, "drift": self.drift}
-        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time, **live)
+        kept = _Tentative(now, measured, ranks, cands, servers, demand, search, self.keep, self.on_time, **live)
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
 
+    def _probes(
+        self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed], granted: Mapping[int, Decision]
+    ) -> dict[int, Decision]:
+        """Each idle server never measured takes the shortest waiting request it can serve (`_probe_shortest`'s
+        rule), one each, unless a measured server that can serve it has a slot free after this round's grants
+        (where a request finishes first, as `plan_dispatch` would send it): the whole queue is not planned for it.
+        """
+        taken = Counter(d for d in granted.values() if isinstance(d, str))
+        free = [s for s in loads if speeds[s.name].measured and has_capacity(s, taken[s.name])]
+        out: dict[int, Decision] = {}
+        by_size = sorted(self.buckets, key=lambda bucket: bucket[-1])  # the bucket key ends with the size
+        for row in loads:
+            if speeds[row.name].measured or row.in_flight or not has_capacity(row) or row.circuit == "open":
+                continue
+            for bucket in by_size:
+                key = next((k for _, k in reversed(self.buckets[bucket]) if k not in granted and k not in out), None)
+                if key is None or not _serves(row, self.entries[key].req):
+                    continue
+                if not _serves_any(free, self.entries[key].req):
+                    out[key] = row.name
+                break
+        return out
+
     def _probing(self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed]) -> bool:
-        """Whether a server never measured could take its probe now: `plan_dispatch` then picks it
-        (`_probe_shortest`); that lasts until its first request goes out, so planning the whole queue then costs
-        little. One whose probe is running takes nothing more until it answers: no reason to plan from scratch."""
+        """Whether a server never measured could take its probe now (`_probes`). One whose probe is running takes
+        nothing more until it answers."""
         return any(
             not speeds[s.name].measured
             and s.in_flight == 0
