@@ -1,6 +1,6 @@
-"""How the balancer's planning scales with the fleet and the queue (pure policy: no Ray, no HTTP).
+"""How the balancer's planning scales with the fleet and the queue (no HTTP anywhere).
 
-Two figures, both from `teamorch.policies.balancing` called directly:
+Two figures from `teamorch.policies.balancing` called directly (pure policy, no Ray), and one from the actor:
 
 * one planning round: `plan_dispatch("peak_ewma", ...)` (the reference, which
   plans the whole queue from scratch) vs `Planner.plan` planning from scratch
@@ -13,10 +13,14 @@ Two figures, both from `teamorch.policies.balancing` called directly:
   CPU time spent planning (plan rebuilds included);
 * end to end (`actor_rate`): the real balancer actor on Ray, 100 servers x 4
   slots, 10,000 tiny requests queued by asyncio clients in this process that
-  call `acquire`, hold the lease for the service time of the server's speed
-  class and `release` it with the outcome, as specialists do; grants per
-  wall-clock second, `planner: incremental` vs `planner: reference`
-  (`plan_dispatch` from scratch on every event) in the same run.
+  call `acquire`, wait at the server's gate (its `slots` at once, as the
+  server actor admits them), hold the lease for the service time of the
+  server's speed class and `release` it with the outcome, as specialists do;
+  grants per wall-clock second and the actor's CPU milliseconds per grant,
+  `planner: incremental` vs `planner: reference` (`plan_dispatch` from
+  scratch on every event) in the same run, and the ceiling: the same clients
+  against `_NullDesk`, which decides nothing (Ray's own cost of one acquire
+  and one release per grant on this machine).
 
 Fleets come in speed classes (`speed_classes`): identical servers within a
 class, as a fleet of a few machine types is once measured; `spread` makes
