@@ -272,7 +272,7 @@ def _cpu_seconds(pid: int) -> float:
 
 async def _actor_clients(
     balancer: Any, requests: Sequence[LeaseRequest], speeds: dict[str, float], slots: int, pid: int = 0
-) -> tuple[list[float], float, int, float]:
+) -> tuple[list[float], float, float, int, float]:
     """Acquire, hold for the server's service time, release, for every request at once.
 
     A server admits `slots` requests at once, as the server actor's gate does:
@@ -280,8 +280,9 @@ async def _actor_clients(
     latency counts the wait, its time to first token does not (the specialist
     measures both so). Returns the monotonic time of each grant, when the
     balancer had received every acquire (a call made after them all answered:
-    one caller's calls start in order), how many were waiting then, and the
-    CPU seconds actor `pid` used in the measured window.
+    one caller's calls start in order) and when counting stopped (ACTOR_SECONDS
+    later, or once every request was served), how many were waiting at the
+    start, and the CPU seconds actor `pid` used in between.
     """
 
     grants: list[float] = []
@@ -317,14 +318,14 @@ async def _actor_clients(
     queued_at, waiting, cpu = time.monotonic(), loads[0].waiting if loads else 0, _cpu_seconds(pid)
     while time.monotonic() < queued_at + ACTOR_SECONDS and not all(t.done() for t in tasks):
         await asyncio.sleep(0.1)
-    cpu = _cpu_seconds(pid) - cpu
+    ended, cpu = time.monotonic(), _cpu_seconds(pid) - cpu
     failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     if failed:
         raise failed[0]
-    return grants, queued_at, waiting, cpu
+    return grants, queued_at, ended, waiting, cpu
 
 
 class _NullDesk:
@@ -408,12 +409,12 @@ def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 1
         ray.get(balancer.start.remote())
         pid = ray.get(balancer.__ray_call__.remote(lambda _self: os.getpid()))
         asyncio.run(_actor_clients(balancer, warm_up, speeds, slots))  # every server measured: past the cold start
-        grants, start, waiting, cpu = asyncio.run(_actor_clients(balancer, requests, speeds, slots, pid))
+        grants, start, end, waiting, cpu = asyncio.run(_actor_clients(balancer, requests, speeds, slots, pid))
     finally:
         ray.kill(balancer)
     steady = [t for t in grants if t > start]
-    span = (steady[-1] - start) if steady else 1.0
-    return ActorRate(len(steady) / max(1e-9, span), len(steady), waiting, 1e3 * cpu / max(1, len(steady)))
+    # Over the whole window (not up to the last grant): a balancer that stalls is charged for the stall.
+    return ActorRate(len(steady) / (end - start), len(steady), waiting, 1e3 * cpu / max(1, len(steady)))
 
 
 def main() -> dict[str, Any]:
