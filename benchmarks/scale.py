@@ -457,7 +457,9 @@ def main() -> dict[str, Any]:
             "",
             "End to end: the balancer actor on Ray, 100 servers x 4 slots (3 speed classes), 10,000 tiny requests "
             f"(8..32 tokens) queued; grants per wall-clock second over {ACTOR_SECONDS:.0f} s from when the balancer "
-            "held them all; clients in the benchmark process hold each lease for its service time (no HTTP).",
+            "held them all; clients in the benchmark process wait at the server's gate, hold each lease for its "
+            "service time and release it (no HTTP). Ceiling: the same clients against a desk that decides nothing "
+            "(Ray's own cost of an acquire and a release per grant). CPU: the actor process's, all threads, per grant.",
             "",
             table(["balancer actor", "queued at start", "grants", "grants/s", "actor CPU ms/grant"], actor),
         ]
