@@ -417,7 +417,7 @@ class LoadBalancer:
         lease_id = f"{name}-{self.epoch}-{next(self._seq)}"
         stats = self.servers[name]
         row = next(s for s in loads if s.name == name)
-        drain = max(self._running(now).get(name, []), default=0.0)
+        drain = self._drain(name, now)
         # No free slot left: this is the early grant the view offered, queued behind the lease that is due.
         ahead_id = self._opened.pop(name, None) if stats.in_flight >= row.effective_slots else None
         ahead = self.leases[ahead_id] if ahead_id else None
@@ -437,19 +437,16 @@ class LoadBalancer:
             self.groups.add(waiter.req.group, name)
         waiter.future.set_result(Lease(lease_id=lease_id, server=name))
 
-    def _running(self, now: float) -> dict[str, list[float]]:
-        """Per server, the expected remaining seconds of each request in flight (0 once overdue)."""
-        out: dict[str, list[float]] = {}
-        for lease in self.leases.values():
-            out.setdefault(lease.server, []).append(max(0.0, lease.expected - (now - lease.granted)))
-        return out
+    def _drain(self, name: str, now: float) -> float:
+        """Expected seconds until every request in flight on `name` has ended (0 once overdue)."""
+        return max((_left(lease, now) for lease in self.leases.values() if lease.server == name), default=0.0)
 
     def _caches(self, now: float) -> dict[str, list[SlotState]]:
         """Per server, each slot's prefix cache and, when busy, its request's expected remaining seconds."""
         remaining: dict[str, dict[int, float]] = {name: {} for name in self.servers}
         for lease in self.leases.values():
             if lease.placed.slot is not None:  # an early grant shares its slot with the lease ahead: the later end
-                left = max(0.0, lease.expected - (now - lease.granted))
+                left = _left(lease, now)
                 remaining[lease.server][lease.placed.slot] = max(
                     left, remaining[lease.server].get(lease.placed.slot, 0)
                 )
@@ -693,6 +690,11 @@ class LoadBalancer:
         self._saved_at = time.monotonic()
         self._memory = remember(self.servers.values(), self._memory, time.time())
         self._saving = asyncio.create_task(asyncio.to_thread(_write_memory, self._memory_path, self._memory))
+
+
+def _left(lease: _Lease, now: float) -> float:
+    """A lease's expected remaining seconds at `now` (0 once overdue)."""
+    return max(0.0, lease.expected - (now - lease.granted))
 
 
 def _write_memory(path: Path, memory: FleetMemory) -> None:

@@ -398,8 +398,9 @@ def planned_seconds(
     `cached`: prompt tokens the server is expected to find in the slot's cache.
     The balancer records it per lease, so later plans know when a busy slot frees up.
     """
-    table = list(fleet) if any(f.name == s.name for f in fleet) else [*fleet, s]
-    speed = _speeds(table)[s.name]
+    known = None not in (s.ewma_ttft, s.ewma_token_seconds, s.ewma_prefill_seconds)
+    table = [s] if known else list(fleet) if any(f.name == s.name for f in fleet) else [*fleet, s]
+    speed = _speeds(table)[s.name]  # a server's own estimates need no fleet's worst (`_speeds`)
     uncached = max(0, req.prompt_tokens - cached)
     return speed.seconds(_tokens(req), uncached) + _load_wait(s, req.model, affinity, speed.load)
 
