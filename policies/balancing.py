@@ -1042,7 +1042,11 @@ class Planner:
     finish and start) are broken by `rng` among the tied servers, as
     `plan_dispatch` does, with other draws: the same decisions up to ties.
     The cold start and the other policies run `plan_dispatch` itself over
-    the queue in order (they plan one request at a time anyway).
+    the queue in order (they plan one request at a time anyway). Past the
+    cold start, servers never measured are left out of the plan: each idle
+    one takes its probe, the shortest request it can serve, when no measured
+    server can start that request now (`_probes`; `plan_dispatch` sends the
+    probe where it finishes first, which for a long queue is the same).
 
     Planning from scratch still costs the requests a round reserves on busy
     slots before the freed one wins one (30 to 4,000 on 100 x 4 slots). So
