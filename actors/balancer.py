@@ -389,7 +389,7 @@ class LoadBalancer:
         if lease.behind is not None:  # it ended before the request it waited for: that one keeps the slot
             self._ahead.pop(lease.behind, None)
             return replace(lease.placed, slot=None)
-        ahead_id = next((a for a, f in self._ahead.items() if self.leases[a].server == lease.server), None)
+        ahead_id = next((a for a in self._ahead if a in self.leases and self.leases[a].server == lease.server), None)
         if ahead_id is not None:
             # The gate is first come, first served: the early grant waiting on this server takes this slot now,
             # not the one it was queued behind. That lease then leaves its slot to it in the prefix index.
