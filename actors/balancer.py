@@ -37,7 +37,10 @@ from teamorch.config import TeamConfig
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import HedgeAsk, HedgeGrant, Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
 from teamorch.policies.balancing import (
+    LIVE_KEEP_SECONDS,
     LIVE_ON_TIME,
+    LIVE_SHIFT_SECONDS,
+    LIVE_SPEED_DRIFT,
     Decision,
     Planner,
     Queued,
@@ -57,13 +60,15 @@ from teamorch.policies.fleet import (
     GroupServers,
     Placement,
     ServerStats,
+    free_slot,
+    learn_outcome,
+    load_fresh_until,
     newest,
     parse_memory,
     recall,
     record_grant,
     record_latency,
     record_orphan_release,
-    record_outcome,
     record_probe,
     record_restart,
     remember,
@@ -86,6 +91,8 @@ TICK_SECONDS = 0.25
 LOOP_TIMER_RESOLUTION = 0.001
 # A long-lived team saves its fleet memory at least this often while it learns (and whenever the fleet goes idle).
 MEMORY_SAVE_SECONDS = 60.0
+# Releases are planned together when they come less than this apart (`_dispatch_soon`): a grant waits this at most.
+ROUND_SECONDS = 0.002
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +194,9 @@ class LoadBalancer:
             rng=random.Random(0),
             aging=cfg.aging_seconds,
             on_time=LIVE_ON_TIME,
+            shift_within=LIVE_SHIFT_SECONDS,
+            keep_seconds=LIVE_KEEP_SECONDS,
+            drift=LIVE_SPEED_DRIFT,
         )
         self.leases: dict[str, _Lease] = {}
         self.groups = GroupServers()
@@ -198,6 +208,10 @@ class LoadBalancer:
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.Handle | None = None
+        self._soon: asyncio.Handle | None = None  # the round planned for the releases since the last one
+        self._planned_at = 0.0  # monotonic seconds of the last planning round
+        self._rows: dict[str, tuple[ServerLoad, float]] = {}  # `_table`'s rows, each with when the clock changes it
+        self._next_due: float | None = None  # monotonic seconds when the next running lease becomes due
         self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
         self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
         self._due_timer: asyncio.TimerHandle | None = None
@@ -304,33 +318,49 @@ class LoadBalancer:
 
     async def release_many(self, outcomes: list[LeaseOutcome]) -> None:
         """Several releases (a specialist sends those of one loop turn together), then one planning round for
-        all the slots they free: per release, both the Ray call and the round were most of this actor's CPU."""
+        all the slots they free: per release, both the Ray call and the round were most of this actor's CPU.
+
+        Each slot is free whatever goes wrong afterwards: an error while
+        learning from an outcome is logged, never a slot lost (the requests
+        waiting for it would wait until their deadline).
+        """
         await self.start()
         freed = [self._release(done) for done in outcomes]  # every one released before planning
         if any(freed):
-            self._dispatch()
+            self._dispatch_soon()
 
     def _release(self, done: LeaseOutcome) -> bool:
         """One release; True if it changed what can be granted (the caller plans the queue again)."""
         lease = self.leases.pop(done.lease_id, None)
         if lease is None:
             return self._orphan(done.lease_id)
-        if lease.key:
-            self.keyed.pop(lease.key, None)
-        stats = self.servers[lease.server]
-        fleet_metrics().lease_released(lease.server, done)
-        now = time.monotonic()
-        placed = self._hand_over(done.lease_id, lease, now)
-        if lease.gate and done.latency is not None:  # the seconds at the gate were not the server's
-            done = done.model_copy(
-                update={
-                    "latency": max(0.0, done.latency - lease.gate),
-                    "ttft": None if done.ttft is None else max(0.0, done.ttft - lease.gate),
-                }
+        try:
+            self._settle(done, lease, time.monotonic())
+        except Exception:
+            log.exception(
+                "lease %s on %s: its outcome was not learned from; its slot is free", done.lease_id, lease.server
             )
+        return True
+
+    def _settle(self, done: LeaseOutcome, lease: _Lease, now: float) -> None:
+        """Free the lease's slot first (`free_slot`), then learn from its outcome."""
+        stats = self.servers[lease.server]
+        self._rows.pop(lease.server, None)
+        placed = lease.placed
+        try:
+            if lease.key:
+                self.keyed.pop(lease.key, None)
+            placed = self._hand_over(done.lease_id, lease, now)
+        finally:
+            free_slot(stats, done, placed)
+        fleet_metrics().lease_released(lease.server, done)
+        if lease.gate and done.latency is not None:  # the seconds at the gate were not the server's
+            # Only the latency counts them: the time to first token is measured from the HTTP send, past the gate.
+            done = done.model_copy(update={"latency": max(0.0, done.latency - lease.gate)})
         if lease.size:
             record_latency((stats.tail, self.tail), done, lease.expected, lease.size, lease.hedged)
-        record_outcome(stats, done, lease.placed.cold, now, self.team.balancer.backoff_seconds, placed)
+        backoff = self.team.balancer.backoff_seconds
+        learn_outcome(stats, done, lease.placed.cold, now, backoff, placed, gated=lease.gate > 0)
         self._learned = self._learned or done.ok
         if not self.leases and not self.waiters:
             self._save_memory()  # the fleet went idle (a cold run's end): keep what it taught
@@ -339,10 +369,26 @@ class LoadBalancer:
             probe = asyncio.create_task(self._probe(lease.server))
             self._probing.add(probe)  # held until done: the loop keeps only weak references to tasks
             probe.add_done_callback(self._probing.discard)
-        return True
+
+    def _dispatch_soon(self) -> None:
+        """Plan once for the releases that arrive close together, not once per release.
+
+        Each round reads the whole load table, so at thousands of releases a
+        second one round per release was most of the balancer's time; Ray
+        hands an actor each call in its own loop turn, so rounds are spaced
+        ROUND_SECONDS apart at most: an idle balancer plans a release at once,
+        a busy one plans each burst together (each round plans every freed slot).
+        """
+        if self._soon is None:
+            self._soon = _after(self._planned_at + ROUND_SECONDS - time.monotonic(), self._dispatch_now)
+
+    def _dispatch_now(self) -> None:
+        self._soon = None
+        self._dispatch()
 
     def _hand_over(self, lease_id: str, lease: _Lease, now: float) -> Placement:
-        """A lease ends: an early grant waiting behind it leaves the gate now and keeps its slot.
+        """A lease ends: an early grant waiting at its server's gate leaves it now (and keeps its slot if it was
+        queued behind this one).
 
         Returns the placement to release: without its slot while another lease
         is placed on that slot, so the prefix index frees a slot only when no
@@ -355,6 +401,14 @@ class LoadBalancer:
         if lease.behind is not None:  # it ended before the request it waited for: that one keeps the slot
             self._ahead.pop(lease.behind, None)
             return replace(lease.placed, slot=None)
+        ahead_id = next((a for a in self._ahead if a in self.leases and self.leases[a].server == lease.server), None)
+        if ahead_id is not None:
+            # The gate is first come, first served: the early grant waiting on this server takes this slot now,
+            # not the one it was queued behind. That lease then leaves its slot to it in the prefix index.
+            follower = self.leases[self._ahead.pop(ahead_id)]
+            follower.behind, follower.granted, follower.gate = None, now, now - follower.issued
+            ahead = self.leases[ahead_id]
+            ahead.placed = replace(ahead.placed, slot=None)
         return lease.placed
 
     def _orphan(self, lease_id: str) -> bool:
@@ -363,6 +417,7 @@ class LoadBalancer:
         parts = lease_id.rsplit("-", 2)  # server-epoch-seq (a server name may hold dashes itself)
         if len(parts) == 3 and parts[1] != self.epoch and parts[0] in self.servers:
             record_orphan_release(self.servers[parts[0]], time.monotonic())
+            self._rows.pop(parts[0], None)
             return True
         return False
 
@@ -376,16 +431,19 @@ class LoadBalancer:
         lease_id = f"{name}-{self.epoch}-{next(self._seq)}"
         stats = self.servers[name]
         row = next(s for s in loads if s.name == name)
-        drain = max(self._running(now).get(name, []), default=0.0)
+        drain = self._drain(name, now)
         # No free slot left: this is the early grant the view offered, queued behind the lease that is due.
         ahead_id = self._opened.pop(name, None) if stats.in_flight >= row.effective_slots else None
         ahead = self.leases[ahead_id] if ahead_id else None
         placed = record_grant(stats, now, waiter.req, drain, ahead.placed.slot if ahead else None)
+        self._rows.pop(name, None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
         start = now + max(0.0, ahead.expected - (now - ahead.granted)) if ahead else now
         self.leases[lease_id] = _Lease(name, start, expected, placed, waiter.key, behind=ahead_id, issued=now)
         if ahead_id:
             self._ahead[ahead_id] = lease_id
+        elif self._next_due is None or now + due_in(expected) < self._next_due:
+            self._next_due = now + due_in(expected)  # when this one becomes due (`_view` found the rest)
         if waiter.key:
             self.keyed[waiter.key] = lease_id
         fleet_metrics().lease_granted(name, now - waiter.enqueued)
@@ -393,19 +451,16 @@ class LoadBalancer:
             self.groups.add(waiter.req.group, name)
         waiter.future.set_result(Lease(lease_id=lease_id, server=name))
 
-    def _running(self, now: float) -> dict[str, list[float]]:
-        """Per server, the expected remaining seconds of each request in flight (0 once overdue)."""
-        out: dict[str, list[float]] = {}
-        for lease in self.leases.values():
-            out.setdefault(lease.server, []).append(max(0.0, lease.expected - (now - lease.granted)))
-        return out
+    def _drain(self, name: str, now: float) -> float:
+        """Expected seconds until every request in flight on `name` has ended (0 once overdue)."""
+        return max((_left(lease, now) for lease in self.leases.values() if lease.server == name), default=0.0)
 
     def _caches(self, now: float) -> dict[str, list[SlotState]]:
         """Per server, each slot's prefix cache and, when busy, its request's expected remaining seconds."""
         remaining: dict[str, dict[int, float]] = {name: {} for name in self.servers}
         for lease in self.leases.values():
             if lease.placed.slot is not None:  # an early grant shares its slot with the lease ahead: the later end
-                left = max(0.0, lease.expected - (now - lease.granted))
+                left = _left(lease, now)
                 remaining[lease.server][lease.placed.slot] = max(
                     left, remaining[lease.server].get(lease.placed.slot, 0)
                 )
@@ -422,9 +477,10 @@ class LoadBalancer:
         Which lease is due on each server is kept for `_grant`. The caches are
         built only if a planner reads them (`_OnFirstRead`).
         """
-        loads = self.snapshot_now(now)
+        loads = self._table(now)
         behind = self._behind()
-        due, _next = self._due(now, behind)
+        due, upcoming = self._due(now, behind)
+        self._next_due = None if upcoming is None else now + upcoming
         self._opened = {}
         rows = []
         for row in loads:
@@ -438,6 +494,21 @@ class LoadBalancer:
             in_flight = row.in_flight - behind[row.name] - opened
             rows.append(row.model_copy(update={"in_flight": in_flight}) if in_flight != row.in_flight else row)
         return rows, partial(self._open_caches, now, dict(self._opened))
+
+    def _table(self, now: float) -> list[ServerLoad]:
+        """The load table the planners read, each row kept until an event on its server or the clock changes it
+        (`load_fresh_until`): building 100 rows per planning round was a fifth of the balancer's time.
+
+        `waiting` is not filled in (no planner reads it; `snapshot_now` does).
+        An unchanged row is the same object, which a kept plan checks first.
+        """
+        rows = []
+        for name, stats in self.servers.items():
+            kept = self._rows.get(name)
+            if kept is None or now >= kept[1]:
+                kept = self._rows[name] = (to_load(stats, now, 0), load_fresh_until(stats, now))
+            rows.append(kept[0])
+        return rows
 
     def _open_caches(self, now: float, opened: dict[str, str]) -> dict[str, list[SlotState]]:
         caches = self._caches(now)
@@ -472,10 +543,10 @@ class LoadBalancer:
         A request that `arrived` is planned now only when no policy asks it to
         wait for its wave (`coalesce_delay`) and a slot is free; otherwise it is
         only checked for eligibility, which is all that can have changed for
-        the rest of the queue. Once an arrival found every slot taken, later
-        arrivals skip even that until the next release, probe or tick (which
-        refuses an ineligible one): with thousands queued, building the load
-        table per arrival was the balancer's main cost.
+        the rest of the queue. Once an arrival (or a round) found every slot
+        taken, later arrivals skip even that until the next release, probe or
+        tick (which refuses an ineligible one): with thousands queued, building
+        the load table per arrival was the balancer's main cost.
         """
         now = time.monotonic()
         if arrived is not None:
@@ -496,6 +567,7 @@ class LoadBalancer:
                 self._arm_due_timer()
                 return
         self._full = False
+        self._planned_at = now
         for _round in range(len(self.waiters) + 1):
             if not self.waiters or not self._dispatch_round(now):
                 break
@@ -506,11 +578,10 @@ class LoadBalancer:
         if self._due_timer is not None:
             self._due_timer.cancel()
             self._due_timer = None
-        if not self.waiters:
+        if not self.waiters or self._next_due is None:
             return
-        _due, upcoming = self._due(time.monotonic(), self._behind())
-        if upcoming is not None:
-            self._due_timer = asyncio.get_running_loop().call_later(upcoming, self._became_due)
+        wait = max(0.0, self._next_due - time.monotonic())
+        self._due_timer = asyncio.get_running_loop().call_later(wait, self._became_due)
 
     def _became_due(self) -> None:
         self._due_timer = None
@@ -529,11 +600,16 @@ class LoadBalancer:
         decisions, held_back = apply_group_diversity(decisions, queue)
         for key, decision in decisions.items():
             waiter = self.waiters[key]
-            if isinstance(decision, NoServerAvailable):
+            if waiter.future.done():  # its acquire was cancelled and has not left the queue yet: nothing to grant
+                self._unqueue(waiter)
+            elif isinstance(decision, NoServerAvailable):
                 self._unqueue(waiter)
                 waiter.future.set_exception(NoServerAvailable(decision.message))
             else:
                 self._grant(waiter, decision, loads, now)
+        # The queue is planned: until a slot frees, an arrival changes nothing but its own eligibility.
+        taken = Counter(d for d in decisions.values() if isinstance(d, str))
+        self._full = bool(self.waiters) and not any(has_capacity(row, taken[row.name]) for row in loads)
         return held_back
 
     def _plan(
@@ -588,6 +664,7 @@ class LoadBalancer:
         except Exception as exc:  # the server actor itself died
             probe = ProbeResult(healthy=False, error=f"server actor lost: {exc}", checked_at=time.time())
         record_probe(self.servers[name], probe, time.monotonic())
+        self._rows.pop(name, None)
         if dispatch:
             self._dispatch()
 
@@ -642,6 +719,11 @@ def _after(delay: float, callback: Callable[[], None]) -> asyncio.Handle:
     """
     loop = asyncio.get_running_loop()
     return loop.call_later(delay, callback) if delay >= LOOP_TIMER_RESOLUTION else loop.call_soon(callback)
+
+
+def _left(lease: _Lease, now: float) -> float:
+    """A lease's expected remaining seconds at `now` (0 once overdue)."""
+    return max(0.0, lease.expected - (now - lease.granted))
 
 
 def _write_memory(path: Path, memory: FleetMemory) -> None:

@@ -1,6 +1,6 @@
-"""How the balancer's planning scales with the fleet and the queue (pure policy: no Ray, no HTTP).
+"""How the balancer's planning scales with the fleet and the queue (no HTTP anywhere).
 
-Two figures, both from `teamorch.policies.balancing` called directly:
+Two figures from `teamorch.policies.balancing` called directly (pure policy, no Ray), and one from the actor:
 
 * one planning round: `plan_dispatch("peak_ewma", ...)` (the reference, which
   plans the whole queue from scratch) vs `Planner.plan` planning from scratch
@@ -13,10 +13,14 @@ Two figures, both from `teamorch.policies.balancing` called directly:
   CPU time spent planning (plan rebuilds included);
 * end to end (`actor_rate`): the real balancer actor on Ray, 100 servers x 4
   slots, 10,000 tiny requests queued by asyncio clients in this process that
-  call `acquire`, hold the lease for the service time of the server's speed
-  class and `release` it with the outcome, as specialists do; grants per
-  wall-clock second, `planner: incremental` vs `planner: reference`
-  (`plan_dispatch` from scratch on every event) in the same run.
+  call `acquire`, wait at the server's gate (its `slots` at once, as the
+  server actor admits them), hold the lease for the service time of the
+  server's speed class and `release` it with the outcome, as specialists do;
+  grants per wall-clock second and the actor's CPU milliseconds per grant,
+  `planner: incremental` vs `planner: reference` (`plan_dispatch` from
+  scratch on every event) in the same run, and the ceiling: the same clients
+  against `_NullDesk`, which decides nothing (Ray's own cost of one acquire
+  and one release per grant on this machine).
 
 Fleets come in speed classes (`speed_classes`): identical servers within a
 class, as a fleet of a few machine types is once measured; `spread` makes
@@ -29,14 +33,19 @@ Run: `.venv/bin/python -m benchmarks.scale` (part of `make bench`).
 
 from __future__ import annotations
 
+import asyncio
 import heapq
+import itertools
+import os
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from teamorch.messages import LeaseRequest, ServerLoad
+from teamorch.messages import Lease, LeaseOutcome, LeaseRequest, ServerLoad
 from teamorch.policies.balancing import REPLAN_EVENTS, Decision, Planner, plan_dispatch
 from teamorch.policies.prefix import SlotState, signature
 
@@ -252,35 +261,51 @@ def _actor_team(servers: int, slots: int, planner: str) -> Any:
     )
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds process `pid` has used, all its threads (Ray's own included): Linux `/proc`, else 0."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 async def _actor_clients(
-    balancer: Any, requests: Sequence[LeaseRequest], speeds: dict[str, float]
-) -> tuple[list[float], float, int]:
+    balancer: Any, requests: Sequence[LeaseRequest], speeds: dict[str, float], slots: int, pid: int = 0
+) -> tuple[list[float], float, float, int, float]:
     """Acquire, hold for the server's service time, release, for every request at once.
 
-    Returns the monotonic time of each grant, when the balancer had received
-    every acquire (a call made after them all answered: one caller's calls
-    start in order), and how many were waiting then.
+    A server admits `slots` requests at once, as the server actor's gate does:
+    an early grant (queued behind a request about to end) waits there, and its
+    latency counts the wait, its time to first token does not (the specialist
+    measures both so). Returns the monotonic time of each grant, when the
+    balancer had received every acquire (a call made after them all answered:
+    one caller's calls start in order) and when counting stopped (ACTOR_SECONDS
+    later, or once every request was served), how many were waiting at the
+    start, and the CPU seconds actor `pid` used in between.
     """
-    import asyncio
-
-    from teamorch.messages import LeaseOutcome
 
     grants: list[float] = []
+    gates = {name: asyncio.Semaphore(slots) for name in speeds}
 
     async def one(req: LeaseRequest) -> None:
         lease = await balancer.acquire.remote(req)
-        grants.append(time.monotonic())
+        began = time.monotonic()
+        grants.append(began)
         tokens = req.expected_tokens or 0
         seconds = ACTOR_TTFT + speeds[lease.server] * tokens
-        await asyncio.sleep(seconds)
+        async with gates[lease.server]:
+            gated = time.monotonic() - began
+            await asyncio.sleep(seconds)
         # Prefill is free here (as in the simulator by default): the outcome says so, and the balancer learns it.
         outcome = LeaseOutcome(
             lease_id=lease.lease_id,
             outcome="ok",
             model=req.model,
-            latency=seconds,
+            latency=gated + seconds,  # the service time as configured: the client loop's own lag is not the server's
             ttft=ACTOR_TTFT,
             tokens=tokens,
+            eval_seconds=speeds[lease.server] * tokens,  # the server's own generation time, as Ollama reports it
             prompt_tokens=req.prompt_tokens,
             cached_tokens=0,
             prompt_eval_seconds=0.0,
@@ -290,48 +315,106 @@ async def _actor_clients(
     tasks = [asyncio.ensure_future(one(req)) for req in requests]
     await asyncio.sleep(0)  # every acquire submitted
     loads = await balancer.snapshot.remote()
-    queued_at, waiting = time.monotonic(), loads[0].waiting if loads else 0
+    queued_at, waiting, cpu = time.monotonic(), loads[0].waiting if loads else 0, _cpu_seconds(pid)
     while time.monotonic() < queued_at + ACTOR_SECONDS and not all(t.done() for t in tasks):
         await asyncio.sleep(0.1)
+    ended, cpu = time.monotonic(), _cpu_seconds(pid) - cpu
     failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     if failed:
         raise failed[0]
-    return grants, queued_at, waiting
+    return grants, queued_at, ended, waiting, cpu
 
 
-def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 10_000) -> tuple[float, int, int]:
-    """Grants per second the balancer actor sustains with a full queue: (grants/s, grants, queued at the start).
+class _NullDesk:
+    """A lease desk that decides nothing: a freed slot goes to the longest waiting acquire.
+
+    Driven by the same clients as the balancer (one `acquire` and one `release`
+    per grant, the same slots), it measures what Ray's calls and asyncio's
+    futures alone allow on this machine: the ceiling for the balancer actor.
+    """
+
+    def __init__(self, servers: list[str], slots: int) -> None:
+        self.free = deque(name for name in servers for _ in range(slots))
+        self.held: dict[str, str] = {}
+        self.waiting: deque[asyncio.Future[str]] = deque()
+        self.count = itertools.count()
+
+    async def start(self) -> None:
+        return None
+
+    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
+        if self.free:
+            server = self.free.popleft()
+        else:
+            self.waiting.append(asyncio.get_running_loop().create_future())
+            server = await self.waiting[-1]  # the releasing call handed its slot over
+        lease_id = str(next(self.count))
+        self.held[lease_id] = server
+        return Lease(lease_id=lease_id, server=server)
+
+    async def release(self, done: LeaseOutcome) -> None:
+        server = self.held.pop(done.lease_id)
+        if self.waiting:
+            self.waiting.popleft().set_result(server)
+        else:
+            self.free.append(server)
+
+    async def snapshot(self) -> list[ServerLoad]:
+        return [ServerLoad(name="any", slots=1, effective_slots=1, waiting=len(self.waiting))]
+
+
+@dataclass
+class ActorRate:
+    """One end-to-end run: grants per wall-clock second, grants and queue length when counting began, and the
+    actor's CPU milliseconds per grant (all its threads), which a shared machine disturbs less than the rate."""
+
+    rate: float
+    grants: int
+    waiting: int
+    cpu_ms: float
+
+
+def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 10_000) -> ActorRate:
+    """Grants per second the balancer actor sustains with a full queue.
 
     Counted from the moment the balancer holds every request (`_actor_clients`) for ACTOR_SECONDS.
+    `planner: "ceiling"` drives `_NullDesk` instead: Ray's own cost of an acquire and a release.
     """
-    import asyncio
-
     import ray
 
     from benchmarks.common import ensure_ray
     from teamorch.actors.balancer import LoadBalancer
 
     ensure_ray()
-    team = _actor_team(servers, slots, planner)
-    speeds = dict(zip([s.name for s in team.servers], speed_classes(servers, CLASSES, 0.05), strict=True))
+    team = _actor_team(servers, slots, "incremental" if planner == "ceiling" else planner)
+    names = [s.name for s in team.servers]
+    speeds = dict(zip(names, speed_classes(servers, CLASSES, 0.05), strict=True))
     rng = random.Random(3)
     # Tiny tasks: 8..32 output tokens, so 400 slots free up thousands of times a second.
-    requests = [r.model_copy(update={"expected_tokens": rng.randint(8, 32)}) for r in make_queue(queued + 2 * servers)]
-    warm_up, requests = requests[: 2 * servers], requests[2 * servers :]
+    # The warm-up offers every slot a request (the cold start's first round), so every server is measured
+    # before the queue arrives, or nearly: the run measures grants, not how new servers are probed.
+    warm = servers * slots
+    requests = [r.model_copy(update={"expected_tokens": rng.randint(8, 32)}) for r in make_queue(queued + warm)]
+    warm_up, requests = requests[:warm], requests[warm:]
     # Every request waits inside the balancer, as a team's specialists' acquire calls do.
-    balancer = ray.remote(LoadBalancer).options(num_cpus=0, max_concurrency=queued + 1000).remote(team, {})
+    options = {"num_cpus": 0, "max_concurrency": queued + 1000}
+    if planner == "ceiling":
+        balancer = ray.remote(_NullDesk).options(**options).remote(names, slots)
+    else:
+        balancer = ray.remote(LoadBalancer).options(**options).remote(team, {})
     try:
         ray.get(balancer.start.remote())
-        asyncio.run(_actor_clients(balancer, warm_up, speeds))  # every server measured: past the cold start
-        grants, start, waiting = asyncio.run(_actor_clients(balancer, requests, speeds))
+        pid = ray.get(balancer.__ray_call__.remote(lambda _self: os.getpid()))
+        asyncio.run(_actor_clients(balancer, warm_up, speeds, slots))  # every server measured: past the cold start
+        grants, start, end, waiting, cpu = asyncio.run(_actor_clients(balancer, requests, speeds, slots, pid))
     finally:
         ray.kill(balancer)
     steady = [t for t in grants if t > start]
-    span = (steady[-1] - start) if steady else 1.0
-    return len(steady) / max(1e-9, span), len(steady), waiting
+    # Over the whole window (not up to the last grant): a balancer that stalls is charged for the stall.
+    return ActorRate(len(steady) / (end - start), len(steady), waiting, 1e3 * cpu / max(1, len(steady)))
 
 
 def main() -> dict[str, Any]:
@@ -354,10 +437,11 @@ def main() -> dict[str, Any]:
             out = sustained(plan, releases, classes, spread, keep)
             steady.append([label, name, out.rounds, out.plan_seconds / out.rounds * 1e3, out.grants / out.plan_seconds])
     actor = []
-    for planner in ("reference", "incremental"):
-        rate, granted, waiting = actor_rate(planner)
-        actor.append([f"planner: {planner}", waiting, granted, rate])
-        print(f"  measured balancer actor, planner {planner}: {rate:.0f} grants/s", flush=True)
+    for planner in ("ceiling", "reference", "incremental"):
+        run = actor_rate(planner)
+        label = "ceiling: a desk that decides nothing" if planner == "ceiling" else f"planner: {planner}"
+        actor.append([label, run.waiting, run.grants, run.rate, run.cpu_ms])
+        print(f"  measured balancer actor, {label}: {run.rate:.0f} grants/s", flush=True)
     text = "\n".join(
         [
             "",
@@ -373,9 +457,11 @@ def main() -> dict[str, Any]:
             "",
             "End to end: the balancer actor on Ray, 100 servers x 4 slots (3 speed classes), 10,000 tiny requests "
             f"(8..32 tokens) queued; grants per wall-clock second over {ACTOR_SECONDS:.0f} s from when the balancer "
-            "held them all; clients in the benchmark process hold each lease for its service time (no HTTP).",
+            "held them all; clients in the benchmark process wait at the server's gate, hold each lease for its "
+            "service time and release it (no HTTP). Ceiling: the same clients against a desk that decides nothing "
+            "(Ray's own cost of an acquire and a release per grant). CPU: the actor process's, all threads, per grant.",
             "",
-            table(["balancer actor", "queued at start", "grants", "grants/s"], actor),
+            table(["balancer actor", "queued at start", "grants", "grants/s", "actor CPU ms/grant"], actor),
         ]
     )
     print(text, flush=True)

@@ -30,6 +30,7 @@ import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
@@ -93,10 +94,10 @@ def eligible(loads: Sequence[ServerLoad], req: LeaseRequest) -> list[ServerLoad]
     return out
 
 
-def has_capacity(s: ServerLoad) -> bool:
-    """A half-open circuit admits exactly one probe request."""
+def has_capacity(s: ServerLoad, taken: int = 0) -> bool:
+    """Whether `s` has a free slot once `taken` more are granted. A half-open circuit admits exactly one probe."""
     limit = 1 if s.circuit == "half_open" else s.effective_slots
-    return s.healthy and s.in_flight < limit
+    return s.healthy and s.in_flight + taken < limit
 
 
 def due_soon(remaining: float, expected: float, horizon: float = EARLY_GRANT_SECONDS) -> bool:
@@ -419,8 +420,9 @@ def planned_seconds(
     `cached`: prompt tokens the server is expected to find in the slot's cache.
     The balancer records it per lease, so later plans know when a busy slot frees up.
     """
-    table = list(fleet) if any(f.name == s.name for f in fleet) else [*fleet, s]
-    speed = _speeds(table)[s.name]
+    known = None not in (s.ewma_ttft, s.ewma_token_seconds, s.ewma_prefill_seconds)
+    table = [s] if known else list(fleet) if any(f.name == s.name for f in fleet) else [*fleet, s]
+    speed = _speeds(table)[s.name]  # a server's own estimates need no fleet's worst (`_speeds`)
     uncached = max(0, req.prompt_tokens - cached)
     return speed.seconds(_tokens(req), uncached) + _load_wait(s, req.model, affinity, speed.load)
 
@@ -592,6 +594,10 @@ def _probe_shortest(
     are busy with (a 3 s job on the slowest box was seen). The shortest
     request costs least if the guess was wrong. It still goes there only if
     that is where it finishes first (a model load, say, can make it wait).
+    Each unmeasured server gets its own request (the shortest one no other
+    unmeasured server took), so one round probes them all: with one shared
+    request, a round probed one server, and 60 new servers behind a long
+    queue took 60 rounds of planning the whole queue.
     """
     unmeasured = {name for name, sp in speeds.items() if not sp.measured}
     if not unmeasured:
@@ -601,11 +607,13 @@ def _probe_shortest(
     # measured servers' slots are taken, so it is the one the unmeasured server can win.
     shortest = sorted(live, key=lambda i: (_tokens(queue[i].req), queue[i].req.prompt_tokens, queue[i].waited, -i))
     for index in shortest:
-        for s in live[index]:
-            if s.name in unmeasured:
-                probe.setdefault(s.name, index)
+        if len(probe) == len(unmeasured):
+            break
+        name = next((s.name for s in live[index] if s.name in unmeasured and s.name not in probe), None)
+        if name is not None:
+            probe[name] = index
     return {
-        index: [s for s in cands if s.name not in unmeasured or probe[s.name] == index] or cands
+        index: [s for s in cands if s.name not in unmeasured or probe.get(s.name) == index] or cands
         for index, cands in live.items()
     }
 
@@ -1105,6 +1113,20 @@ _ON_TIME = 1e-6
 # HTTP, the server's own pace), so an exact tolerance would re-plan on every event. Within this many seconds the
 # kept plan goes on; the drift it ignores is bounded by REPLAN_EVENTS, after which the queue is planned from scratch.
 LIVE_ON_TIME = 0.05
+# A live release later or earlier than that, by up to this many seconds, shifts its own slot's reservations by the
+# difference and the kept plan goes on: under load a release comes tens of milliseconds off (Ray's queue, the event
+# loop), and planning 10,000 queued from scratch for each was most of the balancer's time. Further off, the estimate
+# is wrong and the queue is planned again.
+LIVE_SHIFT_SECONDS = 0.5
+# A live kept plan is continued for at least this many seconds whatever its event count (REPLAN_EVENTS): at
+# thousands of events a second, 256 events is a tenth of a second, and a plan from scratch costs tens of ms.
+LIVE_KEEP_SECONDS = 1.0
+# Relative change of a server's speed estimates that a kept tentative schedule tolerates before it is re-planned.
+SPEED_DRIFT = 0.05
+# A live server's EWMAs move more than SPEED_DRIFT between requests (a busy host's timings, a gate wait estimated
+# from the balancer's side): a kept plan tolerates this much there (relative), and is re-planned at the latest
+# after LIVE_KEEP_SECONDS and REPLAN_EVENTS anyway.
+LIVE_SPEED_DRIFT = 0.25
 
 
 @dataclass
@@ -1119,6 +1141,17 @@ class _Entry:
     capabilities: tuple[str, ...]
     rank: int = TOP_RANK
     bucket: tuple[object, ...] = ()
+
+
+def _serves(row: ServerLoad, req: LeaseRequest) -> bool:
+    return _serves_any([row], req)
+
+
+def _serves_any(rows: Sequence[ServerLoad], req: LeaseRequest) -> bool:
+    try:
+        return bool(honour_avoid(eligible(rows, req), req))
+    except NoServerAvailable:
+        return False
 
 
 def _bucket(entry: _Entry) -> tuple[object, ...]:
@@ -1157,7 +1190,11 @@ class Planner:
     finish and start) are broken by `rng` among the tied servers, as
     `plan_dispatch` does, with other draws: the same decisions up to ties.
     The cold start and the other policies run `plan_dispatch` itself over
-    the queue in order (they plan one request at a time anyway).
+    the queue in order (they plan one request at a time anyway). Past the
+    cold start, servers never measured are left out of the plan: each idle
+    one takes its probe, the shortest request it can serve, when no measured
+    server can start that request now (`_probes`; `plan_dispatch` sends the
+    probe where it finishes first, which for a long queue is the same).
 
     Planning from scratch still costs the requests a round reserves on busy
     slots before the freed one wins one (30 to 4,000 on 100 x 4 slots). So
@@ -1179,10 +1216,16 @@ class Planner:
         keep: int = REPLAN_EVENTS,
         aging: float = 30.0,
         on_time: float = _ON_TIME,
+        shift_within: float = 0.0,
+        keep_seconds: float = 0.0,
+        drift: float = SPEED_DRIFT,
     ) -> None:
         _check_policy(policy)
         self.policy = policy
         self.on_time = on_time  # a release within this of its expected end keeps the plan (LIVE_ON_TIME: live fleet)
+        self.shift_within = shift_within  # ... within this, it shifts its slot's line (LIVE_SHIFT_SECONDS)
+        self.keep_seconds = keep_seconds  # a plan younger than this outlives `keep` events (LIVE_KEEP_SECONDS)
+        self.drift = drift  # speed estimates within this (relative) keep the plan (LIVE_SPEED_DRIFT: live fleet)
         self.aging = Aging(aging)
         self.keep = keep  # events a plan is continued (`_Tentative`); 0: every event plans from scratch
         self.affinity = affinity
@@ -1286,13 +1329,8 @@ class Planner:
         """
         self._promote(now)
         speeds = _speeds(loads)
-        probing = self._probing(loads, speeds)
-        if self._kept is not None and not probing:  # only ever kept for peak_ewma past its cold start
-            grants = self._kept.advance(loads, now, self.entries)
-            if grants is not None:
-                return grants
-        self._kept = None
-        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()) or probing:
+        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()):
+            self._kept = None
             keyed = self.queue(now)
             queue = [q for _, q in keyed]
             done = plan_dispatch(
@@ -1303,23 +1341,73 @@ class Planner:
                 if isinstance(decision, NoServerAvailable):
                     self.remove(key)
             return decisions
+        # Servers never measured are not in the plan: each takes its probe (`_probes`) and joins once measured.
+        measured = [s for s in loads if speeds[s.name].measured]
+        grants = self._kept.advance(measured, now, self.entries) if self._kept is not None else None
+        if grants is None:
+            grants = self._fresh(loads, measured, speeds, now, caches)
+        if self._probing(loads, speeds):
+            grants.update(self._probes(loads, speeds, grants))
+        return grants
+
+    def _fresh(
+        self,
+        loads: Sequence[ServerLoad],
+        measured: Sequence[ServerLoad],
+        speeds: Mapping[str, _Speed],
+        now: float,
+        caches: Mapping[str, Sequence[SlotState]] | None,
+    ) -> dict[int, Decision]:
+        """Plan the queue from scratch on the measured servers (`_Tentative`), and keep the plan.
+
+        Eligibility is decided on the whole fleet: a request only a server not
+        yet measured can serve waits for its probe's answer, it is not refused.
+        """
+        self._kept = None
         refused, cands = self._eligibility(loads)
-        if not cands or not any(has_capacity(s) for s in loads):
+        unmeasured = {s.name for s in loads if not speeds[s.name].measured}
+        cands = {elig: names - unmeasured for elig, names in cands.items()}
+        if not any(cands.values()) or not any(has_capacity(s) for s in measured):
             return refused
-        servers = _virtual_slots(loads, speeds, {}, caches or {})
+        servers = _virtual_slots(measured, speeds, {}, caches or {})
         ranks = list(self._order(speeds, servers))
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
         placement = _placement(self.groups, servers, speeds, self.affinity, demand)
-        kept = _Tentative(now, loads, ranks, cands, servers, demand, search, self.keep, self.on_time, placement)
+        live = {"shift_within": self.shift_within, "keep_seconds": self.keep_seconds, "drift": self.drift}
+        kept = _Tentative(
+            now, measured, ranks, cands, servers, demand, search, self.keep, self.on_time, placement, **live
+        )
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep else None
         return refused
 
+    def _probes(
+        self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed], granted: Mapping[int, Decision]
+    ) -> dict[int, Decision]:
+        """Each idle server never measured takes the shortest waiting request it can serve (`_probe_shortest`'s
+        rule), one each, unless a measured server that can serve it has a slot free after this round's grants
+        (where a request finishes first, as `plan_dispatch` would send it): the whole queue is not planned for it.
+        """
+        taken = Counter(d for d in granted.values() if isinstance(d, str))
+        free = [s for s in loads if speeds[s.name].measured and has_capacity(s, taken[s.name])]
+        out: dict[int, Decision] = {}
+        by_size = sorted(self.buckets, key=lambda bucket: bucket[-1])  # the bucket key ends with the size
+        for row in loads:
+            if speeds[row.name].measured or row.in_flight or not has_capacity(row) or row.circuit == "open":
+                continue
+            for bucket in by_size:
+                key = next((k for _, k in reversed(self.buckets[bucket]) if k not in granted and k not in out), None)
+                if key is None or not _serves(row, self.entries[key].req):
+                    continue
+                if not _serves_any(free, self.entries[key].req):
+                    out[key] = row.name
+                break
+        return out
+
     def _probing(self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed]) -> bool:
-        """Whether a server never measured could take its probe now: `plan_dispatch` then picks it
-        (`_probe_shortest`); that lasts until its first request goes out, so planning the whole queue then costs
-        little. One whose probe is running takes nothing more until it answers: no reason to plan from scratch."""
+        """Whether a server never measured could take its probe now (`_probes`). One whose probe is running takes
+        nothing more until it answers."""
         return any(
             not speeds[s.name].measured
             and s.in_flight == 0
@@ -1448,16 +1536,19 @@ class _BestFit:
 
     def reserve(self, name: str, fit: _Fit, req: LeaseRequest, demand: _Demand) -> None:
         """Book `fit` (`_reserve`) and re-rank its server."""
+        self._rerank(name, partial(_reserve, self.servers[name], fit, req, demand))
+
+    def move(self, name: str, slot: int, free_at: float) -> None:
+        """Slot `slot` of `name` now frees at `free_at` (what runs there ended off its estimate)."""
+        self._rerank(name, partial(setattr, self.servers[name].slots[slot], "free_at", free_at))
+
+    def _rerank(self, name: str, change: Callable[[], object]) -> None:
         self.free -= self._free(name)
         self.ranked.remove((self._earliest(name), name))
-        _reserve(self.servers[name], fit, req, demand)
+        change()
         self.warm[name] = self._warm(name)
         self.free += self._free(name)
         bisect.insort(self.ranked, (self._earliest(name), name))
-
-
-# Relative change of a server's speed estimates that a kept tentative schedule tolerates before it is re-planned.
-SPEED_DRIFT = 0.05
 
 
 def _shape(row: ServerLoad) -> tuple[object, ...]:
@@ -1477,8 +1568,8 @@ def _shape(row: ServerLoad) -> tuple[object, ...]:
     )
 
 
-def _drifted(row: ServerLoad, base: ServerLoad) -> bool:
-    """Whether `row` left what the kept schedule assumed: its shape, or a speed estimate by more than SPEED_DRIFT."""
+def _drifted(row: ServerLoad, base: ServerLoad, tolerance: float = SPEED_DRIFT) -> bool:
+    """Whether `row` left what the kept schedule assumed: its shape, or a speed estimate by more than `tolerance`."""
     if _shape(row) != _shape(base):
         return True
     for now, then in (
@@ -1487,7 +1578,7 @@ def _drifted(row: ServerLoad, base: ServerLoad) -> bool:
         (row.ewma_prefill_seconds, base.ewma_prefill_seconds),
         (row.ewma_load_seconds, base.ewma_load_seconds),
     ):
-        if (now is None) != (then is None) or (now is not None and then and abs(now - then) > SPEED_DRIFT * then):
+        if (now is None) != (then is None) or (now is not None and then and abs(now - then) > tolerance * then):
             return True
     return False
 
@@ -1504,9 +1595,10 @@ class _Tentative:
     and only a release onto an empty line continues the list scheduling from
     where it stopped (`extend`). Times are seconds after `t0`, the time of
     the full plan. `advance` gives up (the caller plans from scratch) when a
-    release is not where and when expected (within `on_time` seconds), a grant was not applied, a
+    release is not where and when expected (within `on_time` seconds; within `shift_within`, the
+    slot's reservations shift by the difference instead), a grant was not applied, a
     server's eligibility, slots or models changed, its speeds drifted by more
-    than SPEED_DRIFT, or after `events` events (`Planner.keep`). A request that
+    than SPEED_DRIFT (`drift`), or after `events` events (`Planner.keep`) once `keep_seconds` have passed. A request that
     arrives meanwhile joins the order when it ranks behind every request planned
     so far (`admit`): those reservations stand whatever it is.
     """
@@ -1523,9 +1615,14 @@ class _Tentative:
         events: int,
         on_time: float = _ON_TIME,
         placement: Assignment | None = None,
+        *,
+        shift_within: float = 0.0,
+        keep_seconds: float = 0.0,
+        drift: float = SPEED_DRIFT,
     ) -> None:
         self.placement = placement or Assignment()
         self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
+        self.shift_within, self.keep_seconds, self.drift = shift_within, keep_seconds, drift  # see `Planner`
         self.ranks, self.keys = ranks, [rank[-1] for rank in ranks]  # the planning order (`Planner._rank`)
         self.on_time = on_time
         self.servers, self.demand, self.search = servers, demand, search
@@ -1568,12 +1665,12 @@ class _Tentative:
         """The grants of this event, or None when the fleet left the plan and the queue must be planned again."""
         self.events -= 1
         r = now - self.t0
-        if self.stale or self.events < 0 or len(loads) != len(self.rows):
+        if self.stale or (self.events < 0 and r >= self.keep_seconds) or len(loads) != len(self.rows):
             return None
         grants: dict[int, Decision] = {}
         for row in loads:
             base = self.rows.get(row.name)
-            if base is None or (row is not self.seen[row.name] and _drifted(row, base)):
+            if base is None or (row is not self.seen[row.name] and _drifted(row, base, self.drift)):
                 return None
             self.seen[row.name] = row
             gap = self.in_flight[row.name] - row.in_flight
@@ -1609,7 +1706,9 @@ class _Tentative:
         due = (name, slot) in self.due and r <= end + self.on_time
         self.due.discard((name, slot))
         if abs(end - r) > self.on_time and not due:
-            return False
+            if abs(end - r) > self.shift_within:
+                return False
+            self._shift(name, slot, r - end)
         line = self.booked.get((name, slot))
         if line:
             key, finish = line.popleft()
@@ -1636,6 +1735,13 @@ class _Tentative:
         """The prefix group of the request reserved next on `slot` of `name` (None: it goes idle)."""
         line = self.booked.get((name, slot))
         return self.groups[line[0][0]] if line else None
+
+    def _shift(self, name: str, slot: int, delta: float) -> None:
+        """The request on a slot ended `delta` seconds after its expected end: so do the ones reserved behind it."""
+        line = self.booked.get((name, slot))
+        if line:
+            self.booked[(name, slot)] = deque((key, finish + delta) for key, finish in line)
+        self.search.move(name, slot, self.servers[name].slots[slot].free_at + delta)
 
     def extend(self, entries: Mapping[int, _Entry], r: float = 0.0) -> dict[int, Decision]:
         """`_earliest_finish` from where it stopped, until no slot is idle: those whose slot is idle start."""

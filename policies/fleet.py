@@ -132,6 +132,21 @@ def to_load(stats: ServerStats, now: float, waiting: int) -> ServerLoad:
     )
 
 
+def load_fresh_until(stats: ServerStats, now: float) -> float:
+    """Until when (monotonic seconds) `to_load(stats, now, ...)` reads the same if nothing happens to `stats`.
+
+    The clock alone changes a row when a 503 back-off, an unaccounted slot or
+    an open circuit runs out, and while a model loads (its remaining time).
+    So the balancer can keep a row between events and rebuild it only then.
+    """
+    if stats.loading_model:
+        return now
+    ends = [stats.busy_until, stats.unaccounted_until]
+    if stats.breaker.opened_at is not None:
+        ends.append(stats.breaker.opened_at + stats.breaker.reset)
+    return min((end for end in ends if end > now), default=float("inf"))
+
+
 def record_restart(stats: ServerStats, now: float) -> None:
     """The balancer came back from a crash knowing nothing of the leases it had granted.
 
@@ -277,14 +292,45 @@ def record_outcome(
     paid a model load and is not a sample of the server's fixed cost.
     `placed`: what `record_grant` predicted for it (slot, cached tokens).
     """
-    stats.in_flight -= 1
     placed = placed or Placement(cold=cold)
+    free_slot(stats, outcome, placed)
+    learn_outcome(stats, outcome, cold, now, backoff_seconds, placed)
+
+
+def free_slot(stats: ServerStats, outcome: LeaseOutcome, placed: Placement) -> None:
+    """The slot of a lease that came back is free again (forgetting its cache if the request failed).
+
+    Apart from what the outcome teaches (`learn_outcome`), so the balancer can
+    free it first: an error in the learning must not keep a slot, or every
+    request waiting for it waits until its deadline.
+    """
+    stats.in_flight -= 1
+    stats.prefix.release(placed.slot, known=outcome.ok)
+
+
+def learn_outcome(
+    stats: ServerStats,
+    outcome: LeaseOutcome,
+    cold: bool,
+    now: float,
+    backoff_seconds: float,
+    placed: Placement,
+    gated: bool = False,
+) -> None:
+    """What an outcome says about its server (speed, health, residency); its slot is freed by `free_slot`.
+
+    `gated`: the request waited at its server actor's gate (an early grant).
+    That wait is known only as the balancer saw it, lease delivery and event
+    loop lag included, which for a short request is as long as its fixed
+    cost; so its fixed cost is read from its time to first token (measured
+    past the gate), as when a server reports no eval time (`fixed_cost`).
+    """
     kind = outcome_kind(outcome)
     _record_residency(stats, outcome, placed)
     if kind != "cancelled":
         stats.breaker.record(outcome.ok, outcome.outcome, now)
     if kind == "ok":
-        _record_success(stats, outcome, cold, placed)
+        _record_success(stats, outcome, cold, placed, gated)
     elif kind == "busy":
         # 503: the server's own queue is full (someone else is using it). Back off its slots for a while;
         # a penalty whose back-off has run out no longer counts.
@@ -299,8 +345,7 @@ def record_outcome(
 
 
 def _record_residency(stats: ServerStats, outcome: LeaseOutcome, placed: Placement) -> None:
-    """The slot frees (forgetting its contents if the request failed); a load done clears the model's other slots."""
-    stats.prefix.release(placed.slot, known=outcome.ok)
+    """A load done clears the model's other slots."""
     if stats.loading_model == outcome.model and (placed.cold or outcome.load_seconds):
         stats.loading_model = None
     if outcome.load_seconds:  # the model was (re)loaded for this request: its other slots start empty
@@ -323,7 +368,9 @@ def uncached_tokens(outcome: LeaseOutcome, placed: Placement) -> int | None:
     return None
 
 
-def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, placed: Placement) -> None:
+def _record_success(
+    stats: ServerStats, outcome: LeaseOutcome, cold: bool, placed: Placement, gated: bool = False
+) -> None:
     stats.completed += 1
     stats.outcomes.append(True)
     alpha = REMEMBERED_ALPHA if stats.remembered else EWMA_ALPHA  # this run's first answer outweighs the last run's
@@ -334,7 +381,7 @@ def _record_success(stats: ServerStats, outcome: LeaseOutcome, cold: bool, place
     uncached = uncached_tokens(outcome, placed)
     if outcome.prompt_eval_seconds is not None and uncached is not None and uncached >= MIN_PREFILL_SAMPLE:
         stats.ewma_prefill_seconds = ewma(stats.ewma_prefill_seconds, outcome.prompt_eval_seconds / uncached, alpha)
-    fixed = fixed_cost(outcome)
+    fixed = outcome.ttft if gated else fixed_cost(outcome)
     if fixed is not None and uncached and stats.ewma_prefill_seconds is not None:
         fixed = max(0.0, fixed - uncached * stats.ewma_prefill_seconds)  # the planner adds prefill per token itself
     if fixed is not None and not cold:

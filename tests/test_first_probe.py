@@ -70,3 +70,24 @@ def test_only_an_idle_unmeasured_server_makes_the_planner_plan_the_whole_queue()
     idle = [measured, srv("new", slots=2)]
     assert not planner._probing(probing, _speeds(probing))
     assert planner._probing(idle, _speeds(idle))
+
+
+def test_each_idle_unmeasured_server_is_probed_in_the_same_round() -> None:
+    # One shared probe request meant one probe per round: with 60 new servers behind 10,000 queued, 60 rounds
+    # of planning the whole queue. Each gets its own short request now, the shortest to the first.
+    loads = [*fleet(fast_busy=True)[:2], srv("new"), srv("newer")]
+    decisions = plan_dispatch("peak_ewma", loads, queue(), running={"fast": [0.5], "mid": [0.3]})
+    assert {SIZES[i]: server for i, server in decisions.items()} == {16: "new", 64: "newer"}
+
+
+def test_a_probe_does_not_make_the_planner_plan_the_whole_queue_from_scratch() -> None:
+    # The measured servers' plan is kept while the new server takes its probe: with 10,000 queued, planning the
+    # whole queue on every event until a probe won had stalled a 100-server balancer.
+    planner = Planner("peak_ewma")
+    for key, queued in enumerate(queue() * 40):
+        planner.add(key, queued.req, float(key))
+    loads = [srv("fast", slots=2, in_flight=1, ewma_token_seconds=0.002, ewma_ttft=0.04), *fleet(True)[1:]]
+    decisions = planner.plan(loads, 0.0)
+    assert sorted(decisions.values()) == ["fast", "new"]
+    assert [SIZES[k % len(SIZES)] for k, v in decisions.items() if v == "new"] == [min(SIZES)]
+    assert planner._kept is not None

@@ -12,8 +12,11 @@ from teamorch.policies.fleet import (
     ERROR_WINDOW,
     EWMA_ALPHA,
     GroupServers,
+    Placement,
     ServerStats,
+    free_slot,
     is_cold,
+    learn_outcome,
     outcome_kind,
     record_grant,
     record_orphan_release,
@@ -164,6 +167,19 @@ def test_a_request_that_paid_a_model_load_does_not_move_the_fixed_cost() -> None
     assert s.ewma_ttft == 0.2
     assert s.ewma_token_seconds == pytest.approx(0.02), "its generation speed is still a fair sample"
     assert s.models_loaded == ["m"], "the model it ran is resident now"
+
+
+def test_a_request_that_waited_at_the_gate_takes_its_fixed_cost_from_its_time_to_first_token() -> None:
+    # Its latency less the gate wait as the balancer estimated it (the lease's trip to the caller included)
+    # would say 0.05 s here; the time to first token, measured past the gate, says 0.3 s.
+    s = stats()
+    record_grant(s, 100.0)
+    free_slot(s, done(), Placement())
+    learn_outcome(
+        s, done(tokens=100, eval_seconds=2.0, latency=2.05, ttft=0.3), False, 100.0, BACKOFF, Placement(), gated=True
+    )
+    assert (s.ewma_token_seconds, s.ewma_ttft) == pytest.approx((0.02, 0.3))
+    assert s.in_flight == 0
 
 
 def test_a_success_without_tokens_leaves_the_speed_unmeasured() -> None:

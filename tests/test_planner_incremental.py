@@ -94,9 +94,10 @@ def test_kept_plan_makespan_is_within_a_percent_of_the_reference(seed: int) -> N
     assert _makespan(incremental, seed) == pytest.approx(_makespan(reference, seed), rel=0.01)
 
 
-def _filled(seed: int) -> EventLoop:
+def _filled(seed: int, shift_within: float = 0.0) -> EventLoop:
     fleet = make_fleet(speed_classes(6, (0.002, 0.005, 0.011), spread=0.1, seed=seed), 2)
     loop = EventLoop(fleet, make_queue(120, seed=seed), incremental)
+    loop.planner.shift_within = shift_within
     loop.run(releases=0)  # every slot busy, the rest of the queue reserved behind them
     return loop
 
@@ -164,3 +165,16 @@ def test_kept_plan_takes_an_arrival_that_ranks_behind_it_and_replans_for_one_ahe
     assert loop.planner._kept is None
     loop.run()
     assert not loop.planner.entries  # both were granted with the rest of the queue
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_live_kept_plan_shifts_a_release_that_comes_off_schedule_instead_of_planning_again(seed: int) -> None:
+    # Live releases come tens of ms off their estimates (Ray's queue, the event loop): the slot's line shifts,
+    # the rest of the plan stands. Further off than `shift_within`, the queue is planned from scratch as before.
+    loop, on_time, far = _filled(seed, shift_within=0.5), _filled(seed), _filled(seed, shift_within=0.01)
+    kept = loop.planner._kept
+    got = _plan(loop, loop.release(early=0.02))
+    assert loop.planner._kept is kept and got == _plan(on_time, on_time.release()) and got
+    kept = far.planner._kept
+    _plan(far, far.release(early=0.02))
+    assert far.planner._kept is not kept
