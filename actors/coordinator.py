@@ -11,6 +11,7 @@ from it (`policies.reporting.build_report` over the journaled results).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Awaitable
@@ -55,6 +56,7 @@ ACTOR_OPTIONS = {"num_cpus": 0, "max_concurrency": 1000}  # they wait on the net
 # dispatch key, a release is idempotent, a probe reads). Bounded, so an actor that crashes on start-up fails the
 # run instead of looping.
 SUPERVISED = {"max_restarts": 5, "max_task_retries": 3}
+DRAIN_SECONDS = 2.0  # `shutdown` waits this long at most for specialists' releases in flight
 ActorKind = Literal["server", "balancer", "specialist"]
 
 
@@ -126,6 +128,11 @@ class Coordinator:
         return list(names)
 
     async def shutdown(self) -> None:
+        """Stop the team: specialists first, once their releases have reached the balancer (`drain`, 2 s at
+        most: a specialist that does not answer is killed all the same)."""
+        drains = asyncio.gather(*(h.drain.remote() for h in self.specialists.values()), return_exceptions=True)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(drains, DRAIN_SECONDS)
         for handle in [*self.specialists.values(), self.balancer, *self.servers.values()]:
             if handle is not None:
                 ray.kill(handle)

@@ -13,11 +13,13 @@ including the ones that failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
 
 import ray
+from ray import ObjectRef
 from ray.actor import ActorHandle
 
 from teamorch.actors import TurnBatch, await_ref
@@ -69,6 +71,7 @@ class Specialist:
         self._rng = random.Random(hash(config.name) & 0xFFFF)
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
         self._releases: TurnBatch[LeaseOutcome] = TurnBatch(self._release)
+        self._last_release: ObjectRef[None] | None = None  # the newest release call sent (`drain`)
         self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
 
     async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
@@ -185,7 +188,21 @@ class Specialist:
 
     def _release(self, outcomes: list[LeaseOutcome]) -> None:
         """One call for the releases of one loop turn (`TurnBatch`); like each release, never awaited."""
-        self.balancer.release_many.remote(outcomes)
+        self._last_release = self.balancer.release_many.remote(outcomes)
+
+    async def drain(self) -> None:
+        """Return once every release this specialist sent has reached the balancer.
+
+        The team stops right after a run (`teamorch run`, `plan`): a release
+        batched to the end of a loop turn can still be on its way when the
+        balancer is killed, and Ray then logs the failed call and retries it,
+        on the driver's terminal. Calls from one caller run in order, so
+        waiting for the newest is waiting for all.
+        """
+        await asyncio.sleep(0)  # a batch added in this turn leaves now
+        if self._last_release is not None:
+            with contextlib.suppress(ray.exceptions.RayError):
+                await self._last_release
 
     def _progress_to(self, assignment: Assignment, attempt: int) -> ProgressTo | None:
         """Where the server tells this attempt's tokens as they stream: the coordinator running the task."""
