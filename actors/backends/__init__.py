@@ -186,6 +186,23 @@ def _error_message(body: bytes) -> str | None:
     return str(err) if err else None
 
 
+def stream_object(server: str, text: str, what: str) -> dict[str, Any]:
+    """One JSON object of a streamed answer (an NDJSON line, an event's data). A stream can end in an `error`
+    object after a 200, which must fail the request rather than return half an answer."""
+    try:
+        chunk = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MalformedResponse(server, f"invalid {what}: {text[:120]!r}") from exc
+    if not isinstance(chunk, dict):
+        raise MalformedResponse(server, f"{what} is not a JSON object: {text[:120]!r}")
+    if "error" in chunk:
+        error = chunk["error"]  # Ollama: a string; OpenAI-compatible servers: {"message": ...}
+        raise ServerError(
+            server, f"error in stream: {error.get('message', error) if isinstance(error, dict) else error}", 200
+        )
+    return chunk
+
+
 def make_backend(config: ServerConfig) -> Backend:
     if config.protocol == "ollama":
         from teamorch.actors.backends.ollama import OllamaBackend

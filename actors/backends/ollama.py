@@ -7,13 +7,12 @@ must fail the request rather than return half an answer.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import httpx
 
-from teamorch.actors.backends import HttpBackend, TokenSink
+from teamorch.actors.backends import HttpBackend, TokenSink, stream_object
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -72,15 +71,7 @@ class OllamaBackend(HttpBackend):
         """One NDJSON line of the stream (None for a blank one); an `error` line fails the request."""
         if not line.strip():
             return None
-        try:
-            chunk = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise MalformedResponse(self.name, f"invalid NDJSON line: {line[:120]!r}") from exc
-        if not isinstance(chunk, dict):
-            raise MalformedResponse(self.name, f"unexpected NDJSON value: {line[:120]!r}")
-        if "error" in chunk:
-            raise ServerError(self.name, f"error in stream: {chunk['error']}", 200)
-        return chunk
+        return stream_object(self.name, line, "NDJSON line")
 
     async def models(self) -> tuple[list[str] | None, list[str] | None]:
         tags = await self.get_json("/api/tags")

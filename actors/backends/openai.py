@@ -11,14 +11,13 @@ stream them.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
-from teamorch.actors.backends import HttpBackend, TokenSink
+from teamorch.actors.backends import HttpBackend, TokenSink, stream_object
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
 
@@ -49,19 +48,7 @@ class SseAnswer:
         if data == "[DONE]":
             self.done = True
             return False
-        try:
-            chunk = json.loads(data)
-        except json.JSONDecodeError as exc:
-            raise MalformedResponse(self.server, f"invalid event data: {data[:120]!r}") from exc
-        if not isinstance(chunk, dict):
-            raise MalformedResponse(self.server, f"unexpected event data: {data[:120]!r}")
-        if "error" in chunk:
-            error = chunk["error"]
-            raise ServerError(
-                self.server,
-                f"error in stream: {error.get('message', error) if isinstance(error, dict) else error}",
-                200,
-            )
+        chunk = stream_object(self.server, data, "event data")
         if chunk.get("usage"):
             self.usage = chunk["usage"]
         choices = chunk.get("choices") or []
