@@ -438,7 +438,7 @@ class LoadBalancer:
         placed = record_grant(stats, now, waiter.req, drain, ahead.placed.slot if ahead else None)
         self._rows.pop(name, None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
-        start = now + max(0.0, ahead.expected - (now - ahead.granted)) if ahead else now
+        start = now + _left(ahead, now) if ahead else now
         self.leases[lease_id] = _Lease(name, start, expected, placed, waiter.key, behind=ahead_id, issued=now)
         if ahead_id:
             self._ahead[ahead_id] = lease_id

@@ -191,9 +191,7 @@ class Coordinator:
         late costs liveness, never the record. Progress has no such copy: the
         journal drops it once its attempt is no longer running.
         """
-        run = self.runs.get(run_id)
-        if run is not None:
-            run.live(event)
+        await self.task_events(run_id, [event])
 
     async def task_events(self, run_id: str, events: list[LiveEvent]) -> None:
         """`task_event` for several reports of one run at once: a specialist sends those of one loop turn

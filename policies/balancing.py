@@ -918,7 +918,9 @@ def _placement(
         return Host(
             name,
             Rate(sp.fixed * sp.penalty, sp.per_token * sp.penalty, sp.prefill * sp.penalty, sp.load),
-            tuple((slot.free_at, f"{slot.model}\x00{slot.chain[0]}" if slot.chain else None) for slot in server.slots),
+            tuple(
+                (slot.free_at, _group_key(slot.model, slot.chain[0]) if slot.chain else None) for slot in server.slots
+            ),
             tuple(server.resident) if affinity and server.resident is not None else None,
             affinity and server.resident is not None and server.limit < len(models),
         )
@@ -1050,7 +1052,12 @@ def _first_waiting(
 
 
 def _group(req: LeaseRequest) -> str:
-    return f"{req.model}\x00{req.prefix[0] if req.prefix else ''}"
+    return _group_key(req.model, req.prefix[0] if req.prefix else "")
+
+
+def _group_key(model: str | None, head: str) -> str:
+    """A prefix group: the model and the first block of the prompt (`_left` splits it again)."""
+    return f"{model}\x00{head}"
 
 
 # ---- the balancer's dispatch ---------------------------------------------------------------
