@@ -54,6 +54,7 @@ from teamorch.policies.balancing import (
     has_capacity,
     plan_dispatch,
     planned_seconds,
+    wave_deadline,
 )
 from teamorch.policies.fleet import (
     FleetMemory,
@@ -208,6 +209,7 @@ class LoadBalancer:
         self._tasks: list[asyncio.Task[None]] = []
         self._probing: set[asyncio.Task[None]] = set()
         self._coalescing: asyncio.Handle | None = None
+        self._wave = (0.0, 0.0)  # monotonic seconds of the coalescing wait's first arrival, and when it plans
         self._soon: asyncio.Handle | None = None  # the round planned for the releases since the last one
         self._planned_at = 0.0  # monotonic seconds of the last planning round
         self._rows: dict[str, tuple[ServerLoad, float]] = {}  # `_table`'s rows, each with when the clock changes it
@@ -561,8 +563,8 @@ class LoadBalancer:
                     arrived.future.set_exception(exc)
                     self._unqueue(arrived)
                     return
-                if delay is not None and self._coalescing is None:
-                    self._coalescing = _after(delay, self._coalesced)
+                if delay is not None:
+                    self._coalesce(loads, now, delay)
                 self._full = delay is None
                 self._arm_due_timer()
                 return
@@ -586,6 +588,17 @@ class LoadBalancer:
     def _became_due(self) -> None:
         self._due_timer = None
         self._dispatch()
+
+    def _coalesce(self, loads: list[ServerLoad], now: float, delay: float) -> None:
+        """Plan the queue when its wave has arrived (`wave_deadline`): arm the timer, or move it later."""
+        first = self._wave[0] if self._coalescing is not None else now
+        at = wave_deadline(loads, first, now, delay)
+        if self._coalescing is not None:
+            if at <= self._wave[1]:
+                return
+            self._coalescing.cancel()
+        self._wave = (first, at)
+        self._coalescing = _after(at - now, self._coalesced)
 
     def _coalesced(self) -> None:
         self._coalescing = None

@@ -36,13 +36,16 @@ Run: `.venv/bin/python -m benchmarks.prefix` (part of `make bench`).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import itertools
 import math
 import random
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
@@ -311,6 +314,7 @@ class Run:
     evictions: int
     per_server: dict[str, int]
     gap_median_ms: float
+    log: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # each server's own request log
 
 
 def _plan(work: Workload, plan: list[Task], pin: dict[str, str] | None = None) -> OrchestrationPlan:
@@ -332,6 +336,7 @@ def _measure(fleet: Fleet, router: str, makespan: float, ok: int, total: int) ->
         evictions=sum(s["evictions"] for s in stats.values()),
         per_server={n: s["completed"] for n, s in stats.items()},
         gap_median_ms=percentile(gaps, 50) * 1e3,
+        log={n: s["requests_log"] for n, s in stats.items()},
     )
 
 
@@ -392,7 +397,12 @@ def run_litellm(fleet: Fleet, work: Workload, plan: list[Task]) -> Run:
     return _measure(fleet, "LiteLLM Router (simple-shuffle)", makespan, ok, len(plan))
 
 
-def run_workload(work: Workload, shapes: list[Shape], label: str, with_pin: bool) -> dict[str, Any]:
+ROUTERS = ("peak_ewma", "round_robin", "affinity", "litellm")
+
+
+def run_workload(
+    work: Workload, shapes: list[Shape], label: str, with_pin: bool, routers: Sequence[str] = ROUTERS
+) -> dict[str, Any]:
     plan = tasks(work)
     bound = (prefix_bound if work.prefill_tps else model_bound)(work, shapes, plan)
     runs: list[Run] = []
@@ -403,14 +413,15 @@ def run_workload(work: Workload, shapes: list[Shape], label: str, with_pin: bool
         ]
         if with_pin:
             jobs.append(("affinity", lambda: run_teamorch(fleet, work, plan, "peak_ewma", affinity(work, fleet))))
-        try:
-            from benchmarks.routing import _quiet_litellm
+        if "litellm" in routers:
+            try:
+                from benchmarks.routing import _quiet_litellm
 
-            _quiet_litellm()
-            jobs.append(("litellm", lambda: run_litellm(fleet, work, plan)))
-        except ImportError:
-            print("  LiteLLM not installed; install the bench extra: pip install -e '.[bench]'", flush=True)
-        for _key, job in jobs:
+                _quiet_litellm()
+                jobs.append(("litellm", lambda: run_litellm(fleet, work, plan)))
+            except ImportError:
+                print("  LiteLLM not installed; install the bench extra: pip install -e '.[bench]'", flush=True)
+        for _key, job in (j for j in jobs if j[0] in routers):
             runs.append(job())
             print(f"  measured {work.title} / {label} / {runs[-1].router}: {runs[-1].makespan:.1f} s", flush=True)
     floor = cache_floor(work, shapes, plan) if work.prefill_tps else None
@@ -423,6 +434,32 @@ def run_workload(work: Workload, shapes: list[Shape], label: str, with_pin: bool
         "runs": runs,
         "tasks": len(plan),
     }
+
+
+def timeline(run: Run, work: Workload) -> str:
+    """Each server slot's requests as the simulators logged them, in `benchmarks.replay.timeline`'s format
+    (start seconds from the run's first request, `*` for a cold prefill), to set beside a replay's `--trace`."""
+    from benchmarks.replay import Result, Span
+    from benchmarks.replay import timeline as replay_timeline
+
+    def who(prompt: str) -> str:
+        return next((s["name"] for s in work.specialists if prompt.startswith(s["system_prompt"])), "?")
+
+    entries = [(name, e) for name, log in run.log.items() for e in log if "started" in e]
+    began = min((e["at"] for _, e in entries), default=0.0)
+    spans = [
+        Span(
+            name,
+            e["slot"],
+            e["started"] - began,
+            e.get("ended", e["started"]) - began,
+            who(e["prompt"]),
+            e["cached"],
+            e["prompt_tokens"],
+        )
+        for name, e in entries
+    ]
+    return replay_timeline(Result(run.router, run.makespan, 0, 0, 0, 0, {}, spans))
 
 
 # ------------------------------------------------------------------------------ report
@@ -505,14 +542,30 @@ MODEL_FLEETS = {
 }
 
 
-def main() -> dict[str, Any]:
-    """Both workloads on both fleets; print and return the tables."""
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Both workloads on their fleets (or those `argv` picks); print and return the tables."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.prefix", description=__doc__.splitlines()[0])
+    parser.add_argument("--workload", choices=("shared", "multi"), action="append", help="default: both")
+    parser.add_argument("--fleet", action="append", help="fleet label(s) to run (A, B, C); default: every fleet")
+    parser.add_argument("--router", choices=ROUTERS, action="append", help="router(s) to run; default: every one")
+    parser.add_argument("--trace", action="store_true", help="print each slot's timeline from the servers' logs")
+    args = parser.parse_args(argv or [])
+    workloads = args.workload or ["shared", "multi"]
     ensure_ray()
     sections = ["", "## Prefix caching and model residency", SIM_NOTE, ""]
-    for label, shapes in PREFIX_FLEETS.items():
-        sections += [render(run_workload(shared_prefix_workload(), shapes, label, with_pin=True)), ""]
-    for label, (shapes, models) in MODEL_FLEETS.items():
-        sections += [render(run_workload(multi_model_workload(models), shapes, label, with_pin=False)), ""]
+    fleets: list[tuple[Workload, list[Shape], str, bool]] = []
+    if "shared" in workloads:
+        fleets += [(shared_prefix_workload(), shapes, label, True) for label, shapes in PREFIX_FLEETS.items()]
+    if "multi" in workloads:
+        fleets += [(multi_model_workload(m), shapes, label, False) for label, (shapes, m) in MODEL_FLEETS.items()]
+    for work, shapes, label, with_pin in fleets:
+        if args.fleet and label not in args.fleet:
+            continue
+        result = run_workload(work, shapes, label, with_pin, args.router or ROUTERS)
+        sections += [render(result), ""]
+        if args.trace:
+            for run in result["runs"]:
+                print(f"--- {work.title} / fleet {label} / {run.router}\n{timeline(run, work)}", flush=True)
     sections.append(
         "x bound: makespan / lower bound. Prefix hit rate: cached / prompt tokens as the servers counted them. "
         "Slot gap: median idle time of a slot between two requests, as the servers saw it."
@@ -523,4 +576,4 @@ def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -42,6 +42,7 @@ from benchmarks.prefix import (
     MODEL_FLEETS,
     PREFIX_FLEETS,
     PROBLEM,
+    SEED,
     Shape,
     Workload,
     cache_floor,
@@ -64,6 +65,7 @@ from teamorch.policies.balancing import (
     has_capacity,
     plan_dispatch,
     planned_seconds,
+    wave_deadline,
 )
 from teamorch.policies.fleet import Placement, ServerStats, record_grant, record_outcome, record_probe, to_load
 from teamorch.policies.prefix import SlotState, signature
@@ -73,6 +75,14 @@ from teamorch.sim_model import Residency, SlotCaches, Taken
 # Seconds of each Ray/HTTP hop (grant -> server, server -> release); H5 matched a real fleet-B run within 1% with it.
 HOP = 0.004
 TICK_SECONDS = 0.25  # the balancer's re-planning tick (teamorch.actors.balancer.TICK_SECONDS)
+# Seconds between two of a wave's acquires reaching the balancer: the coordinator hands tasks to the specialists,
+# each builds its prompt and asks; a real fleet-B run's 64 acquires came over 62 ms on a shared 2-core host.
+ARRIVAL_SECONDS = 0.001
+# Seconds between specialists' bursts (`--stagger`): before the coordinator waited for its specialist actors to start
+# (worker processes, ~0.4 s each on 2 cores), a fresh team's first wave came in bursts, one specialist after another
+# (measured 0, 37, 98, 237, 252 and 321 ms on fleet B), and a stagger of 0.06 s replayed that run's figures (1.74 x the
+# bound on B, 7 loads on multi-model B). Now the wave comes whole: 0.
+STAGGER_SECONDS = 0.0
 # A request that found fewer of its prompt's tokens cached than this fraction counts as a cold prefill in the trace.
 COLD_FRACTION = 0.5
 
@@ -104,6 +114,20 @@ def jobs(work: Workload, plan: Sequence[Task]) -> list[Job]:
             prompt_tokens=sig.total,
         )
         out.append(Job(t.task_id, t.specialist, req, prompt_of(work, t), n))
+    return out
+
+
+def arrivals(plan: Sequence[Job], spacing: float, stagger: float) -> list[tuple[float, Job]]:
+    """When each job reaches the balancer: `spacing` apart in plan order; with `stagger`, each specialist's jobs
+    come together, the specialists `stagger` apart in a seeded random order (their actors start one by one)."""
+    if not stagger:
+        return [(k * spacing, job) for k, job in enumerate(plan)]
+    names = sorted({job.specialist for job in plan})
+    random.Random(SEED).shuffle(names)
+    out = []
+    for i, name in enumerate(names):
+        mine = [job for job in plan if job.specialist == name]
+        out += [(i * stagger + k * spacing, job) for k, job in enumerate(mine)]
     return out
 
 
@@ -276,8 +300,10 @@ class Replay:
         *,
         planner: bool = False,
         hop: float = HOP,
+        arrival: float = ARRIVAL_SECONDS,
+        stagger: float = STAGGER_SECONDS,
     ) -> None:
-        self.work, self.policy, self.hop = work, policy, hop
+        self.work, self.policy, self.hop, self.arrival, self.stagger = work, policy, hop, arrival, stagger
         self.models = sorted({str(s.get("model", MODEL)) for s in work.specialists})
         self.events: list[tuple[float, int, Callable[[float], None]]] = []
         self.seq = itertools.count()
@@ -291,6 +317,7 @@ class Replay:
         self.rng = random.Random(0)
         self.rr = itertools.count()
         self.coalescing = False
+        self.wave = (0.0, 0.0)  # the coalescing wait's first arrival and when it plans (a later arrival may move it)
         self.end = 0.0
         self.left = 0  # jobs not yet released
 
@@ -301,8 +328,8 @@ class Replay:
         """Submit every job at t=0 (one wave, as a plan's fan-out does) and replay until the last one is released."""
         for name in self.stats:
             self._probe(name, 0.0, dispatch=False)
-        for job in plan:
-            self._push(0.0, lambda t, job=job: self._arrive(job, t))
+        for at, job in arrivals(plan, self.arrival, self.stagger):
+            self._push(at, lambda t, job=job: self._arrive(job, t))
         self._push(self.poll_interval, self._poll)
         self._push(TICK_SECONDS, self._tick)
         self.left = len(plan)
@@ -334,9 +361,12 @@ class Replay:
         loads = self._loads(now)
         delay = coalesce_delay(self.policy, loads, job.req)
         if delay is not None or not any(has_capacity(s) for s in loads):
-            if delay is not None and not self.coalescing:
-                self.coalescing = True
-                self._push(now + delay, self._coalesced)
+            if delay is not None:
+                first = self.wave[0] if self.coalescing else now
+                at = wave_deadline(loads, first, now, delay)
+                if not self.coalescing or at > self.wave[1]:
+                    self.coalescing, self.wave = True, (first, at)
+                    self._push(at, lambda t, wave=self.wave: self._coalesced(t) if self.wave is wave else None)
             return
         self._dispatch(now)
 
@@ -457,8 +487,12 @@ def cases() -> Iterator[Case]:
         yield Case(f"multi-model ({models})", label, multi_model_workload(models), shapes)
 
 
-def replay(case: Case, policy: str = "peak_ewma", planner: bool = False, trace: bool = False) -> Result:
-    return Replay(case.work, case.shapes, policy, planner=planner).run(jobs(case.work, tasks(case.work)), trace)
+def replay(
+    case: Case, policy: str = "peak_ewma", planner: bool = False, trace: bool = False, stagger: float = STAGGER_SECONDS
+) -> Result:
+    return Replay(case.work, case.shapes, policy, planner=planner, stagger=stagger).run(
+        jobs(case.work, tasks(case.work)), trace
+    )
 
 
 def bound_of(case: Case) -> float:
@@ -491,6 +525,12 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
     parser.add_argument("--planner", action="store_true", help="plan with the incremental Planner")
     parser.add_argument("--trace", action="store_true", help="print each slot's timeline")
     parser.add_argument("--only", help="workload prefix ('shared', 'multi') or fleet label to replay")
+    parser.add_argument(
+        "--stagger",
+        type=float,
+        default=STAGGER_SECONDS,
+        help="seconds between specialists' first acquires (0: one wave)",
+    )
     args = parser.parse_args(argv)
     rows: list[list[object]] = []
     for case in cases():
@@ -498,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
             continue
         bound, floor = bound_of(case), floor_of(case)
         for policy in args.policy or ["peak_ewma"]:
-            result = replay(case, policy, args.planner, args.trace)
+            result = replay(case, policy, args.planner, args.trace, args.stagger)
             rows.append(
                 [
                     case.workload,

@@ -47,7 +47,9 @@ if TYPE_CHECKING:
 MAX_LINES = 20  # streamed content lines per request: pace per chunk, never per token
 BUSY = "server busy, please try again.  maximum pending requests exceeded"  # Ollama's wording
 GAP_SAMPLES = 1024  # the most recent slot gaps kept for /sim/stats (a bounded window, not the whole run)
-REQUEST_LOG = 256  # the most recent requests (time, model, prompt) kept for /sim/stats: who asked for what
+# The most recent requests kept for /sim/stats: who asked for what, and (once admitted) on which slot, when, and how
+# much of the prompt that slot held, so a run's per-slot timeline can be read from the server side.
+REQUEST_LOG = 256
 _COUNTERS = (
     "requests",
     "completed",
@@ -349,7 +351,7 @@ class SimServer:
             "slot_gaps": self._gap_count,
             "slot_gap_median": statistics.median(gaps) if (gaps := list(self._gaps)) else None,
             "slot_gap_seconds": [round(g, 6) for g in gaps],  # the last GAP_SAMPLES, to pool across servers
-            "requests_log": [dict(e) for e in self._log],  # the last REQUEST_LOG: {at, model, prompt, completed}
+            "requests_log": [dict(e) for e in self._log],  # REQUEST_LOG: {at, model, prompt, completed, slot, ...}
         }
 
     async def _reset(self, _request: web.Request) -> web.Response:
@@ -670,6 +672,8 @@ class SimServer:
             self._counts["rejected_503"] += 1
             return self._error(503, BUSY, dialect, "server_busy")
         taken, load_wait = admitted
+        slots = self._slots[model].caches.slots
+        entry.update(started=time.time(), slot=slots.index(taken.slot), cached=taken.cached, prompt_tokens=len(prompt))
         try:
             n = asked if isinstance(asked, int) and asked > 0 else cfg.default_tokens
             self._counts["slowed"] += slow
@@ -680,6 +684,7 @@ class SimServer:
             entry["completed"] = gen.completed
             return response
         finally:
+            entry["ended"] = time.time()
             self._release(model, taken)
 
     async def _load_only(self, model: str) -> web.Response:

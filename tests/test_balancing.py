@@ -13,6 +13,8 @@ from teamorch.policies.balancing import (
     COALESCE_FRACTION,
     COALESCE_SECONDS,
     COLD_COALESCE_SECONDS,
+    COLD_QUIET_SECONDS,
+    COLD_WAVE_SECONDS,
     DEFAULT_EXPECTED_TOKENS,
     LOAD_PENALTY_SECONDS,
     OVERDUE_SECONDS,
@@ -29,6 +31,7 @@ from teamorch.policies.balancing import (
     has_capacity,
     plan_dispatch,
     planned_seconds,
+    wave_deadline,
 )
 
 
@@ -457,6 +460,18 @@ def test_virtual_slots_hold_the_latest_ending_requests_and_never_free_an_overdue
 @pytest.mark.parametrize("policy", [p for p in POLICIES if p != "peak_ewma"])
 def test_only_peak_ewma_coalesces(policy: str) -> None:
     assert coalesce_delay(policy, [srv("a")], req()) is None
+
+
+def test_a_cold_balancer_plans_once_the_wave_stops_arriving_a_measured_one_at_its_delay() -> None:
+    cold, measured = [srv("a"), srv("b")], [srv("a"), srv("b", ewma_ttft=0.1, ewma_token_seconds=0.01)]
+    # measured: the timer set by the wave's first arrival stands, whoever comes later
+    assert wave_deadline(measured, first=10.0, now=10.004, delay=0.005) == pytest.approx(10.005)
+    # cold: each arrival moves it to COLD_QUIET_SECONDS after itself (a specialist's burst after another's)...
+    assert wave_deadline(cold, first=10.0, now=10.0, delay=0.007) == pytest.approx(10.0 + COLD_QUIET_SECONDS)
+    assert wave_deadline(cold, first=10.0, now=10.05, delay=0.007) == pytest.approx(10.05 + COLD_QUIET_SECONDS)
+    # ...or to its own delay if later, but at most COLD_WAVE_SECONDS after the first arrival
+    assert wave_deadline(cold, first=10.0, now=10.0, delay=1.0) == pytest.approx(10.0 + COLD_WAVE_SECONDS)
+    assert wave_deadline(cold, first=10.0, now=11.0, delay=0.007) == pytest.approx(10.0 + COLD_WAVE_SECONDS)
 
 
 def test_coalesce_delay_is_a_small_fraction_of_the_quickest_service_capped() -> None:

@@ -223,6 +223,10 @@ def test_a_request_takes_the_free_slot_with_the_longest_prefix() -> None:
         # Both slots are free now; each task finds its own role's cache, whichever slot holds it.
         assert final(s.url, task("review lexer.py"))["prompt_eval_cached_count"] == len(tokenize(ROLE)) + 1
         assert final(s.url, task("notes for 2.0", other))["prompt_eval_cached_count"] == len(tokenize(other)) + 2
+        # The request log says the same per slot, from the server side: a run's per-slot timeline is read there.
+        log = stats(s.url)["requests_log"]
+        assert [(e["slot"], e["cached"] > 0) for e in log] == [(0, False), (1, False), (1, True), (0, True)]
+        assert all(e["at"] <= e["started"] <= e["ended"] for e in log)
 
 
 def test_openai_usage_reports_cached_tokens_only_when_there_are_some() -> None:
