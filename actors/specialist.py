@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import ray
@@ -32,6 +33,7 @@ from teamorch.messages import (
     Attempt,
     ChatRequest,
     ChatResponse,
+    Dispatch,
     ErrorClass,
     HedgeAsk,
     Lease,
@@ -73,6 +75,7 @@ class Specialist:
         self._releases: TurnBatch[LeaseOutcome] = TurnBatch(self._release)
         self._last_release: ObjectRef[None] | None = None  # the newest release call sent (`drain`)
         self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
+        self._batched: dict[str, asyncio.Task[TaskResult]] = {}  # dispatch key -> its task, of `run_many` batches
 
     async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
         """Run one task to a final status; never raises for server trouble.
@@ -134,6 +137,47 @@ class Specialist:
             prompt_eval_seconds=response.prompt_eval_seconds if response else None,
             hedged=any(a.hedge for a in attempts),
         )
+
+    async def run_many(self, batch: list[Dispatch]) -> AsyncIterator[list[TaskResult]]:
+        """`run` for every task of `batch` at once; yields together the results that end in one loop turn.
+
+        The executor calls it as a Ray streaming generator for the tasks one
+        DAG step gives this specialist: one actor call for them all, where a
+        call each costs about 0.7 ms of CPU between its two ends (measured:
+        0.05 ms per task batched). Each task runs as `run` runs it, under its
+        own dispatch key. The executor calls this without Ray's retries: if
+        this actor dies, it sends the tasks it has no result for again, one
+        `run` each (which Ray retries) under the same keys, so a restarted
+        specialist resumes them without a second generation and a finished
+        task is not asked again. `cancel_runs` stops single tasks of a batch.
+        """
+        ended: asyncio.Queue[asyncio.Task[TaskResult]] = asyncio.Queue()
+        for item in batch:
+            job = self._batched[item.key] = asyncio.ensure_future(self.run(item.assignment, item.key))
+            job.add_done_callback(ended.put_nowait)
+        left = len(batch)
+        try:
+            while left:
+                done = [await ended.get()]
+                while not ended.empty():
+                    done.append(ended.get_nowait())
+                left -= len(done)
+                results = [job.result() for job in done if not job.cancelled()]
+                if results:
+                    yield results
+        finally:
+            for item in batch:
+                job = self._batched.pop(item.key, None)
+                if job is not None and not job.done():
+                    job.cancel()
+
+    async def cancel_runs(self, keys: list[str]) -> None:
+        """Stop tasks of `run_many` batches by dispatch key, as cancelling their `run` would: each closes its
+        server request and releases its lease, and its batch yields no result for it."""
+        for key in keys:
+            job = self._batched.get(key)
+            if job is not None:
+                job.cancel()
 
     async def _until_done(
         self,
