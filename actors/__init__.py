@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -39,3 +39,22 @@ class TurnBatch(Generic[T]):
 async def await_ref(ref: ObjectRef[T]) -> T:
     """Wrap an ObjectRef in a coroutine so asyncio.wait_for / create_task accept it."""
     return await ref
+
+
+async def as_they_end(jobs: Sequence[asyncio.Future[T]]) -> AsyncIterator[list[asyncio.Future[T]]]:
+    """`jobs` as they end, those that end in one loop turn together (cancelled ones included).
+
+    What a batched actor call (`Specialist.run_many`, `ModelServer.chat_many`)
+    streams back: one generator item per turn rather than per job, because
+    each item costs its two ends a message of their own.
+    """
+    ended: asyncio.Queue[asyncio.Future[T]] = asyncio.Queue()
+    for job in jobs:
+        job.add_done_callback(ended.put_nowait)
+    left = len(jobs)
+    while left:
+        done = [await ended.get()]
+        while not ended.empty():
+            done.append(ended.get_nowait())
+        left -= len(done)
+        yield done

@@ -12,6 +12,7 @@ carries it out.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -19,6 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import ray
 from ray.actor import ActorHandle
 
+from teamorch.actors import TurnBatch
 from teamorch.actors.metrics import fleet_metrics
 from teamorch.errors import unwrap
 from teamorch.journal import (
@@ -33,6 +35,7 @@ from teamorch.journal import (
 from teamorch.messages import (
     Assignment,
     ConsensusSpec,
+    Dispatch,
     OrchestrationPlan,
     PriorityClass,
     RunReport,
@@ -162,10 +165,17 @@ class PlanExecutor:
             for task in step.start:
                 self.unsent.discard(task.task_id)
                 self.recorder.queued(task)
+        by_specialist: dict[str, list[Task]] = {}
         for task in step.start:
-            fut = asyncio.create_task(self._run_task(task))
-            fut.add_done_callback(self.ended.put_nowait)
-            self.running[fut] = task
+            by_specialist.setdefault(task.specialist, []).append(task)
+        for name, tasks in by_specialist.items():
+            dispatches = [self._dispatch(task) for task in tasks]
+            handle = self.specialists.get(name)
+            batch = _Batch(handle, dispatches) if handle is not None and len(tasks) > 1 else None
+            for task, dispatch in zip(tasks, dispatches, strict=True):
+                fut = asyncio.create_task(self._run_task(task, dispatch, batch))
+                fut.add_done_callback(self.ended.put_nowait)
+                self.running[fut] = task
         return bool(self.running)
 
     async def _collect(self, done: set[asyncio.Task[TaskResult]]) -> None:
@@ -193,33 +203,93 @@ class PlanExecutor:
             self.unsent.discard(result.task_id)
             self.recorder.record(result)
 
-    async def _run_task(self, task: Task) -> TaskResult:
+    def _dispatch(self, task: Task) -> Dispatch:
+        """The task as its specialist receives it, under a key of its own for this hand-out: a specialist Ray
+        restarts mid-task re-runs it under the same key (no second generation), while a later session of a
+        resumed run asks afresh."""
+        assignment = Assignment(
+            task=task,
+            problem=self.plan.problem,
+            context=self.plan.context,
+            upstream=upstream_for(task, self.journal),
+            wave=self.waves[task.task_id],
+            priority=self.priority[task.task_id],
+            group=diversity_group(self.plan, task, self.run_id),
+            run_id=self.run_id,
+            priority_class=self.recorder.priority_class,
+        )
+        return Dispatch(assignment=assignment, key=f"{self.run_id}/{task.task_id}/{uuid.uuid4().hex[:8]}")
+
+    async def _run_task(self, task: Task, dispatch: Dispatch, batch: _Batch | None = None) -> TaskResult:
         handle = self.specialists.get(task.specialist)
         if handle is None:
             return unrun(task, self.waves, "failed", f"unknown specialist {task.specialist!r}")
-        ref = handle.run.remote(
-            Assignment(
-                task=task,
-                problem=self.plan.problem,
-                context=self.plan.context,
-                upstream=upstream_for(task, self.journal),
-                wave=self.waves[task.task_id],
-                priority=self.priority[task.task_id],
-                group=diversity_group(self.plan, task, self.run_id),
-                run_id=self.run_id,
-                priority_class=self.recorder.priority_class,
-            ),
-            # One id per hand-out: a specialist Ray restarts mid-task re-runs it under the same id (no second
-            # generation), while a later session of a resumed run asks afresh.
-            dispatch=f"{self.run_id}/{task.task_id}/{uuid.uuid4().hex[:8]}",
-        )
         try:
-            return await ref
-        except asyncio.CancelledError:
-            ray.cancel(ref)
-            raise
+            if batch is not None:
+                with contextlib.suppress(_BatchLost):  # its specialist died mid-batch: sent again alone, below
+                    return await batch.result(dispatch)
+            ref = handle.run.remote(dispatch.assignment, dispatch=dispatch.key)
+            try:
+                return await ref
+            except asyncio.CancelledError:
+                ray.cancel(ref)
+                raise
         except Exception as exc:  # the specialist actor died or raised unexpectedly
             return unrun(task, self.waves, "failed", f"specialist {task.specialist!r} crashed: {unwrap(exc)}")
+
+
+class _BatchLost(Exception):
+    """The specialist running a batch died before answering for this task (Ray restarts it)."""
+
+
+class _Batch:
+    """The tasks one DAG step gives one specialist, sent in one `Specialist.run_many` call.
+
+    Its results come back as a Ray streaming generator, several per item
+    when they end together, and `result` hands each to the task waiting for
+    it. The call goes without Ray's retries: a retried generator would run
+    the whole batch again, finished tasks too. When the specialist dies
+    instead, every task still waiting gets `_BatchLost` and is sent again
+    alone, under its dispatch key, as Ray would have retried it. A task
+    cancelled while it waits (a hedge's loser, a cancelled run) is stopped
+    by key (`Specialist.cancel_runs`, one call per loop turn).
+    """
+
+    def __init__(self, handle: ActorHandle, dispatches: list[Dispatch]) -> None:
+        self.handle = handle
+        loop = asyncio.get_running_loop()
+        self.waiting: dict[str, asyncio.Future[TaskResult]] = {
+            d.assignment.task.task_id: loop.create_future() for d in dispatches
+        }
+        self._cancels: TurnBatch[str] = TurnBatch(self._cancel)
+        self._reader = asyncio.ensure_future(self._read(dispatches))
+
+    async def result(self, dispatch: Dispatch) -> TaskResult:
+        try:
+            return await self.waiting[dispatch.assignment.task.task_id]
+        except asyncio.CancelledError:
+            self._cancels.add(dispatch.key)
+            raise
+
+    def _cancel(self, keys: list[str]) -> None:
+        self.handle.cancel_runs.remote(keys)
+
+    async def _read(self, dispatches: list[Dispatch]) -> None:
+        results = self.handle.run_many.options(num_returns="streaming", max_task_retries=0).remote(dispatches)
+        failure: Exception = _BatchLost("the batch ended without this task's result")
+        try:
+            async for ref in results:
+                for result in await ref:
+                    future = self.waiting.get(result.task_id)
+                    if future is not None and not future.done():
+                        future.set_result(result)
+        except ray.exceptions.RayActorError as exc:
+            failure = _BatchLost(str(exc))
+        except Exception as exc:  # run_many raised: the tasks without a result fail with its error
+            failure = exc
+        for future in self.waiting.values():
+            if not future.done():
+                future.set_exception(failure)
 
 
 Execute = Callable[[OrchestrationPlan], Awaitable[str | None]]

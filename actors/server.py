@@ -14,15 +14,17 @@ import select
 import threading
 import time
 from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator
 
 from pydantic import BaseModel, ConfigDict
 from ray.actor import ActorHandle
 
+from teamorch.actors import as_they_end
 from teamorch.actors.backends import TokenSink, make_backend
 from teamorch.config import ServerConfig
 from teamorch.errors import ServerError
 from teamorch.journal import TokensGenerated
-from teamorch.messages import ChatRequest, ChatResponse, ProbeResult
+from teamorch.messages import ChatRequest, ChatResponse, ErrorClass, ProbeResult
 from teamorch.policies.progress import ProgressThrottle
 
 # Answers kept by key after they were sent: long enough for a restarted specialist to ask again (seconds), bounded
@@ -48,6 +50,28 @@ class ProgressTo(BaseModel):
     run_id: str
     task_id: str
     attempt: int
+
+
+class ChatCall(BaseModel):
+    """What `ModelServer.chat` takes, as one message: a call of a `chat_many` batch (those have a dispatch
+    `key`, by which `cancel_chats` stops them)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    req: ChatRequest
+    key: str | None = None
+    progress: ProgressTo | None = None
+
+
+class ChatOutcome(BaseModel):
+    """How one call of a batch ended: its answer, or the error it raised as data (`teamorch.errors.server_error`
+    rebuilds it), because one call's failure must not end the batch's stream."""
+
+    index: int  # the call's place in the batch
+    response: ChatResponse | None = None
+    error_class: ErrorClass = "error"
+    error: str = ""
+    status: int | None = None
 
 
 class ModelServer:
@@ -77,6 +101,7 @@ class ModelServer:
         self.callers: Counter[str] = Counter()
         self.answered: OrderedDict[str, ChatResponse] = OrderedDict()
         self.gate = asyncio.Semaphore(config.slots)
+        self._batched: dict[str, asyncio.Task[ChatResponse]] = {}  # key -> its call, of `chat_many` batches
         self._watch_raylet()
 
     def _watch_raylet(self) -> None:
@@ -136,6 +161,48 @@ class ModelServer:
             self.callers[key] -= 1
             if not self.callers[key]:
                 del self.callers[key]
+
+    async def chat_many(self, calls: list[ChatCall]) -> AsyncIterator[list[ChatOutcome]]:
+        """`chat` for every call of `calls` at once; yields together the outcomes that end in one loop turn.
+
+        A specialist sends the calls of one loop turn to one server this way,
+        as a Ray streaming generator: one actor call for them all (see
+        `Specialist.run_many` for the measured cost of a call each). Each
+        runs as `chat` runs it (dedup by key, the gate, progress), and each
+        error comes back as its outcome. `cancel_chats` stops single calls,
+        as `ray.cancel` stops a call of its own.
+        """
+        jobs = []
+        for call in calls:
+            jobs.append(asyncio.ensure_future(self.chat(call.req, call.key, call.progress)))
+            if call.key is not None:
+                self._batched[call.key] = jobs[-1]
+        index = {job: i for i, job in enumerate(jobs)}
+        try:
+            async for done in as_they_end(jobs):
+                outcomes = [self._outcome(index[job], job) for job in done if not job.cancelled()]
+                if outcomes:
+                    yield outcomes
+        finally:
+            for call, job in zip(calls, jobs, strict=True):
+                if call.key is not None and self._batched.get(call.key) is job:  # or a restarted specialist's
+                    del self._batched[call.key]
+                job.cancel()
+
+    async def cancel_chats(self, keys: list[str]) -> None:
+        """Stop calls of `chat_many` batches by key: each is cancelled as `ray.cancel` cancels a `chat`."""
+        for key in keys:
+            job = self._batched.get(key)
+            if job is not None:
+                job.cancel()
+
+    def _outcome(self, index: int, job: asyncio.Future[ChatResponse]) -> ChatOutcome:
+        exc = job.exception()
+        if exc is None:
+            return ChatOutcome(index=index, response=job.result())
+        if isinstance(exc, ServerError):
+            return ChatOutcome(index=index, error_class=exc.error_class, error=exc.message, status=exc.status)
+        return ChatOutcome(index=index, error=f"{type(exc).__name__}: {exc}")
 
     async def _send(self, req: ChatRequest, on_tokens: TokenSink | None) -> ChatResponse:
         async with self.gate:

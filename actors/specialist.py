@@ -16,22 +16,32 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import ray
 from ray import ObjectRef
 from ray.actor import ActorHandle
 
-from teamorch.actors import TurnBatch, await_ref
-from teamorch.actors.server import ProgressTo
+from teamorch.actors import TurnBatch, as_they_end, await_ref
+from teamorch.actors.server import ChatCall, ChatOutcome, ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
-from teamorch.errors import NoServerAvailable, ServerBusy, ServerError, ServerTimeout, ServerUnreachable, unwrap
+from teamorch.errors import (
+    NoServerAvailable,
+    ServerBusy,
+    ServerError,
+    ServerTimeout,
+    ServerUnreachable,
+    server_error,
+    unwrap,
+)
 from teamorch.journal import AttemptFailed, LiveEvent, TaskStarted
 from teamorch.messages import (
     Assignment,
     Attempt,
     ChatRequest,
     ChatResponse,
+    Dispatch,
     ErrorClass,
     HedgeAsk,
     Lease,
@@ -73,6 +83,8 @@ class Specialist:
         self._releases: TurnBatch[LeaseOutcome] = TurnBatch(self._release)
         self._last_release: ObjectRef[None] | None = None  # the newest release call sent (`drain`)
         self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
+        self._batched: dict[str, asyncio.Task[TaskResult]] = {}  # dispatch key -> its task, of `run_many` batches
+        self._chats = _Chats(servers)
 
     async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
         """Run one task to a final status; never raises for server trouble.
@@ -134,6 +146,42 @@ class Specialist:
             prompt_eval_seconds=response.prompt_eval_seconds if response else None,
             hedged=any(a.hedge for a in attempts),
         )
+
+    async def run_many(self, batch: list[Dispatch]) -> AsyncIterator[list[TaskResult]]:
+        """`run` for every task of `batch` at once; yields together the results that end in one loop turn.
+
+        The executor calls it as a Ray streaming generator for the tasks one
+        DAG step gives this specialist: one actor call for them all, where a
+        call each costs about 0.7 ms of CPU between its two ends (measured:
+        0.05 ms per task batched). Each task runs as `run` runs it, under its
+        own dispatch key. The executor calls this without Ray's retries: if
+        this actor dies, it sends the tasks it has no result for again, one
+        `run` each (which Ray retries) under the same keys, so a restarted
+        specialist resumes them without a second generation and a finished
+        task is not asked again. `cancel_runs` stops single tasks of a batch.
+        """
+        jobs = []
+        for item in batch:
+            jobs.append(asyncio.ensure_future(self.run(item.assignment, item.key)))
+            self._batched[item.key] = jobs[-1]
+        try:
+            async for done in as_they_end(jobs):
+                results = [job.result() for job in done if not job.cancelled()]
+                if results:
+                    yield results
+        finally:
+            for item in batch:
+                job = self._batched.pop(item.key, None)
+                if job is not None and not job.done():
+                    job.cancel()
+
+    async def cancel_runs(self, keys: list[str]) -> None:
+        """Stop tasks of `run_many` batches by dispatch key, as cancelling their `run` would: each closes its
+        server request and releases its lease, and its batch yields no result for it."""
+        for key in keys:
+            job = self._batched.get(key)
+            if job is not None:
+                job.cancel()
 
     async def _until_done(
         self,
@@ -242,20 +290,20 @@ class Specialist:
         self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         started_wall, call.started = time.time(), time.monotonic()
         attempts.append(Attempt(server=server, started_at=started_wall, ended_at=started_wall, outcome="running"))
-        ref = self.servers[server].chat.remote(req, call.key, self._progress_to(assignment, number))
+        chat = self._chats.send(server, ChatCall(req=req, key=call.key, progress=self._progress_to(assignment, number)))
         outcome: Outcome = "ok"
         error_text: str | None = None
         response: ChatResponse | None = None
         try:
-            response = await asyncio.wait_for(await_ref(ref), max(0.001, deadline - time.monotonic()))
+            response = await asyncio.wait_for(chat.answer, max(0.001, deadline - time.monotonic()))
             self._restarting.pop(server, None)
             return response
         except asyncio.TimeoutError as exc:
-            ray.cancel(ref)
+            self._chats.cancel(chat)
             outcome, error_text = "timeout", "no answer before the task deadline"
             raise ServerTimeout(server, error_text) from exc
         except asyncio.CancelledError:
-            ray.cancel(ref)
+            self._chats.cancel(chat)
             outcome, error_text = "cancelled", call.lost or "cancelled"
             raise
         except ray.exceptions.ActorUnavailableError as exc:
@@ -368,6 +416,110 @@ class _Call:
     started: float = field(default_factory=time.monotonic)  # monotonic seconds the request was sent
     wasted: int = 0  # set when it lost a hedge race: output tokens its slot was worth (estimated)
     lost: str | None = None  # why it was cancelled, when it lost a hedge race
+
+
+@dataclass(eq=False)
+class _Chat:
+    """One call to a server actor as `_Chats` sends it: where `answer` comes from once it has left."""
+
+    server: str
+    call: ChatCall
+    answer: asyncio.Future[ChatResponse]
+    ref: ObjectRef[ChatResponse] | None = None  # sent alone: its own `ModelServer.chat` call
+    batched: bool = False  # sent in a `ModelServer.chat_many` batch
+
+
+class _Chats:
+    """A specialist's calls to its server actors, sent at the end of each loop turn, one Ray call per server.
+
+    A call alone goes as `ModelServer.chat` (tasks run one at a time pay
+    nothing for batching); several to one server in one turn go as one
+    `ModelServer.chat_many`, a Ray streaming generator, because a Ray call
+    each costs its two ends about 0.7 ms of CPU (see `Specialist.run_many`).
+    Either way the caller awaits `_Chat.answer`, which ends as the call's own
+    `await` would have (the answer, the server's error, Ray's error when the
+    server actor died or is restarting), and `cancel` closes the request:
+    `ray.cancel` for a call alone, `ModelServer.cancel_chats` by key for one
+    in a batch, and nothing at all for one cancelled before it left.
+    """
+
+    def __init__(self, servers: dict[str, ActorHandle]) -> None:
+        self.servers = servers
+        self._outbox: TurnBatch[_Chat] = TurnBatch(self._send)
+        self._cancels: TurnBatch[_Chat] = TurnBatch(self._cancel)
+        self._readers: set[asyncio.Future[None]] = set()  # each batch's stream reader, held while it runs
+
+    def send(self, server: str, call: ChatCall) -> _Chat:
+        chat = _Chat(server, call, asyncio.get_running_loop().create_future())
+        self._outbox.add(chat)
+        return chat
+
+    def cancel(self, chat: _Chat) -> None:
+        if chat.ref is not None:
+            ray.cancel(chat.ref)
+        elif chat.batched:
+            self._cancels.add(chat)
+
+    def _send(self, chats: list[_Chat]) -> None:
+        by_server: dict[str, list[_Chat]] = {}
+        for chat in chats:
+            if not chat.answer.done():  # not cancelled before it left
+                by_server.setdefault(chat.server, []).append(chat)
+        for server, group in by_server.items():
+            keyed = [chat for chat in group if chat.call.key is not None]  # a batched call is cancelled by key
+            batch = keyed if len(keyed) > 1 else []
+            for chat in [chat for chat in group if chat.call.key is None] if batch else group:
+                chat.ref = self.servers[server].chat.remote(chat.call.req, chat.call.key, chat.call.progress)
+                answered = asyncio.wrap_future(chat.ref.future())
+                answered.add_done_callback(lambda done, to=chat.answer: _settle(to, done))
+            for chat in batch:
+                chat.batched = True
+            if batch:
+                reader = asyncio.ensure_future(self._batch(server, batch))
+                self._readers.add(reader)
+                reader.add_done_callback(self._readers.discard)
+
+    async def _batch(self, server: str, chats: list[_Chat]) -> None:
+        failure: Exception = ServerError(server, "its batch ended without an answer for this call")
+        try:
+            calls = [chat.call for chat in chats]
+            async for ref in self.servers[server].chat_many.options(num_returns="streaming").remote(calls):
+                outcomes: list[ChatOutcome] = await ref
+                for out in outcomes:
+                    answer = chats[out.index].answer
+                    if answer.done():
+                        continue
+                    if out.response is not None:
+                        answer.set_result(out.response)
+                    else:
+                        answer.set_exception(server_error(out.error_class, server, out.error, out.status))
+        except Exception as exc:  # the server actor died or is restarting: what each call alone would raise
+            failure = exc
+        for chat in chats:
+            if not chat.answer.done():
+                chat.answer.set_exception(failure)
+
+    def _cancel(self, chats: list[_Chat]) -> None:
+        by_server: dict[str, list[str]] = {}
+        for chat in chats:
+            if chat.call.key is not None:
+                by_server.setdefault(chat.server, []).append(chat.call.key)
+        for server, keys in by_server.items():
+            self.servers[server].cancel_chats.remote(keys)
+
+
+def _settle(to: asyncio.Future[ChatResponse], done: asyncio.Future[ChatResponse]) -> None:
+    """Copy the end of a call alone (`done`) to the future its caller awaits, unless that was cancelled."""
+    if to.done():
+        if not done.cancelled():
+            done.exception()  # retrieved: a cancelled caller's call may still fail, unseen
+        return
+    if done.cancelled():
+        to.cancel()
+    elif (exc := done.exception()) is not None:
+        to.set_exception(exc)
+    else:
+        to.set_result(done.result())
 
 
 async def _first_answer(tasks: list[asyncio.Future[ChatResponse]]) -> ChatResponse:

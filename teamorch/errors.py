@@ -86,6 +86,14 @@ class ServerTimeout(ServerError):
     error_class: ErrorClass = "timeout"
 
 
+def server_error(error_class: ErrorClass, server: str, message: str, status: int | None = None) -> ServerError:
+    """The `ServerError` subclass of `error_class`, rebuilt where an error crossed an actor boundary as data
+    (a batched call's outcome, `ModelServer.chat_many`)."""
+    kinds = (ServerUnreachable, ServerBusy, ModelNotFound, MalformedResponse, ServerTimeout)
+    kind = next((k for k in kinds if k.error_class == error_class), ServerError)
+    return kind(server, message, status)
+
+
 class NoServerAvailable(TeamorchError):
     """No server can ever take this request (model missing everywhere, all excluded or broken)."""
 

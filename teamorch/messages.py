@@ -483,6 +483,14 @@ class Assignment(_Model):
     priority_class: PriorityClass = "interactive"  # the run's class, passed on in the task's LeaseRequest
 
 
+class Dispatch(_Model):
+    """One task of a batch handed to a specialist at once (`Specialist.run_many`): the assignment and the
+    dispatch key `Specialist.run` takes, which names this hand-out at the balancer and the server."""
+
+    assignment: Assignment
+    key: str
+
+
 class JournalSpec(_Model):
     """Where and how the coordinator journals a run (`teamorch.journal`); the CLI builds it.
 
