@@ -53,7 +53,7 @@ LOAD_PENALTY_SECONDS = 5.0
 OVERDUE_SECONDS = 0.05
 # A busy slot expected to end within this many seconds (an overdue one included) may already be free at its server
 # when a request granted now arrives there: the server frees a slot a release hop (4-20 ms) before the balancer hears.
-LANDING_SECONDS = OVERDUE_SECONDS
+LANDING_SECONDS = 0.02
 # peak_ewma plans the whole queue; a wave of a plan reaches the balancer as requests a millisecond or
 # two apart, so an arrival that finds a free slot waits a moment for the rest of its wave instead of
 # taking the slot just because it came first. The wait is capped at a small fraction of the request's
@@ -523,6 +523,7 @@ class _Slot:
     chain: tuple[str, ...] = ()
     tokens: tuple[int, ...] = ()
     index: int | None = None  # the server's own slot number (None: anonymous), whose order breaks the server's ties
+    landing: bool = False  # busy, but may be free at the server already (LANDING_SECONDS)
 
     def cached(self, req: LeaseRequest) -> int:
         return matched_tokens(req.prefix, req.prefix_tokens, self.chain) if self.model == req.model else 0
@@ -575,7 +576,14 @@ def _virtual_slots(
         # An overdue request still holds its slot: it frees "very soon", never "now".
         busy = sorted(
             (
-                _Slot(max(OVERDUE_SECONDS, st.free_in), st.model, st.chain, st.tokens, index(i))
+                _Slot(
+                    max(OVERDUE_SECONDS, st.free_in),
+                    st.model,
+                    st.chain,
+                    st.tokens,
+                    index(i),
+                    st.free_in <= LANDING_SECONDS,
+                )
                 for i, st in enumerate(states)
                 if st.free_in is not None
             ),
@@ -591,7 +599,7 @@ def _virtual_slots(
         kept = busy[max(0, len(busy) - limit) :]
         slots = kept + free[: max(0, min(limit, starts) - len(kept))]
         servers[s.name] = _Server(
-            slots=[_Slot(x.free_at, x.model, x.chain, x.tokens, x.index) for x in slots],
+            slots=[_Slot(x.free_at, x.model, x.chain, x.tokens, x.index, x.landing) for x in slots],
             resident=list(s.models_loaded) if s.models_loaded is not None else None,
             limit=max(1, s.resident_limit),
             loading=s.loading_model,
@@ -887,7 +895,7 @@ def lands_as_planned(server: _Server, slot: int, req: LeaseRequest, demand: _Dem
     mine = server.slots[slot]
     key = server_preference(mine.model, mine.chain, req.model, req.prefix, req.prefix_tokens)
     for j, other in enumerate(server.slots):
-        if j == slot or not 0.0 < other.free_at <= LANDING_SECONDS:
+        if j == slot or not (other.landing and other.free_at > 0.0):
             continue
         if (other.model, other.chain[:1]) == (mine.model, mine.chain[:1]) or not demand.lost(other, req, 0):
             continue  # either slot gives it the same prefix, or nothing the queue needs is lost there
@@ -914,7 +922,7 @@ def _reserve(server: _Server, fit: _Fit, req: LeaseRequest, demand: _Demand) -> 
         server.loading, server.ready_at = req.model, fit.start
     slot = server.slots[fit.slot]
     demand.overwrite(slot, req.prefix)
-    slot.free_at, slot.model = fit.finish, req.model
+    slot.free_at, slot.model, slot.landing = fit.finish, req.model, False
     slot.chain, slot.tokens = tuple(req.prefix), tuple(req.prefix_tokens)
 
 
