@@ -683,17 +683,28 @@ def _warm_first(order: list[_T], req_of: Callable[[_T], LeaseRequest], servers: 
     of a queued group, whose request then takes the other slot: two cold
     prefills where one was needed (replayed on prefix fleet B). Planned (and
     granted: `apply_group_diversity` keeps the plan's order) first, each warm
-    request takes its own slot, and a cold one the slot that is left. A warm
-    request is cheap where it is warm, so it takes that slot in any order
-    anyway; only who comes first among the free slots changes.
+    request takes its own slot, and a cold one the slot that is left.
+    And a freed slot whose group has no more requests queued than slots
+    holding it (its last few) serves them before it switches to another
+    group: planned by size alone, a big group's request took the freed slot
+    of a small group with one request left, which then paid a cold prefill
+    elsewhere, or took the slot back later, cold again (replayed on prefix
+    fleet B with its servers listed slowest first: 15 cold prefills, 9 with
+    this). A group with more left than that is left to the plan (its
+    placement decides how many slots it keeps).
     """
-    free = Counter(
-        _group_key(slot.model, slot.chain[0])
+    idle = [
+        (slot, sum(1 for other in server.slots if other.free_at <= 0.0) > 1)  # (a free slot holding a prefix, a tie)
         for server in servers.values()
-        if sum(1 for slot in server.slots if slot.free_at <= 0.0) > 1  # with one free slot, no tie to resolve
         for slot in server.slots
         if slot.free_at <= 0.0 and slot.chain
-    )
+    ]
+    if not idle:
+        return order
+    holding = Counter(_slot_group(slot) for server in servers.values() for slot in server.slots if slot.chain)
+    queued = Counter(_group(req_of(item)) for item in order)
+    groups = [(_slot_group(slot), tie) for slot, tie in idle]
+    free = Counter(group for group, tie in groups if tie or queued[group] <= holding[group])
     if not free:
         return order
     first: list[_T] = []
@@ -1143,6 +1154,10 @@ def _first_waiting(
     return None
 
 
+def _slot_group(slot: _Slot) -> str:
+    return _group_key(slot.model, slot.chain[0] if slot.chain else "")
+
+
 def _group(req: LeaseRequest) -> str:
     return _group_key(req.model, req.prefix[0] if req.prefix else "")
 
@@ -1212,9 +1227,10 @@ def apply_group_diversity(
 # Relative slack on the scan's lower bounds, so a rounding difference between the bound and the exact cost can never
 # prune a server whose cost equals the best one.
 _BOUND_SLACK = 1e-9
-# Queued requests x servers up to which `Planner` plans from scratch at every event while a server's first requests
-# run (`Planner._learning`): one such round costs about a millisecond (0.6 ms for 4 servers x 100 queued).
-LEARNING_REPLAN_WORK = 2_000
+# Queued requests x servers up to which a plan from scratch costs about a millisecond (0.6 ms for 4 servers x 100
+# queued): `Planner` then plans afresh while a server's first requests run (`Planner._learning`) and where a kept plan
+# would switch a slot to another prefix group (`_Tentative._release`).
+CHEAP_REPLAN_WORK = 2_000
 # Events a kept tentative schedule serves before `Planner` plans the whole queue again: bounds how long a drift of the
 # fleet from its estimates (a slot's cache, a speed within the tolerance) can steer grants.
 REPLAN_EVENTS = 256
@@ -1486,8 +1502,20 @@ class Planner:
         search = _BestFit(servers, speeds, self.affinity, self.rng)
         placement = _placement(self.groups, servers, speeds, self.affinity, demand)
         live = {"shift_within": self.shift_within, "keep_seconds": self.keep_seconds, "drift": self.drift}
+        cheap = len(self.entries) * len(loads) <= CHEAP_REPLAN_WORK
         kept = _Tentative(
-            now, measured, ranks, cands, servers, demand, search, self.keep, self.on_time, placement, **live
+            now,
+            measured,
+            ranks,
+            cands,
+            servers,
+            demand,
+            search,
+            self.keep,
+            self.on_time,
+            placement,
+            **live,
+            switches=cheap,
         )
         refused.update(kept.extend(self.entries))
         self._kept = kept if self.keep and not self._learning(loads, speeds) else None
@@ -1495,7 +1523,7 @@ class Planner:
 
     def _learning(self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed]) -> bool:
         """Whether a plan just made is not to be kept: a server's first requests still run, and planning from
-        scratch at every event is cheap (LEARNING_REPLAN_WORK).
+        scratch at every event is cheap (CHEAP_REPLAN_WORK).
 
         The plan gave those requests' groups to the measured servers without
         the slots that hold their prefixes, and the next release would follow
@@ -1505,7 +1533,7 @@ class Planner:
         queue the plan is kept all the same: planning it at every event until
         a probe answers had stalled a 100-server balancer.
         """
-        if len(self.entries) * len(loads) > LEARNING_REPLAN_WORK:
+        if len(self.entries) * len(loads) > CHEAP_REPLAN_WORK:
             return False
         return any(not speeds[s.name].measured and s.in_flight for s in loads)
 
@@ -1746,6 +1774,7 @@ class _Tentative:
         shift_within: float = 0.0,
         keep_seconds: float = 0.0,
         drift: float = SPEED_DRIFT,
+        switches: bool = False,
     ) -> None:
         self.placement = placement or Assignment()
         self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
@@ -1764,6 +1793,12 @@ class _Tentative:
         self.planned: set[int] = set()  # keys out of `demand`'s counts
         self.waiting: set[int] = set()  # keys reserved, not granted
         self.groups: dict[int, str] = {}  # the prefix group (`_group`) of each key reserved
+        self.holds = {  # the prefix group each slot's cache holds now (None: nothing)
+            (n, i): _group_key(s.model, s.chain[0]) if s.chain else None
+            for n, sv in servers.items()
+            for i, s in enumerate(sv.slots)
+        }
+        self.switches = switches  # a release that would switch a slot's group is planned afresh
         self.stale = False
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
@@ -1837,8 +1872,14 @@ class _Tentative:
                 return False
             self._shift(name, slot, r - end)
         line = self.booked.get((name, slot))
+        held = self.holds.get((name, slot))
+        if self.switches and held is not None and (not line or self.groups[line[0][0]] != held):
+            return (
+                False  # a plan from scratch serves the group the slot holds first, if it has requests (`_warm_first`)
+            )
         if line:
             key, finish = line.popleft()
+            self.holds[(name, slot)] = self.groups[key]
             self.waiting.discard(key)
             grants[key] = name
             self.in_flight[name] += 1

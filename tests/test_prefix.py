@@ -8,7 +8,7 @@ import pytest
 
 from teamorch.config import RetryConfig, ServerConfig, SpecialistConfig
 from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad, Task
-from teamorch.policies.balancing import LOAD_PENALTY_SECONDS, Queued, plan_dispatch, planned_seconds
+from teamorch.policies.balancing import LOAD_PENALTY_SECONDS, Planner, Queued, plan_dispatch, planned_seconds
 from teamorch.policies.fleet import (
     MIN_PREFILL_SAMPLE,
     Placement,
@@ -323,3 +323,17 @@ def test_warm_requests_are_planned_and_granted_before_cold_ones_on_a_servers_fre
     index.slots[0].model, index.slots[0].chain = "m", tuple(req_for("a").prefix)
     index.slots[1].model, index.slots[1].chain = "m", tuple(req_for("a", OTHER).prefix)
     assert [index.take("m", queue[i].req.prefix, queue[i].req.prefix_tokens)[0] for i in decisions] == [0, 1]
+
+
+def test_a_freed_slot_serves_the_last_request_of_its_group_before_switching() -> None:
+    # x's only slot just freed holding Other's prefix, and one Other request is left; y (holding Auditor's) is busy
+    # for 5 s. By size the Auditor request is planned first and would take x cold, leaving Other's last request to
+    # pay its prefill again later. The group's last requests are served on its slot first.
+    loads = [srv("x", slots=1), srv("y", slots=1, in_flight=1)]
+    caches = {"x": [warm(req_for("a", OTHER))], "y": [warm(req_for("a"), free_in=5.0)]}
+    queue = [Queued(req_for("b", expected_tokens=200)), Queued(req_for("c", OTHER, expected_tokens=50))]
+    assert plan_dispatch("peak_ewma", loads, queue, caches=caches) == {1: "x"}
+    planner = Planner("peak_ewma")
+    for key, queued in enumerate(queue):
+        planner.add(key, queued.req, 0.0)
+    assert planner.plan(loads, 0.0, caches=caches) == {1: "x"}
