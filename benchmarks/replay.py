@@ -22,7 +22,12 @@ What is real and what is replayed:
   uncached / prefill rate, cached counts, load_duration).
 * Replayed, not run: the balancer actor's glue (arrivals, coalescing timer,
   0.25 s tick, health polls, a probe after each load) and Ray/HTTP hops,
-  a fixed `HOP` each way. Streaming, retries and faults are not replayed.
+  a fixed `HOP` each way. Streaming, retries and faults are not replayed,
+  nor early grants (a lease granted before its slot frees, waiting at the
+  server actor's gate: `early_slot`): on the prefix fleets they are rare,
+  since `early_lands` refuses one where the server's other slot holds
+  another prefix, and `--live` replayed real fleet-B and fleet-C runs'
+  cold prefills exactly (7 and 11) and their makespans within 0.03x.
 
 Run: `.venv/bin/python -m benchmarks.replay [--policy P] [--planner | --live] [--trace]`. `--live` plans as the
 balancer actor does (the incremental `Planner` with its live tolerances, `LIVE_*` in `teamorch.policies.balancing`):
