@@ -777,11 +777,16 @@ class _Demand:
         duplicate work. While the queue still has a request for every slot
         (1.0), that work is capacity the queue loses, so it counts on top of
         this request's own delay (in `_Fit.finish`): a hot prefix spills only
-        once its wait exceeds two prefills. With a shorter queue, idle capacity
-        pays for the copy and only the delay counts (0.0 with no queue left).
+        once its wait exceeds two prefills. With a shorter queue some slot will
+        idle anyway, so idle capacity pays for the copy and only the delay
+        counts (0.0). It was the fraction left / slots: at the end of a run a
+        slot with nothing left to do still charged most of a prefill, and a
+        specialist's last request queued behind its warm slot on the slowest
+        server rather than spill cold to an idle fast one that finished
+        sooner; that request ended the run (prefix fleet B, real and replayed).
         """
         left = sum(self.models.base.values()) - sum(self.models.used.values())
-        return min(1.0, max(0, left) / self.slots) if self.slots else 0.0
+        return 1.0 if self.slots and left >= self.slots else 0.0
 
     def fleet_match(self, req: LeaseRequest) -> int:
         """Prompt tokens of `req` that some slot of the fleet holds (its longest prefix held anywhere).

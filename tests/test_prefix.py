@@ -337,3 +337,14 @@ def test_a_freed_slot_serves_the_last_request_of_its_group_before_switching() ->
     for key, queued in enumerate(queue):
         planner.add(key, queued.req, 0.0)
     assert planner.plan(loads, 0.0, caches=caches) == {1: "x"}
+
+
+def test_near_the_end_a_copy_on_a_slot_that_would_idle_costs_only_its_delay() -> None:
+    # Three slots, one other request left (pinned to busy z): some slot idles whatever this request does, so a cold
+    # copy of the prefix on idle x costs the queue nothing; only when each finishes counts. x finishes a prefill P
+    # after now, the warm slot on y frees after 1.2 P: x. (Charging a third of a prefill for the copy sent it to y.)
+    prefill = 0.005 * req_for("b").prefix_tokens[1]
+    loads = [srv("x", slots=1), srv("y", slots=1, in_flight=1), srv("z", slots=1, in_flight=1)]
+    caches = {"x": [SlotState()], "y": [warm(req_for("a"), free_in=1.2 * prefill)], "z": [SlotState(free_in=9.0)]}
+    queue = [Queued(req_for("b", expected_tokens=50)), Queued(LeaseRequest(model="m", server="z", expected_tokens=10))]
+    assert plan_dispatch("peak_ewma", loads, queue, caches=caches) == {0: "x"}
