@@ -569,10 +569,9 @@ def _virtual_slots(
         if not sp.measured and probing_one:
             starts = min(limit, 1)  # one probe at a time until measured; its busy slots still show what they hold
         states = list((caches or {}).get(s.name, ()))
-        index: Callable[[int], int | None] = lambda i: i  # noqa: E731
+        named = bool(states)  # the index's slots, in the server's order; else anonymous ones from `running`
         if not states:
             states = [SlotState(free_in=r) for r in running.get(s.name, ())]
-            index = lambda i: None  # noqa: E731
         # An overdue request still holds its slot: it frees "very soon", never "now".
         busy = sorted(
             (
@@ -581,7 +580,7 @@ def _virtual_slots(
                     st.model,
                     st.chain,
                     st.tokens,
-                    index(i),
+                    i if named else None,
                     st.free_in <= LANDING_SECONDS,
                 )
                 for i, st in enumerate(states)
@@ -592,7 +591,9 @@ def _virtual_slots(
         if len(busy) < s.in_flight:  # in flight but no estimate given: assume one more average job
             busy += [_Slot(sp.fixed + sp.per_token * DEFAULT_EXPECTED_TOKENS)] * (s.in_flight - len(busy))
         free = [
-            _Slot(0.0, st.model, st.chain, st.tokens, index(i)) for i, st in enumerate(states) if st.free_in is None
+            _Slot(0.0, st.model, st.chain, st.tokens, i if named else None)
+            for i, st in enumerate(states)
+            if st.free_in is None
         ]
         free += [_Slot(0.0) for _ in range(max(0, limit - len(free)))]
         # The `limit` latest-ending requests hold the usable slots; any slot left over is free now.
@@ -1799,9 +1800,7 @@ class _Tentative:
         self.waiting: set[int] = set()  # keys reserved, not granted
         self.groups: dict[int, str] = {}  # the prefix group (`_group`) of each key reserved
         self.holds = {  # the prefix group each slot's cache holds now (None: nothing)
-            (n, i): _group_key(s.model, s.chain[0]) if s.chain else None
-            for n, sv in servers.items()
-            for i, s in enumerate(sv.slots)
+            (n, i): _slot_group(s) if s.chain else None for n, sv in servers.items() for i, s in enumerate(sv.slots)
         }
         self.switches = switches  # a release that would switch a slot's group is planned afresh
         self.stale = False
@@ -1878,10 +1877,9 @@ class _Tentative:
             self._shift(name, slot, r - end)
         line = self.booked.get((name, slot))
         held = self.holds.get((name, slot))
+        # A plan from scratch serves the group the slot holds first if it has requests left (`_warm_first`).
         if self.switches and held is not None and (not line or self.groups[line[0][0]] != held):
-            return (
-                False  # a plan from scratch serves the group the slot holds first, if it has requests (`_warm_first`)
-            )
+            return False
         if line:
             key, finish = line.popleft()
             self.holds[(name, slot)] = self.groups[key]
