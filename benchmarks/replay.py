@@ -22,9 +22,17 @@ What is real and what is replayed:
   uncached / prefill rate, cached counts, load_duration).
 * Replayed, not run: the balancer actor's glue (arrivals, coalescing timer,
   0.25 s tick, health polls, a probe after each load) and Ray/HTTP hops,
-  a fixed `HOP` each way. Streaming, retries and faults are not replayed.
+  a fixed `HOP` each way. Streaming, retries and faults are not replayed,
+  nor early grants (a lease granted before its slot frees, waiting at the
+  server actor's gate: `early_slot`): on the prefix fleets they are rare,
+  since `early_lands` refuses one where the server's other slot holds
+  another prefix, and `--live` replayed real fleet-B and fleet-C runs'
+  cold prefills exactly (7 and 11) and their makespans within 0.03x.
 
-Run: `.venv/bin/python -m benchmarks.replay [--policy P] [--planner] [--trace]`.
+Run: `.venv/bin/python -m benchmarks.replay [--policy P] [--planner | --live] [--trace]`. `--live` plans as the
+balancer actor does (the incremental `Planner` with its live tolerances, `LIVE_*` in `teamorch.policies.balancing`):
+its kept plans are what real runs follow (before `Planner._learning`, `--live` replayed fleet B's 11 cold prefills
+of a real run where `--planner` replayed 8).
 """
 
 from __future__ import annotations
@@ -57,6 +65,10 @@ from teamorch.config import RetryConfig, ServerConfig, SpecialistConfig
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad, Task
 from teamorch.policies.balancing import (
+    LIVE_KEEP_SECONDS,
+    LIVE_ON_TIME,
+    LIVE_SHIFT_SECONDS,
+    LIVE_SPEED_DRIFT,
     Decision,
     Planner,
     Queued,
@@ -289,7 +301,7 @@ class Replay:
     Only its glue is re-enacted here: arrivals in queue order, the coalescing
     timer, the tick, polls and grants; each decision is the policy's.
     `planner=True` plans with the incremental `Planner` instead of calling
-    `plan_dispatch` over the whole queue.
+    `plan_dispatch` over the whole queue; `live=True` with the actor's live tolerances as well.
     """
 
     def __init__(
@@ -299,6 +311,7 @@ class Replay:
         policy: str = "peak_ewma",
         *,
         planner: bool = False,
+        live: bool = False,
         hop: float = HOP,
         arrival: float = ARRIVAL_SECONDS,
         stagger: float = STAGGER_SECONDS,
@@ -313,7 +326,15 @@ class Replay:
         self.poll_interval = min(cfg.poll_interval for cfg in configs.values())
         self.waiters: list[tuple[int, float, Job]] = []  # (seq, enqueued, job), in queue order
         self.leases: dict[int, _Lease] = {}
-        self.planner = Planner(policy, rng=random.Random(0)) if planner else None
+        tolerances = {
+            "on_time": LIVE_ON_TIME,
+            "shift_within": LIVE_SHIFT_SECONDS,
+            "keep_seconds": LIVE_KEEP_SECONDS,
+            "drift": LIVE_SPEED_DRIFT,
+        }
+        self.planner = (
+            Planner(policy, rng=random.Random(0), **(tolerances if live else {})) if planner or live else None
+        )
         self.rng = random.Random(0)
         self.rr = itertools.count()
         self.coalescing = False
@@ -488,9 +509,14 @@ def cases() -> Iterator[Case]:
 
 
 def replay(
-    case: Case, policy: str = "peak_ewma", planner: bool = False, trace: bool = False, stagger: float = STAGGER_SECONDS
+    case: Case,
+    policy: str = "peak_ewma",
+    planner: bool = False,
+    trace: bool = False,
+    stagger: float = STAGGER_SECONDS,
+    live: bool = False,
 ) -> Result:
-    return Replay(case.work, case.shapes, policy, planner=planner, stagger=stagger).run(
+    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger).run(
         jobs(case.work, tasks(case.work)), trace
     )
 
@@ -523,6 +549,9 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", action="append", help="policies to replay (default: peak_ewma)")
     parser.add_argument("--planner", action="store_true", help="plan with the incremental Planner")
+    parser.add_argument(
+        "--live", action="store_true", help="plan as the balancer actor does (Planner, live tolerances)"
+    )
     parser.add_argument("--trace", action="store_true", help="print each slot's timeline")
     parser.add_argument("--only", help="workload prefix ('shared', 'multi') or fleet label to replay")
     parser.add_argument(
@@ -538,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
             continue
         bound, floor = bound_of(case), floor_of(case)
         for policy in args.policy or ["peak_ewma"]:
-            result = replay(case, policy, args.planner, args.trace, args.stagger)
+            result = replay(case, policy, args.planner, args.trace, args.stagger, args.live)
             rows.append(
                 [
                     case.workload,

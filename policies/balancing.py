@@ -31,12 +31,15 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
+from typing import TypeVar
 
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import POLICIES, LeaseRequest, ServerLoad
 from teamorch.policies.placement import Assignment, GroupWork, Host, Rate, place, sticky
 from teamorch.policies.prefix import CachedSlot, SlotState, matched_tokens, server_preference
 from teamorch.policies.priority import TOP_RANK, Aging, rank
+
+_T = TypeVar("_T")
 
 # Priors used before any server has been measured.
 PRIOR_TOKEN_SECONDS = 0.02
@@ -48,6 +51,9 @@ DEFAULT_EXPECTED_TOKENS = 256
 LOAD_PENALTY_SECONDS = 5.0
 # A request running past its estimate is expected to end this soon (it must not look like a free slot).
 OVERDUE_SECONDS = 0.05
+# A busy slot expected to end within this many seconds (an overdue one included) may already be free at its server
+# when a request granted now arrives there: the server frees a slot a release hop (4-20 ms) before the balancer hears.
+LANDING_SECONDS = 0.02
 # peak_ewma plans the whole queue; a wave of a plan reaches the balancer as requests a millisecond or
 # two apart, so an arrival that finds a free slot waits a moment for the rest of its wave instead of
 # taking the slot just because it came first. The wait is capped at a small fraction of the request's
@@ -504,7 +510,7 @@ def _plan_peak_ewma(
     if cold:
         return _cold_start_probes(queue, live, servers, speeds)
     live = _probe_shortest(queue, live, speeds)
-    order = _longest_first(queue, live, speeds, servers)
+    order = _warm_first(_longest_first(queue, live, speeds, servers), lambda i: queue[i].req, servers)
     return _earliest_finish(queue, order, live, servers, speeds, affinity, rng)
 
 
@@ -516,6 +522,8 @@ class _Slot:
     model: str | None = None
     chain: tuple[str, ...] = ()
     tokens: tuple[int, ...] = ()
+    index: int | None = None  # the server's own slot number (None: anonymous), whose order breaks the server's ties
+    landing: bool = False  # busy, but may be free at the server already (LANDING_SECONDS)
 
     def cached(self, req: LeaseRequest) -> int:
         return matched_tokens(req.prefix, req.prefix_tokens, self.chain) if self.model == req.model else 0
@@ -561,26 +569,38 @@ def _virtual_slots(
         if not sp.measured and probing_one:
             starts = min(limit, 1)  # one probe at a time until measured; its busy slots still show what they hold
         states = list((caches or {}).get(s.name, ()))
+        named = bool(states)  # the index's slots, in the server's order; else anonymous ones from `running`
         if not states:
             states = [SlotState(free_in=r) for r in running.get(s.name, ())]
         # An overdue request still holds its slot: it frees "very soon", never "now".
         busy = sorted(
             (
-                _Slot(max(OVERDUE_SECONDS, st.free_in), st.model, st.chain, st.tokens)
-                for st in states
+                _Slot(
+                    max(OVERDUE_SECONDS, st.free_in),
+                    st.model,
+                    st.chain,
+                    st.tokens,
+                    i if named else None,
+                    st.free_in <= LANDING_SECONDS,
+                )
+                for i, st in enumerate(states)
                 if st.free_in is not None
             ),
             key=lambda slot: slot.free_at,
         )
         if len(busy) < s.in_flight:  # in flight but no estimate given: assume one more average job
             busy += [_Slot(sp.fixed + sp.per_token * DEFAULT_EXPECTED_TOKENS)] * (s.in_flight - len(busy))
-        free = [_Slot(0.0, st.model, st.chain, st.tokens) for st in states if st.free_in is None]
+        free = [
+            _Slot(0.0, st.model, st.chain, st.tokens, i if named else None)
+            for i, st in enumerate(states)
+            if st.free_in is None
+        ]
         free += [_Slot(0.0) for _ in range(max(0, limit - len(free)))]
         # The `limit` latest-ending requests hold the usable slots; any slot left over is free now.
         kept = busy[max(0, len(busy) - limit) :]
         slots = kept + free[: max(0, min(limit, starts) - len(kept))]
         servers[s.name] = _Server(
-            slots=[_Slot(x.free_at, x.model, x.chain, x.tokens) for x in slots],
+            slots=[_Slot(x.free_at, x.model, x.chain, x.tokens, x.index, x.landing) for x in slots],
             resident=list(s.models_loaded) if s.models_loaded is not None else None,
             limit=max(1, s.resident_limit),
             loading=s.loading_model,
@@ -653,6 +673,53 @@ def _longest_first(
     return sorted(live, key=key)
 
 
+def _warm_first(order: list[_T], req_of: Callable[[_T], LeaseRequest], servers: Mapping[str, _Server]) -> list[_T]:
+    """`order` with, per prefix group (`_group`), as many of its requests as free slots hold its prefix moved to the
+    front, in their order.
+
+    Why: the server gives a request the free slot with the longest common
+    prefix and, on a tie, the lowest-numbered one (`lands_as_planned`). When
+    two slots of a server are free, a request cold on both, planned and
+    granted first, lands on the lower one even if that one holds the prefix
+    of a queued group, whose request then takes the other slot: two cold
+    prefills where one was needed (replayed on prefix fleet B). Planned (and
+    granted: `apply_group_diversity` keeps the plan's order) first, each warm
+    request takes its own slot, and a cold one the slot that is left.
+    And a freed slot whose group has no more requests queued than slots
+    holding it (its last few) serves them before it switches to another
+    group: planned by size alone, a big group's request took the freed slot
+    of a small group with one request left, which then paid a cold prefill
+    elsewhere, or took the slot back later, cold again (replayed on prefix
+    fleet B with its servers listed slowest first: 15 cold prefills, 9 with
+    this). A group with more left than that is left to the plan (its
+    placement decides how many slots it keeps).
+    """
+    idle = [
+        (slot, sum(1 for other in server.slots if other.free_at <= 0.0) > 1)  # (a free slot holding a prefix, a tie)
+        for server in servers.values()
+        for slot in server.slots
+        if slot.free_at <= 0.0 and slot.chain
+    ]
+    if not idle:
+        return order
+    holding = Counter(_slot_group(slot) for server in servers.values() for slot in server.slots if slot.chain)
+    queued = Counter(_group(req_of(item)) for item in order)
+    groups = [(_slot_group(slot), tie) for slot, tie in idle]
+    free = Counter(group for group, tie in groups if tie or queued[group] <= holding[group])
+    if not free:
+        return order
+    first: list[_T] = []
+    rest: list[_T] = []
+    for item in order:
+        group = _group(req_of(item))
+        if free[group] > 0:
+            free[group] -= 1
+            first.append(item)
+        else:
+            rest.append(item)
+    return first + rest
+
+
 @dataclass(frozen=True)
 class _Fit:
     """Where a request would run on one server: its finish and start, the slot, whether it loads the model,
@@ -711,11 +778,16 @@ class _Demand:
         duplicate work. While the queue still has a request for every slot
         (1.0), that work is capacity the queue loses, so it counts on top of
         this request's own delay (in `_Fit.finish`): a hot prefix spills only
-        once its wait exceeds two prefills. With a shorter queue, idle capacity
-        pays for the copy and only the delay counts (0.0 with no queue left).
+        once its wait exceeds two prefills. With a shorter queue some slot will
+        idle anyway, so idle capacity pays for the copy and only the delay
+        counts (0.0). It was the fraction left / slots: at the end of a run a
+        slot with nothing left to do still charged most of a prefill, and a
+        specialist's last request queued behind its warm slot on the slowest
+        server rather than spill cold to an idle fast one that finished
+        sooner; that request ended the run (prefix fleet B, real and replayed).
         """
         left = sum(self.models.base.values()) - sum(self.models.used.values())
-        return min(1.0, max(0, left) / self.slots) if self.slots else 0.0
+        return 1.0 if self.slots and left >= self.slots else 0.0
 
     def fleet_match(self, req: LeaseRequest) -> int:
         """Prompt tokens of `req` that some slot of the fleet holds (its longest prefix held anywhere).
@@ -821,6 +893,36 @@ def _server_pick(server: _Server, req: LeaseRequest) -> int | None:
     return pick
 
 
+def lands_as_planned(server: _Server, slot: int, req: LeaseRequest, demand: _Demand) -> bool:
+    """Whether `req`, sent now to the free `slot` of `server`, gets that slot (or one holding the same prefix) even
+    if a slot the balancer still sees busy has ended by the time it arrives (LANDING_SECONDS).
+
+    Ollama gives a request the free slot with the longest common prefix and,
+    on a tie, the lowest-numbered one (`findLongestCacheSlot` in
+    `runner/ollamarunner/cache.go`, used unless OLLAMA_MULTIUSER_CACHE is set;
+    `teamorch.sim_model.SlotCaches` does the same). A slot's end reaches the
+    balancer a release hop after the server freed it, so a request granted
+    in between may find that slot free too; where the server prefers it, the
+    request lands there, overwrites the prefix the plan keeps there and
+    prefills cold, and the request the plan meant for that slot then takes
+    this one, cold as well (replayed on prefix fleet B: two cold prefills on
+    the fast server for one). Such a grant waits for the release instead, when
+    the other slot holds a prefix the queue still needs (`_Demand.lost`).
+    """
+    mine = server.slots[slot]
+    key = server_preference(mine.model, mine.chain, req.model, req.prefix, req.prefix_tokens)
+    for j, other in enumerate(server.slots):
+        if j == slot or not (other.landing and other.free_at > 0.0):
+            continue
+        if (other.model, other.chain[:1]) == (mine.model, mine.chain[:1]) or not demand.lost(other, req, 0):
+            continue  # either slot gives it the same prefix, or nothing the queue needs is lost there
+        theirs = server_preference(other.model, other.chain, req.model, req.prefix, req.prefix_tokens)
+        lower = other.index is not None and mine.index is not None and other.index < mine.index
+        if theirs > key or (theirs == key and lower):
+            return False
+    return True
+
+
 def _reserve(server: _Server, fit: _Fit, req: LeaseRequest, demand: _Demand) -> None:
     """Book `fit` on the virtual timeline: the slot frees at its finish holding this prompt; a switch evicts."""
     if fit.switch and server.resident is not None:
@@ -837,7 +939,7 @@ def _reserve(server: _Server, fit: _Fit, req: LeaseRequest, demand: _Demand) -> 
         server.loading, server.ready_at = req.model, fit.start
     slot = server.slots[fit.slot]
     demand.overwrite(slot, req.prefix)
-    slot.free_at, slot.model = fit.finish, req.model
+    slot.free_at, slot.model, slot.landing = fit.finish, req.model, False
     slot.chain, slot.tokens = tuple(req.prefix), tuple(req.prefix_tokens)
 
 
@@ -885,9 +987,10 @@ def _earliest_finish(
             continue
         server = servers[found[0]]
         free_now = server.slots[found[1].slot].free_at <= 0.0
+        lands = free_now and lands_as_planned(server, found[1].slot, req, demand)
         _take_lane(placement, req, found, servers, demand)
         _reserve(server, found[1], req, demand)
-        if free_now:
+        if lands:  # one that would not waits (holding its slot in this plan) for the release due any moment
             decisions[index] = found[0]
     return decisions
 
@@ -1057,6 +1160,10 @@ def _first_waiting(
     return None
 
 
+def _slot_group(slot: _Slot) -> str:
+    return _group_key(slot.model, slot.chain[0] if slot.chain else "")
+
+
 def _group(req: LeaseRequest) -> str:
     return _group_key(req.model, req.prefix[0] if req.prefix else "")
 
@@ -1105,20 +1212,20 @@ def apply_group_diversity(
     group held before this round), so two requests of one group can be planned
     onto the same server in the same round. Only the first (in queue order) is
     granted; the caller plans the queue again, and the second then avoids the
-    server the first took.
+    server the first took. The grants kept stay in the plan's order, which is
+    the order the caller grants them in: a server picks a slot for each
+    request as it arrives (`_warm_first`).
     """
-    kept: dict[int, Decision] = {}
-    held_back = False
+    dropped: set[int] = set()
     granted: set[tuple[str, str]] = set()
     for index in sorted(decisions):
         decision, group = decisions[index], queue[index].req.group
         if group and isinstance(decision, str):
             if (group, decision) in granted:
-                held_back = True
+                dropped.add(index)
                 continue
             granted.add((group, decision))
-        kept[index] = decision
-    return kept, held_back
+    return {i: d for i, d in decisions.items() if i not in dropped}, bool(dropped)
 
 
 # ---- the incremental planner ----------------------------------------------------------------
@@ -1126,6 +1233,10 @@ def apply_group_diversity(
 # Relative slack on the scan's lower bounds, so a rounding difference between the bound and the exact cost can never
 # prune a server whose cost equals the best one.
 _BOUND_SLACK = 1e-9
+# Queued requests x servers up to which a plan from scratch costs about a millisecond (0.6 ms for 4 servers x 100
+# queued): `Planner` then plans afresh while a server's first requests run (`Planner._learning`) and where a kept plan
+# would switch a slot to another prefix group (`_Tentative._release`).
+CHEAP_REPLAN_WORK = 2_000
 # Events a kept tentative schedule serves before `Planner` plans the whole queue again: bounds how long a drift of the
 # fleet from its estimates (a slot's cache, a speed within the tolerance) can steer grants.
 REPLAN_EVENTS = 256
@@ -1392,17 +1503,45 @@ class Planner:
         if not any(cands.values()) or not any(has_capacity(s) for s in measured):
             return refused
         servers = _virtual_slots(measured, speeds, {}, caches or {})
-        ranks = list(self._order(speeds, servers))
+        ranks = _warm_first(list(self._order(speeds, servers)), lambda rank: self.entries[rank[-1]].req, servers)
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
         placement = _placement(self.groups, servers, speeds, self.affinity, demand)
         live = {"shift_within": self.shift_within, "keep_seconds": self.keep_seconds, "drift": self.drift}
+        cheap = len(self.entries) * len(loads) <= CHEAP_REPLAN_WORK
         kept = _Tentative(
-            now, measured, ranks, cands, servers, demand, search, self.keep, self.on_time, placement, **live
+            now,
+            measured,
+            ranks,
+            cands,
+            servers,
+            demand,
+            search,
+            self.keep,
+            self.on_time,
+            placement,
+            **live,
+            switches=cheap,
         )
         refused.update(kept.extend(self.entries))
-        self._kept = kept if self.keep else None
+        self._kept = kept if self.keep and not self._learning(loads, speeds) else None
         return refused
+
+    def _learning(self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed]) -> bool:
+        """Whether a plan just made is not to be kept: a server's first requests still run, and planning from
+        scratch at every event is cheap (CHEAP_REPLAN_WORK).
+
+        The plan gave those requests' groups to the measured servers without
+        the slots that hold their prefixes, and the next release would follow
+        it (prefix fleet B, live planner: the fast server's second slot
+        switched to another specialist 5 ms after the first answer, and back
+        later: 11 cold prefills where planning at each event paid 8). On a big
+        queue the plan is kept all the same: planning it at every event until
+        a probe answers had stalled a 100-server balancer.
+        """
+        if len(self.entries) * len(loads) > CHEAP_REPLAN_WORK:
+            return False
+        return any(not speeds[s.name].measured and s.in_flight for s in loads)
 
     def _probes(
         self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed], granted: Mapping[int, Decision]
@@ -1641,6 +1780,7 @@ class _Tentative:
         shift_within: float = 0.0,
         keep_seconds: float = 0.0,
         drift: float = SPEED_DRIFT,
+        switches: bool = False,
     ) -> None:
         self.placement = placement or Assignment()
         self.t0, self.events, self.pos, self.cands = t0, events, 0, cands
@@ -1659,6 +1799,10 @@ class _Tentative:
         self.planned: set[int] = set()  # keys out of `demand`'s counts
         self.waiting: set[int] = set()  # keys reserved, not granted
         self.groups: dict[int, str] = {}  # the prefix group (`_group`) of each key reserved
+        self.holds = {  # the prefix group each slot's cache holds now (None: nothing)
+            (n, i): _slot_group(s) if s.chain else None for n, sv in servers.items() for i, s in enumerate(sv.slots)
+        }
+        self.switches = switches  # a release that would switch a slot's group is planned afresh
         self.stale = False
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
@@ -1732,8 +1876,13 @@ class _Tentative:
                 return False
             self._shift(name, slot, r - end)
         line = self.booked.get((name, slot))
+        held = self.holds.get((name, slot))
+        # A plan from scratch serves the group the slot holds first if it has requests left (`_warm_first`).
+        if self.switches and held is not None and (not line or self.groups[line[0][0]] != held):
+            return False
         if line:
             key, finish = line.popleft()
+            self.holds[(name, slot)] = self.groups[key]
             self.waiting.discard(key)
             grants[key] = name
             self.in_flight[name] += 1
@@ -1795,6 +1944,7 @@ class _Tentative:
             name, fit = found
             at = (name, fit.slot)
             starts = at in self.idle
+            lands = not starts or lands_as_planned(self.servers[name], fit.slot, req, self.demand)
             _take_lane(self.placement, req, found, self.servers, self.demand)
             self.search.reserve(name, fit, entry.req, self.demand)
             if fit.switch:  # the load drains the server's other slots: later releases there are not predicted
@@ -1802,7 +1952,9 @@ class _Tentative:
                 slots = self.servers[name].slots
                 self.idle -= {(name, i) for i, slot in enumerate(slots) if slot.free_at > r}
             self.idle.discard(at)
-            if starts:
+            if not lands:
+                self.stale = True  # it waits for the release due any moment; that event plans the queue afresh
+            elif starts:
                 grants[key] = name
                 self.in_flight[name] += 1
                 self.ends[name][fit.slot] = fit.finish

@@ -7,8 +7,12 @@ they copy and be testable without a server:
 - `SlotCaches` is one loaded model's parallel slots, each holding the tokens in its KV
   cache. A request takes the *free* slot with the longest common prefix with its prompt
   (ties: the lowest slot), as Ollama's runner does (`findLongestCacheSlot` in
-  `runner/ollamarunner/cache.go`), and evaluates only the rest, always at least one
-  token, since the model needs the last prompt token's logits to sample from.
+  `runner/ollamarunner/cache.go`: slots scanned in order, a later one taken only for a
+  strictly longer prefix; not the least recently used one), and evaluates only the rest,
+  always at least one token, since the model needs the last prompt token's logits to
+  sample from. That is Ollama's default; with OLLAMA_MULTIUSER_CACHE set the runner uses
+  `findBestCacheSlot` instead (the least recently used free slot, into which the longest
+  matching prefix is copied), which this simulator does not model.
 - `Residency` is which models are in memory, least recently used first, with the
   loading and draining sets the simulator's scheduler needs to cap `max_loaded`.
 

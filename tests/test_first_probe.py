@@ -91,3 +91,15 @@ def test_a_probe_does_not_make_the_planner_plan_the_whole_queue_from_scratch() -
     assert sorted(decisions.values()) == ["fast", "new"]
     assert [SIZES[k % len(SIZES)] for k, v in decisions.items() if v == "new"] == [min(SIZES)]
     assert planner._kept is not None
+
+
+@pytest.mark.parametrize("queued", [5, 2_000])
+def test_a_plan_made_while_a_servers_first_request_runs_is_kept_only_on_a_big_queue(queued: int) -> None:
+    # "new" still runs its first request, whose group's prefix it holds: a plan made without it is not followed on
+    # the next release but made again, while that is cheap (a small queue); on a big queue it is kept, as before.
+    planner = Planner("peak_ewma")
+    for key in range(queued):
+        planner.add(key, LeaseRequest(model="m", expected_tokens=SIZES[key % len(SIZES)]), float(key))
+    loads = [srv("fast", slots=2, ewma_token_seconds=0.002, ewma_ttft=0.04), srv("new", slots=2, in_flight=1)]
+    assert planner.plan(loads, 0.0)
+    assert (planner._kept is None) == (queued == 5)

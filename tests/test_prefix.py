@@ -8,7 +8,7 @@ import pytest
 
 from teamorch.config import RetryConfig, ServerConfig, SpecialistConfig
 from teamorch.messages import LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad, Task
-from teamorch.policies.balancing import LOAD_PENALTY_SECONDS, Queued, plan_dispatch, planned_seconds
+from teamorch.policies.balancing import LOAD_PENALTY_SECONDS, Planner, Queued, plan_dispatch, planned_seconds
 from teamorch.policies.fleet import (
     MIN_PREFILL_SAMPLE,
     Placement,
@@ -276,3 +276,75 @@ def test_a_probe_learns_how_many_models_fit_and_drops_what_was_evicted() -> None
     assert (s.resident_limit, s.models_loaded) == (2, ["m", "x"]), "least recently used first"
     record_probe(s, ProbeResult(healthy=True, checked_at=1.0, models_loaded=["x"]))
     assert s.prefix.models() == set() and s.resident_limit == 2
+
+
+# ---- which slot a grant lands on: the server's tie rule -------------------------------------
+
+OTHER = SpecialistConfig(name="Other", system_prompt="Someone else entirely. " * 20)
+THIRD = SpecialistConfig(name="Third", system_prompt="A third role altogether. " * 20)
+
+
+def test_the_simulator_gives_a_cold_prompt_the_lowest_free_slot_as_ollama_does() -> None:
+    # findLongestCacheSlot (runner/ollamarunner/cache.go): strictly longer prefix wins, so a tie keeps the first slot.
+    caches = SlotCaches()
+    first = caches.take(tokenize("a b c"), 2, 0.0)
+    second = caches.take(tokenize("x y z"), 2, 0.0)
+    SlotCaches.release(second.slot, 1.0)
+    SlotCaches.release(first.slot, 2.0)  # slot 0 freed last: Ollama's default rule does not care (no LRU)
+    assert caches.take(tokenize("p q r"), 2, 3.0).slot is caches.slots[0]
+
+
+def test_a_grant_waits_when_a_slot_about_to_free_would_take_it_and_lose_a_needed_prefix() -> None:
+    # x: slot 0 holds Auditor's prefix and ends in 10 ms (its release is a hop behind the server), slot 1 holds
+    # Other's. A Third request planned on slot 1 would, once slot 0 has freed at the server, land on slot 0 (a tie
+    # goes to the lowest slot) and overwrite the prefix the queued Auditor request needs.
+    def plan(free_in: float, queued: bool = True) -> dict[int, Any]:
+        loads = [srv("x", in_flight=1)]
+        caches = {"x": [warm(req_for("a"), free_in=free_in), warm(req_for("a", OTHER))]}
+        queue = [Queued(req_for("t", THIRD, expected_tokens=200))]
+        queue += [Queued(req_for("b", expected_tokens=50))] if queued else []
+        return plan_dispatch("peak_ewma", loads, queue, caches=caches)
+
+    assert plan(0.01) == {}, "waits for the release due any moment"
+    assert plan(2.0) == {0: "x"}, "slot 0 stays busy until it has landed"
+    assert plan(0.01, queued=False) == {0: "x"}, "nothing queued needs slot 0's prefix: no reason to wait"
+
+
+def test_warm_requests_are_planned_and_granted_before_cold_ones_on_a_servers_free_slots() -> None:
+    # Both of x's slots are free: slot 0 holds Auditor's prefix, slot 1 Other's (no Other request is queued). The
+    # Third request is the longest (planned first by size); granted first, it would take slot 0 (a tie goes to the
+    # lowest slot) and the Auditor request slot 1: two cold prefills. Warm first: one.
+    loads = [srv("x")]
+    caches = {"x": [warm(req_for("a")), warm(req_for("a", OTHER))]}
+    queue = [Queued(req_for("t", THIRD, expected_tokens=200)), Queued(req_for("b", expected_tokens=50))]
+    decisions = plan_dispatch("peak_ewma", loads, queue, caches=caches)
+    assert decisions == {1: "x", 0: "x"} and list(decisions) == [1, 0]
+    index = SlotIndex(2)
+    index.slots[0].model, index.slots[0].chain = "m", tuple(req_for("a").prefix)
+    index.slots[1].model, index.slots[1].chain = "m", tuple(req_for("a", OTHER).prefix)
+    assert [index.take("m", queue[i].req.prefix, queue[i].req.prefix_tokens)[0] for i in decisions] == [0, 1]
+
+
+def test_a_freed_slot_serves_the_last_request_of_its_group_before_switching() -> None:
+    # x's only slot just freed holding Other's prefix, and one Other request is left; y (holding Auditor's) is busy
+    # for 5 s. By size the Auditor request is planned first and would take x cold, leaving Other's last request to
+    # pay its prefill again later. The group's last requests are served on its slot first.
+    loads = [srv("x", slots=1), srv("y", slots=1, in_flight=1)]
+    caches = {"x": [warm(req_for("a", OTHER))], "y": [warm(req_for("a"), free_in=5.0)]}
+    queue = [Queued(req_for("b", expected_tokens=200)), Queued(req_for("c", OTHER, expected_tokens=50))]
+    assert plan_dispatch("peak_ewma", loads, queue, caches=caches) == {1: "x"}
+    planner = Planner("peak_ewma")
+    for key, queued in enumerate(queue):
+        planner.add(key, queued.req, 0.0)
+    assert planner.plan(loads, 0.0, caches=caches) == {1: "x"}
+
+
+def test_near_the_end_a_copy_on_a_slot_that_would_idle_costs_only_its_delay() -> None:
+    # Three slots, one other request left (pinned to busy z): some slot idles whatever this request does, so a cold
+    # copy of the prefix on idle x costs the queue nothing; only when each finishes counts. x finishes a prefill P
+    # after now, the warm slot on y frees after 1.2 P: x. (Charging a third of a prefill for the copy sent it to y.)
+    prefill = 0.005 * req_for("b").prefix_tokens[1]
+    loads = [srv("x", slots=1), srv("y", slots=1, in_flight=1), srv("z", slots=1, in_flight=1)]
+    caches = {"x": [SlotState()], "y": [warm(req_for("a"), free_in=1.2 * prefill)], "z": [SlotState(free_in=9.0)]}
+    queue = [Queued(req_for("b", expected_tokens=50)), Queued(LeaseRequest(model="m", server="z", expected_tokens=10))]
+    assert plan_dispatch("peak_ewma", loads, queue, caches=caches) == {0: "x"}

@@ -24,9 +24,10 @@ def test_replay_is_deterministic_and_never_beats_the_lower_bound(case: Case) -> 
         assert first.loads == 0 and 0.0 < first.hit_rate < 1.0
 
 
-def test_slots_never_run_more_than_their_count_and_the_planner_replays_too() -> None:
+@pytest.mark.parametrize("live", [False, True])
+def test_slots_never_run_more_than_their_count_and_the_planner_replays_too(live: bool) -> None:
     case = next(c for c in cases() if c.label == "B" and c.work.prefill_tps)
-    result = Replay(case.work, case.shapes, planner=True).run(jobs(case.work, tasks(case.work)), trace=True)
+    result = Replay(case.work, case.shapes, planner=True, live=live).run(jobs(case.work, tasks(case.work)), trace=True)
     slots = {s.name: s.slots for s in case.shapes}
     for span in result.spans:
         assert span.slot < slots[span.server]
