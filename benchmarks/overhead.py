@@ -99,6 +99,32 @@ def plan_latencies(coordinator: Any, n: int) -> list[float]:
     return out[3:]  # the first runs warm the specialist actor
 
 
+class _Echo:
+    """An async actor that answers at once: what one Ray call costs here before any teamorch work."""
+
+    async def echo(self, value: int) -> int:
+        return value
+
+    async def round_trips(self, peer: Any, n: int) -> list[float]:
+        """Sequential calls to `peer` from inside an actor (as teamorch's actors call each other), in seconds."""
+        out = []
+        for i in range(n + 20):
+            began = time.perf_counter()
+            await peer.echo.remote(i)
+            out.append(time.perf_counter() - began)
+        return out[20:]  # the first ones set the connection up
+
+
+def ray_round_trips(n: int) -> list[float]:
+    """Ray's floor for one hop between two async actors on this machine (a chain step makes three in a row)."""
+    caller, peer = ray.remote(_Echo).remote(), ray.remote(_Echo).remote()
+    try:
+        return list(ray.get(caller.round_trips.remote(peer, n)))
+    finally:
+        for actor in (caller, peer):
+            ray.kill(actor)
+
+
 def _own_rss() -> int:
     """Current resident set size of the calling process, in bytes (Linux /proc; peak RSS elsewhere)."""
     try:
@@ -155,6 +181,7 @@ def main() -> dict[str, Any]:
         url = fleet.urls["instant"]
         direct = direct_latencies(url, LATENCY_SAMPLES)
         d50 = percentile(direct, 50)
+        hops = ray_round_trips(LATENCY_SAMPLES)
         team = sim_team(fleet, SPECIALISTS)
         coordinator = api.start_coordinator(team)
         try:
@@ -210,6 +237,11 @@ def main() -> dict[str, Any]:
             (percentile(server_calls, 50) - d50) * 1e3,
         ],
     ]
+    hop50 = percentile(hops, 50)
+    rows += [
+        ["Ray: one round trip between two async actors (echo)", len(hops), hop50 * 1e3, percentile(hops, 99) * 1e3, ""],
+        ["Ray: a chain step's floor (3 round trips in a row)", "", 3 * hop50 * 1e3, "", 3 * hop50 * 1e3],
+    ]
     burst_rows = [
         [
             f"{BURST}-task plan, run {i + 1}",
@@ -241,7 +273,9 @@ def main() -> dict[str, Any]:
             "Simulator: ttft 0, 1e6 tokens/s, num_predict 1, 64 slots; one request at a time for latency.",
             "",
             table(["path", "samples", "p50 ms", "p99 ms", "added p50 ms"], rows),
-            f"({CHAIN}-task chain wall {chain_wall:.2f} s.)",
+            f"({CHAIN}-task chain wall {chain_wall:.2f} s.) A chain step waits for three answered Ray calls in a "
+            "row (the result to the coordinator and the next task out, `acquire`, `chat`): the last row is what "
+            "they cost before teamorch does anything, measured in this run.",
             "",
             table(["dispatch throughput", "tasks", "wall s", "tasks/s", "succeeded"], burst_rows),
             "All runs use the coordinator already warmed by the latency runs; the first two journal in memory "
@@ -257,7 +291,7 @@ def main() -> dict[str, Any]:
         ]
     )
     print(text, flush=True)
-    results.update(text=text, direct=direct, one=one, chain=chain_steps, bursts=[b[0] for b in bursts])
+    results.update(text=text, direct=direct, one=one, chain=chain_steps, bursts=[b[0] for b in bursts], hops=hops)
     return results
 
 
