@@ -42,10 +42,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from teamorch.messages import Lease, LeaseOutcome, LeaseRequest, ServerLoad
+from teamorch.messages import Lease, LeaseCalls, LeaseGrant, LeaseGrants, LeaseOutcome, LeaseRequest, ServerLoad
 from teamorch.policies.balancing import REPLAN_EVENTS, Decision, Planner, plan_dispatch
 from teamorch.policies.prefix import SlotState, signature
 
@@ -271,9 +272,17 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _actor_clients(
-    balancer: Any, requests: Sequence[LeaseRequest], speeds: dict[str, float], slots: int, pid: int = 0
+    balancer: Any,
+    requests: Sequence[LeaseRequest],
+    speeds: dict[str, float],
+    slots: int,
+    pid: int = 0,
+    batched: bool = True,
 ) -> tuple[list[float], float, float, int, float]:
     """Acquire, hold for the server's service time, release, for every request at once.
+
+    `batched`: through a `LeaseClient`, as specialists do (a loop turn's asks and releases in one one-way call,
+    grants by one long poll); else one awaited `acquire` and one `release` call per lease.
 
     A server admits `slots` requests at once, as the server actor's gate does:
     an early grant (queued behind a request about to end) waits there, and its
@@ -285,11 +294,14 @@ async def _actor_clients(
     start, and the CPU seconds actor `pid` used in between.
     """
 
+    from teamorch.actors.leases import LeaseClient
+
     grants: list[float] = []
     gates = {name: asyncio.Semaphore(slots) for name in speeds}
+    client = LeaseClient(balancer)
 
     async def one(req: LeaseRequest) -> None:
-        lease = await balancer.acquire.remote(req)
+        lease = await (client.acquire(req) if batched else balancer.acquire.remote(req))
         began = time.monotonic()
         grants.append(began)
         tokens = req.expected_tokens or 0
@@ -310,10 +322,14 @@ async def _actor_clients(
             cached_tokens=0,
             prompt_eval_seconds=0.0,
         )
-        await balancer.release.remote(outcome)
+        if batched:
+            client.release(outcome)
+        else:
+            await balancer.release.remote(outcome)
 
     tasks = [asyncio.ensure_future(one(req)) for req in requests]
     await asyncio.sleep(0)  # every acquire submitted
+    await client.drain()  # and, batched, the asks sent with them have reached the balancer
     loads = await balancer.snapshot.remote()
     queued_at, waiting, cpu = time.monotonic(), loads[0].waiting if loads else 0, _cpu_seconds(pid)
     while time.monotonic() < queued_at + ACTOR_SECONDS and not all(t.done() for t in tasks):
@@ -329,38 +345,64 @@ async def _actor_clients(
 
 
 class _NullDesk:
-    """A lease desk that decides nothing: a freed slot goes to the longest waiting acquire.
+    """A lease desk that decides nothing: a freed slot goes to the longest waiting ask.
 
-    Driven by the same clients as the balancer (one `acquire` and one `release`
-    per grant, the same slots), it measures what Ray's calls and asyncio's
-    futures alone allow on this machine: the ceiling for the balancer actor.
+    Driven by the same clients as the balancer, over the same protocol (the
+    batched one: `lease_calls` and `granted`, answered through the same
+    `GrantBoxes`; or one `acquire` and one `release` per grant), with the same
+    slots, it measures what Ray's calls and asyncio alone allow on this
+    machine: the ceiling for the balancer actor.
     """
 
     def __init__(self, servers: list[str], slots: int) -> None:
+        from teamorch.actors.leases import GrantBoxes
+
         self.free = deque(name for name in servers for _ in range(slots))
         self.held: dict[str, str] = {}
-        self.waiting: deque[asyncio.Future[str]] = deque()
+        self.waiting: deque[Callable[[str], None]] = deque()  # how to hand a freed slot to each waiting ask
         self.count = itertools.count()
+        self.boxes = GrantBoxes("null")
 
     async def start(self) -> None:
         return None
 
-    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
+    def _ask(self, hand: Callable[[str], None]) -> None:
         if self.free:
-            server = self.free.popleft()
+            hand(self.free.popleft())
         else:
-            self.waiting.append(asyncio.get_running_loop().create_future())
-            server = await self.waiting[-1]  # the releasing call handed its slot over
+            self.waiting.append(hand)
+
+    def _lease(self, server: str) -> Lease:
         lease_id = str(next(self.count))
         self.held[lease_id] = server
         return Lease(lease_id=lease_id, server=server)
 
-    async def release(self, done: LeaseOutcome) -> None:
-        server = self.held.pop(done.lease_id)
+    def _free(self, lease_id: str) -> None:
+        server = self.held.pop(lease_id)
         if self.waiting:
-            self.waiting.popleft().set_result(server)
+            self.waiting.popleft()(server)
         else:
             self.free.append(server)
+
+    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._ask(future.set_result)
+        return self._lease(await future)
+
+    async def release(self, done: LeaseOutcome) -> None:
+        self._free(done.lease_id)
+
+    async def lease_calls(self, calls: LeaseCalls) -> None:
+        for done in calls.released:
+            self._free(done.lease_id)
+        for ask in calls.asks:
+            self._ask(partial(self._grant, calls.client, ask.ask_id))
+
+    def _grant(self, client: str, ask_id: str, server: str) -> None:
+        self.boxes.put(client, LeaseGrant(ask_id=ask_id, lease=self._lease(server)))
+
+    async def granted(self, client: str, epoch: str) -> LeaseGrants:
+        return await self.boxes.collect(client, epoch)
 
     async def snapshot(self) -> list[ServerLoad]:
         return [ServerLoad(name="any", slots=1, effective_slots=1, waiting=len(self.waiting))]
@@ -377,11 +419,14 @@ class ActorRate:
     cpu_ms: float
 
 
-def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 10_000) -> ActorRate:
+def actor_rate(
+    planner: str, servers: int = 100, slots: int = 4, queued: int = 10_000, batched: bool = True
+) -> ActorRate:
     """Grants per second the balancer actor sustains with a full queue.
 
     Counted from the moment the balancer holds every request (`_actor_clients`) for ACTOR_SECONDS.
-    `planner: "ceiling"` drives `_NullDesk` instead: Ray's own cost of an acquire and a release.
+    `planner: "ceiling"` drives `_NullDesk` instead: Ray's own cost of the lease protocol. `batched`: clients
+    use the batched path (`LeaseClient`), else one `acquire` and one `release` call per grant.
     """
     import ray
 
@@ -408,8 +453,10 @@ def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 1
     try:
         ray.get(balancer.start.remote())
         pid = ray.get(balancer.__ray_call__.remote(lambda _self: os.getpid()))
-        asyncio.run(_actor_clients(balancer, warm_up, speeds, slots))  # every server measured: past the cold start
-        grants, start, end, waiting, cpu = asyncio.run(_actor_clients(balancer, requests, speeds, slots, pid))
+        # Every server measured: past the cold start.
+        asyncio.run(_actor_clients(balancer, warm_up, speeds, slots, batched=batched))
+        clients = _actor_clients(balancer, requests, speeds, slots, pid, batched)
+        grants, start, end, waiting, cpu = asyncio.run(clients)
     finally:
         ray.kill(balancer)
     steady = [t for t in grants if t > start]
