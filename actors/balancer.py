@@ -131,6 +131,7 @@ class _Lease:
     behind: str | None = None  # the lease whose slot it waits for, while that one runs
     issued: float = 0.0  # monotonic seconds it was granted
     gate: float = 0.0  # seconds it waited behind that lease
+    ask: str | None = None  # the batched ask it was granted for: a re-sent copy of that ask is not granted again
 
 
 @dataclass
@@ -141,6 +142,7 @@ class _Waiter:
     enqueued: float  # monotonic seconds
     future: asyncio.Future[Lease]
     key: str | None = None
+    ask: str | None = None  # its batched ask's id (`lease_calls`), None for an `acquire`
 
 
 class _OnFirstRead(Mapping[str, list[SlotState]]):
@@ -296,7 +298,7 @@ class LoadBalancer:
         for ask in calls.asks:
             if ask.ask_id in self._asked:
                 continue
-            future, own = self._ask(ask.req, ask.capabilities, ask.key)
+            future, own = self._ask(ask.req, ask.capabilities, ask.key, ask.ask_id)
             self._asked[ask.ask_id] = (future, own)
             future.add_done_callback(partial(self._answer, calls.client, ask))
 
@@ -311,7 +313,7 @@ class LoadBalancer:
         return self.counters.model_copy(update={"polls": self.boxes.polls, "delivered": self.boxes.delivered})
 
     def _ask(
-        self, req: LeaseRequest, capabilities: list[str] | None, key: str | None
+        self, req: LeaseRequest, capabilities: list[str] | None, key: str | None, ask: str | None = None
     ) -> tuple[asyncio.Future[Lease], bool]:
         """Queue one request (or find its key's lease or waiting twin); its future, and whether it is its own.
 
@@ -327,7 +329,9 @@ class LoadBalancer:
         twin = self.pending.get(key or "")
         if twin is not None and not twin.future.done():
             return twin.future, False
-        waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key)
+        waiter = _Waiter(
+            req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key, ask
+        )
         if key:
             self.pending[key] = waiter
         self.waiters[waiter.seq] = waiter
@@ -343,14 +347,23 @@ class LoadBalancer:
             del self.pending[waiter.key]
 
     def _answer(self, client: str, ask: LeaseAsk, future: asyncio.Future[Lease]) -> None:
-        """Put a batched ask's grant or refusal in its client's box (nothing if it was withdrawn)."""
-        self._asked.pop(ask.ask_id, None)
+        """Put a batched ask's grant or refusal in its client's box (nothing if it was withdrawn).
+
+        The ask stays known (`_asked`) while the lease granted for it is out:
+        after a restart, Ray re-sends the lost call and the client its open
+        asks, and the copy that comes second must not take a second slot.
+        """
         if future.cancelled():
+            self._asked.pop(ask.ask_id, None)
             return
         exc = future.exception()
         if exc is None:
-            grant = LeaseGrant(ask_id=ask.ask_id, lease=self._hedgeable(future.result(), ask.req))
+            lease = future.result()
+            if getattr(self.leases.get(lease.lease_id), "ask", None) != ask.ask_id:
+                self._asked.pop(ask.ask_id, None)  # a lease of its key's, granted for another ask
+            grant = LeaseGrant(ask_id=ask.ask_id, lease=self._hedgeable(lease, ask.req))
         else:
+            self._asked.pop(ask.ask_id, None)
             grant = LeaseGrant(ask_id=ask.ask_id, refused=getattr(exc, "message", str(exc)))
         self.boxes.put(client, grant)
 
@@ -433,6 +446,8 @@ class LoadBalancer:
         try:
             if lease.key:
                 self.keyed.pop(lease.key, None)
+            if lease.ask:
+                self._asked.pop(lease.ask, None)
             placed = self._hand_over(done.lease_id, lease, now)
         finally:
             free_slot(stats, done, placed)
@@ -522,7 +537,9 @@ class LoadBalancer:
         self._rows.pop(name, None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
         start = now + _left(ahead, now) if ahead else now
-        self.leases[lease_id] = _Lease(name, start, expected, placed, waiter.key, behind=ahead_id, issued=now)
+        self.leases[lease_id] = _Lease(
+            name, start, expected, placed, waiter.key, behind=ahead_id, issued=now, ask=waiter.ask
+        )
         if ahead_id:
             self._ahead[ahead_id] = lease_id
         elif self._next_due is None or now + due_in(expected) < self._next_due:
