@@ -13,14 +13,16 @@ Two figures from `teamorch.policies.balancing` called directly (pure policy, no 
   CPU time spent planning (plan rebuilds included);
 * end to end (`actor_rate`): the real balancer actor on Ray, 100 servers x 4
   slots, 10,000 tiny requests queued by asyncio clients in this process that
-  call `acquire`, wait at the server's gate (its `slots` at once, as the
+  ask for a lease through a `LeaseClient` (batched asks and releases, grants
+  by long poll) as specialists do, or with one `acquire` and one `release`
+  call per lease, wait at the server's gate (its `slots` at once, as the
   server actor admits them), hold the lease for the service time of the
-  server's speed class and `release` it with the outcome, as specialists do;
+  server's speed class and release it with the outcome;
   grants per wall-clock second and the actor's CPU milliseconds per grant,
   `planner: incremental` vs `planner: reference` (`plan_dispatch` from
   scratch on every event) in the same run, and the ceiling: the same clients
-  against `_NullDesk`, which decides nothing (Ray's own cost of one acquire
-  and one release per grant on this machine).
+  against `_NullDesk`, which decides nothing (Ray's own cost of the same
+  protocol on this machine).
 
 Fleets come in speed classes (`speed_classes`): identical servers within a
 class, as a fleet of a few machine types is once measured; `spread` makes
@@ -484,9 +486,11 @@ def main() -> dict[str, Any]:
             out = sustained(plan, releases, classes, spread, keep)
             steady.append([label, name, out.rounds, out.plan_seconds / out.rounds * 1e3, out.grants / out.plan_seconds])
     actor = []
-    for planner in ("ceiling", "reference", "incremental"):
-        run = actor_rate(planner)
-        label = "ceiling: a desk that decides nothing" if planner == "ceiling" else f"planner: {planner}"
+    runs = (("ceiling", False), ("ceiling", True), ("reference", True), ("incremental", False), ("incremental", True))
+    for planner, batched in runs:
+        run = actor_rate(planner, batched=batched)
+        desk = "ceiling: a desk that decides nothing" if planner == "ceiling" else f"planner: {planner}"
+        label = f"{desk}, {'batched (LeaseClient)' if batched else 'one acquire + one release call per grant'}"
         actor.append([label, run.waiting, run.grants, run.rate, run.cpu_ms])
         print(f"  measured balancer actor, {label}: {run.rate:.0f} grants/s", flush=True)
     text = "\n".join(
@@ -505,8 +509,10 @@ def main() -> dict[str, Any]:
             "End to end: the balancer actor on Ray, 100 servers x 4 slots (3 speed classes), 10,000 tiny requests "
             f"(8..32 tokens) queued; grants per wall-clock second over {ACTOR_SECONDS:.0f} s from when the balancer "
             "held them all; clients in the benchmark process wait at the server's gate, hold each lease for its "
-            "service time and release it (no HTTP). Ceiling: the same clients against a desk that decides nothing "
-            "(Ray's own cost of an acquire and a release per grant). CPU: the actor process's, all threads, per grant.",
+            "service time and release it (no HTTP). Batched: through a LeaseClient as specialists do (a loop turn's "
+            "asks and releases in one one-way call, grants by one long poll); else one acquire and one release call "
+            "per grant. Ceiling: the same clients against a desk that decides nothing (Ray's own cost of that "
+            "protocol). CPU: the actor process's, all threads, per grant.",
             "",
             table(["balancer actor", "queued at start", "grants", "grants/s", "actor CPU ms/grant"], actor),
         ]
