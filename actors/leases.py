@@ -174,11 +174,15 @@ class LeaseClient:
             except ray.exceptions.ActorUnavailableError:
                 await asyncio.sleep(RESTART_RETRY_SECONDS)  # Ray is restarting it: the next poll finds the new one
                 continue
-            except ray.exceptions.RayActorError as exc:  # gone for good (killed, or out of restarts)
+            except ray.exceptions.RayError as exc:
+                # Every caller waiting sees the error, as its own acquire call would have (each withdraws its ask).
                 for future in self._waiting.values():
                     if not future.done():
                         future.set_exception(exc)
-                return
+                if isinstance(exc, ray.exceptions.RayActorError):
+                    return  # gone for good (killed, or out of restarts): the next acquire polls again
+                await asyncio.sleep(RESTART_RETRY_SECONDS)
+                continue
             self._receive(answer)
 
     def _receive(self, answer: LeaseGrants) -> None:
