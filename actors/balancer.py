@@ -295,12 +295,18 @@ class LoadBalancer:
                 # Still queued: it leaves the queue. Already granted: the grant still goes to the client's box
                 # (it may be on its way), and the client, no longer asking, releases it unused.
                 future.cancel()
+        arrived: list[_Waiter] = []
         for ask in calls.asks:
             if ask.ask_id in self._asked:
                 continue
-            future, own = self._ask(ask.req, ask.capabilities, ask.key, ask.ask_id)
+            future, own = self._ask(ask.req, ask.capabilities, ask.key, ask.ask_id, arrived)
             self._asked[ask.ask_id] = (future, own)
             future.add_done_callback(partial(self._answer, calls.client, ask))
+        # Planned once all are queued: the first arrival's round plans the whole batch (a burst of asks was a
+        # planning round per ask until the slots were full), and the rest only check their eligibility.
+        for waiter in arrived:
+            if not waiter.future.done():
+                self._dispatch(arrived=waiter)
 
     async def granted(self, client: str, epoch: str) -> LeaseGrants:
         """The long poll (`teamorch.actors.leases.GrantBoxes.collect`): every answer for `client` since its last
@@ -313,12 +319,18 @@ class LoadBalancer:
         return self.counters.model_copy(update={"polls": self.boxes.polls, "delivered": self.boxes.delivered})
 
     def _ask(
-        self, req: LeaseRequest, capabilities: list[str] | None, key: str | None, ask: str | None = None
+        self,
+        req: LeaseRequest,
+        capabilities: list[str] | None,
+        key: str | None,
+        ask: str | None = None,
+        arrived: list[_Waiter] | None = None,
     ) -> tuple[asyncio.Future[Lease], bool]:
         """Queue one request (or find its key's lease or waiting twin); its future, and whether it is its own.
 
         A future that is not its own belongs to the waiting call of a dead
         incarnation with the same key (Ray does not cancel it): one grant serves both.
+        A queued request is dispatched at once, or added to `arrived` for the caller to dispatch.
         """
         loop = asyncio.get_running_loop()
         held = self.keyed.get(key or "")
@@ -337,7 +349,10 @@ class LoadBalancer:
         self.waiters[waiter.seq] = waiter
         self.planner.add(waiter.seq, waiter.req, waiter.enqueued, waiter.capabilities)
         waiter.future.add_done_callback(partial(self._answered, waiter))
-        self._dispatch(arrived=waiter)
+        if arrived is None:
+            self._dispatch(arrived=waiter)
+        else:
+            arrived.append(waiter)
         return waiter.future, True
 
     def _answered(self, waiter: _Waiter, _future: asyncio.Future[Lease]) -> None:
@@ -693,6 +708,7 @@ class LoadBalancer:
 
     def _dispatch_round(self, now: float) -> bool:
         """One planning round; True if a grant was held back and the queue must be planned again."""
+        self.counters.rounds += 1
         loads, caches = self._view(now)
         self.planner.regroup(self.groups.with_avoid)
         decisions = self._plan(loads, caches, now)

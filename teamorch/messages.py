@@ -501,14 +501,15 @@ class LeaseGrants(_Model):
 
 
 class LeaseCounters(_Model):
-    """How the balancer was asked for leases since it started (this incarnation): Ray calls against leases,
-    which is what the batched path saves."""
+    """How the balancer was asked for leases since it started (this incarnation): Ray calls and planning rounds
+    against leases, which is what the batched path saves."""
 
     acquire_calls: int = 0  # single `acquire` calls (one lease each)
     lease_calls: int = 0  # batched `lease_calls` calls
     asks: int = 0  # asks those carried (re-sent duplicates included)
     polls: int = 0  # `granted` long polls answered
     delivered: int = 0  # grants and refusals those polls carried
+    rounds: int = 0  # planning rounds run (for any reason: arrivals, releases, timers)
 
 
 class Assignment(_Model):

@@ -22,12 +22,13 @@ from teamorch.messages import Lease, LeaseOutcome, LeaseRequest
 REQ = LeaseRequest(model="m", expected_tokens=16)
 
 
-def _team(slots: int) -> TeamConfig:
+def _team(slots: int, policy: str = "peak_ewma") -> TeamConfig:
     return TeamConfig.model_validate(
         {
             "servers": [{"name": "only", "url": "http://127.0.0.1:9", "slots": slots}],  # never contacted
             "default_model": "m",
             "specialists": [{"name": "A"}],
+            "balancer": {"policy": policy},
         }
     )
 
@@ -40,8 +41,10 @@ async def _in_flight(balancer: Any) -> int:
     return sum(row.in_flight for row in await balancer.snapshot.remote())
 
 
-def test_asks_of_one_turn_are_granted_with_fewer_calls_than_leases(ray_cluster: None) -> None:
-    balancer = ray.remote(LoadBalancer).options(num_cpus=0, max_concurrency=100).remote(_team(8), {})
+@pytest.mark.parametrize("policy", ["peak_ewma", "least_loaded"])
+def test_asks_of_one_turn_are_granted_with_fewer_calls_than_leases(ray_cluster: None, policy: str) -> None:
+    # least_loaded does not wait for a wave (`coalesce_delay`): its arrivals were a planning round each.
+    balancer = ray.remote(LoadBalancer).options(num_cpus=0, max_concurrency=100).remote(_team(8, policy), {})
 
     async def run() -> None:
         client = LeaseClient(balancer)
@@ -51,6 +54,7 @@ def test_asks_of_one_turn_are_granted_with_fewer_calls_than_leases(ray_cluster: 
         counters = await balancer.lease_counters.remote()
         assert counters.asks == 8 and counters.acquire_calls == 0
         assert counters.lease_calls == 1 and counters.delivered == 8 and counters.polls <= 2, counters
+        assert counters.rounds == 1  # the batch is planned once
         for lease in leases:
             client.release(_done(lease))
         await client.drain()
