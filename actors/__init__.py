@@ -30,19 +30,24 @@ class TurnBatch(Generic[T]):
         self._items: list[T] = []
         self._spacing = spacing
         self._sent = 0.0  # loop time of the last send
+        self._due: asyncio.Handle | None = None
 
     def add(self, item: T) -> None:
         if not self._items:
             loop = asyncio.get_running_loop()
             wait = self._sent + self._spacing - loop.time()
-            if wait > 0:
-                loop.call_later(wait, self._flush)
-            else:
-                loop.call_soon(self._flush)
+            self._due = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
         self._items.append(item)
 
+    def flush(self) -> None:
+        """Send what is pending now (a caller about to wait for everything sent)."""
+        if self._due is not None:
+            self._due.cancel()
+        if self._items:
+            self._flush()
+
     def _flush(self) -> None:
-        items, self._items = self._items, []
+        items, self._items, self._due = self._items, [], None
         self._sent = asyncio.get_running_loop().time()
         self._send(items)
 

@@ -83,8 +83,7 @@ class GrantBoxes:
             if stale is not None and not stale.done():
                 stale.set_result(None)  # one poll per client: an older one answers (empty) and is not asked again
             poll = self._polls[client] = asyncio.get_running_loop().create_future()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poll
+            await poll  # a cancelled poll leaves its box as it is, for the next one
         grants = self._boxes.pop(client, [])
         self.polls += 1
         self.delivered += len(grants)
@@ -141,7 +140,7 @@ class LeaseClient:
     async def drain(self) -> None:
         """Return once every call this client sent has reached the balancer (calls from one caller run in order,
         so waiting for the newest is waiting for all)."""
-        await asyncio.sleep(0)  # a batch added in this turn leaves now
+        self._calls.flush()
         if self._last_call is not None:
             with contextlib.suppress(ray.exceptions.RayError):
                 await self._last_call

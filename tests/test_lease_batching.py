@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import ray
 
+from teamorch.actors import TurnBatch
 from teamorch.actors.balancer import LoadBalancer
 from teamorch.actors.leases import LeaseClient
 from teamorch.config import TeamConfig
@@ -121,3 +122,26 @@ def test_a_balancer_killed_mid_batch_loses_no_ask_and_grants_none_twice(ray_clus
         asyncio.run(run())
     finally:
         ray.kill(balancer)
+
+
+def test_turn_batches_are_spaced_and_flushed_on_demand() -> None:
+    """What makes a burst one call: a send follows the previous one by `spacing` at least, while a message after
+    a quiet spell leaves at the end of its turn; `flush` sends at once (a caller about to wait on what it sent)."""
+
+    async def run() -> list[list[int]]:
+        sent: list[list[int]] = []
+        batch: TurnBatch[int] = TurnBatch(sent.append, spacing=0.05)
+        batch.add(1)
+        batch.add(2)
+        await asyncio.sleep(0)
+        assert sent == [[1, 2]]  # quiet before: this turn's messages, at its end
+        for n in (3, 4):
+            batch.add(n)
+            await asyncio.sleep(0.01)
+        assert sent == [[1, 2]]  # within the spacing: held, gathering
+        await asyncio.sleep(0.06)
+        batch.add(5)
+        batch.flush()
+        return sent
+
+    assert asyncio.run(run()) == [[1, 2], [3, 4], [5]]
