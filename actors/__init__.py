@@ -23,19 +23,25 @@ class TurnBatch(Generic[T]):
     """
 
     def __init__(self, send: Callable[[list[T]], None], spacing: float = 0.0) -> None:
-        """`spacing`: seconds kept between two sends at least (0: one per turn). Turns are short under load (a
-        few messages each), so spacing them is what makes batches large when messages come thousands a second;
-        one message alone after a quiet spell still leaves at the end of its turn."""
+        """`spacing`: under a burst, seconds kept between two sends at least (0: one send per turn).
+
+        Turns are short under load (a few messages each), so spacing the sends
+        is what makes batches large when messages come thousands a second. A
+        burst is when the last send carried several messages: after a send of
+        one, the next leaves at the end of its turn, so a task run alone (a
+        chain of tasks, one request at a time) waits for no timer.
+        """
         self._send = send
         self._items: list[T] = []
         self._spacing = spacing
         self._sent = 0.0  # loop time of the last send
+        self._burst = False  # the last send carried several messages
         self._due: asyncio.Handle | None = None
 
     def add(self, item: T) -> None:
         if not self._items:
             loop = asyncio.get_running_loop()
-            wait = self._sent + self._spacing - loop.time()
+            wait = self._sent + self._spacing - loop.time() if self._burst else 0.0
             self._due = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
         self._items.append(item)
 
@@ -48,7 +54,7 @@ class TurnBatch(Generic[T]):
 
     def _flush(self) -> None:
         items, self._items, self._due = self._items, [], None
-        self._sent = asyncio.get_running_loop().time()
+        self._sent, self._burst = asyncio.get_running_loop().time(), len(items) > 1
         self._send(items)
 
 

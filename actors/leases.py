@@ -44,10 +44,10 @@ if TYPE_CHECKING:
 
 # A balancer Ray is restarting refuses calls for a moment: the poll asks again after this.
 RESTART_RETRY_SECONDS = 0.05
-# A client's calls to the balancer are at least this far apart (`TurnBatch` spacing): under load a loop turn held
-# one or two releases, so a call per turn was a Ray call per two grants (measured at 10,000 queued: 0.56-0.59 ms of
-# balancer CPU per grant per turn, 0.37-0.44 ms spaced 2 ms). The balancer plans releases in rounds this far apart
-# anyway (`ROUND_SECONDS`); a lone call after a quiet spell still leaves at the end of its turn.
+# During a burst a client's calls to the balancer are at least this far apart (`TurnBatch` spacing): under load a
+# loop turn held one or two releases, so a call per turn was a Ray call per two grants (measured at 10,000 queued:
+# 0.56-0.59 ms of balancer CPU per grant, 0.37-0.44 ms spaced 2 ms). The balancer plans releases in rounds this far
+# apart anyway (`ROUND_SECONDS`); outside a burst a call leaves at the end of its turn.
 SEND_SPACING = 0.002
 
 

@@ -124,24 +124,27 @@ def test_a_balancer_killed_mid_batch_loses_no_ask_and_grants_none_twice(ray_clus
         ray.kill(balancer)
 
 
-def test_turn_batches_are_spaced_and_flushed_on_demand() -> None:
-    """What makes a burst one call: a send follows the previous one by `spacing` at least, while a message after
-    a quiet spell leaves at the end of its turn; `flush` sends at once (a caller about to wait on what it sent)."""
+def test_turn_batches_are_spaced_under_a_burst_and_flushed_on_demand() -> None:
+    """What makes a burst one call: after a send of several messages the next follows it by `spacing` at least;
+    after a send of one it leaves at the end of its turn (a lone task waits for no timer); `flush` sends at once
+    (a caller about to wait on what it sent)."""
 
     async def run() -> list[list[int]]:
         sent: list[list[int]] = []
         batch: TurnBatch[int] = TurnBatch(sent.append, spacing=0.05)
+        batch.add(0)
+        await asyncio.sleep(0)
         batch.add(1)
         batch.add(2)
         await asyncio.sleep(0)
-        assert sent == [[1, 2]]  # quiet before: this turn's messages, at its end
+        assert sent == [[0], [1, 2]]  # each at the end of its turn: no burst before either
         for n in (3, 4):
             batch.add(n)
             await asyncio.sleep(0.01)
-        assert sent == [[1, 2]]  # within the spacing: held, gathering
+        assert sent == [[0], [1, 2]]  # within the spacing after a burst: held, gathering
         await asyncio.sleep(0.06)
         batch.add(5)
         batch.flush()
         return sent
 
-    assert asyncio.run(run()) == [[1, 2], [3, 4], [5]]
+    assert asyncio.run(run()) == [[0], [1, 2], [3, 4], [5]]
