@@ -362,7 +362,7 @@ class LoadBalancer:
             del self.pending[waiter.key]
 
     def _answer(self, client: str, ask: LeaseAsk, future: asyncio.Future[Lease]) -> None:
-        """Put a batched ask's grant or refusal in its client's box (nothing if it was withdrawn).
+        """Put a batched ask's grant or refusal in its client's box (nothing if it was withdrawn while queued).
 
         The ask stays known (`_asked`) while the lease granted for it is out:
         after a restart, Ray re-sends the lost call and the client its open
