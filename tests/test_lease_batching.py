@@ -88,6 +88,30 @@ def test_a_caller_that_times_out_leaves_no_ask_behind(ray_cluster: None) -> None
         ray.kill(balancer)
 
 
+def test_a_dispatch_key_asked_again_by_a_new_client_gets_the_same_lease(ray_cluster: None) -> None:
+    """A specialist restarted by Ray is a new client asking with its predecessor's dispatch keys: it must get the
+    lease held (or the grant awaited) for each key, never a second slot nobody would release."""
+    balancer = ray.remote(LoadBalancer).options(num_cpus=0, max_concurrency=100).remote(_team(1), {})
+
+    async def run() -> None:
+        dead, restarted = LeaseClient(balancer), LeaseClient(balancer)
+        held = await dead.acquire(REQ, key="run/t1")
+        assert (await restarted.acquire(REQ, key="run/t1")).lease_id == held.lease_id
+        waiting = asyncio.ensure_future(dead.acquire(REQ, key="run/t2"))  # the only slot is taken
+        await asyncio.sleep(0.1)
+        again = asyncio.ensure_future(restarted.acquire(REQ, key="run/t2"))
+        await asyncio.sleep(0.1)
+        restarted.release(_done(held))
+        first, second = await asyncio.wait_for(asyncio.gather(waiting, again), 10)
+        assert first.lease_id == second.lease_id != held.lease_id  # one grant served both
+        assert await _in_flight(balancer) == 1
+
+    try:
+        asyncio.run(run())
+    finally:
+        ray.kill(balancer)
+
+
 def test_a_balancer_killed_mid_batch_loses_no_ask_and_grants_none_twice(ray_cluster: None) -> None:
     options = {"num_cpus": 0, "max_concurrency": 100, "max_restarts": 1, "max_task_retries": 3}
     balancer = ray.remote(LoadBalancer).options(**options).remote(_team(2), {})
