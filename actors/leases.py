@@ -111,6 +111,7 @@ class LeaseClient:
         self._numbers = itertools.count()
         self._poll: asyncio.Task[None] | None = None
         self._last_call: ObjectRef[None] | None = None  # the newest call sent (`drain`)
+        self.calls = 0  # Ray calls made to the balancer (batches and polls), for benchmarks and diagnosis
 
     async def acquire(
         self,
@@ -173,10 +174,12 @@ class LeaseClient:
             else:
                 calls.released.append(item)
         self._last_call = self.balancer.lease_calls.remote(calls)
+        self.calls += 1
 
     async def _listen(self) -> None:
         """The long poll: one outstanding `granted` call, re-issued as soon as it answers."""
         while True:
+            self.calls += 1
             try:
                 answer = await self.balancer.granted.remote(self.client, self.book.epoch or "")
             except ray.exceptions.ActorUnavailableError:

@@ -273,6 +273,21 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+@dataclass
+class _Window:
+    """What the clients saw while counting: the monotonic time of each grant, when the balancer had received
+    every ask (a call made after them all answered: one caller's calls start in order) and when counting
+    stopped (ACTOR_SECONDS later, or once every request was served), how many were waiting at the start, the
+    CPU seconds the actor used in between, and the Ray calls the clients made to it in between."""
+
+    grants: list[float]
+    start: float
+    end: float
+    waiting: int
+    cpu: float
+    calls: int
+
+
 async def _actor_clients(
     balancer: Any,
     requests: Sequence[LeaseRequest],
@@ -280,7 +295,7 @@ async def _actor_clients(
     slots: int,
     pid: int = 0,
     batched: bool = True,
-) -> tuple[list[float], float, float, int, float]:
+) -> _Window:
     """Acquire, hold for the server's service time, release, for every request at once.
 
     `batched`: through a `LeaseClient`, as specialists do (a loop turn's asks and releases in one one-way call,
@@ -289,11 +304,7 @@ async def _actor_clients(
     A server admits `slots` requests at once, as the server actor's gate does:
     an early grant (queued behind a request about to end) waits there, and its
     latency counts the wait, its time to first token does not (the specialist
-    measures both so). Returns the monotonic time of each grant, when the
-    balancer had received every acquire (a call made after them all answered:
-    one caller's calls start in order) and when counting stopped (ACTOR_SECONDS
-    later, or once every request was served), how many were waiting at the
-    start, and the CPU seconds actor `pid` used in between.
+    measures both so).
     """
 
     from teamorch.actors.leases import LeaseClient
@@ -301,9 +312,11 @@ async def _actor_clients(
     grants: list[float] = []
     gates = {name: asyncio.Semaphore(slots) for name in speeds}
     client = LeaseClient(balancer)
+    unbatched = [0]  # calls made without the client
 
     async def one(req: LeaseRequest) -> None:
         lease = await (client.acquire(req) if batched else balancer.acquire.remote(req))
+        unbatched[0] += 0 if batched else 2  # its acquire and its release
         began = time.monotonic()
         grants.append(began)
         tokens = req.expected_tokens or 0
@@ -334,16 +347,18 @@ async def _actor_clients(
     await client.drain()  # and, batched, the asks sent with them have reached the balancer
     loads = await balancer.snapshot.remote()
     queued_at, waiting, cpu = time.monotonic(), loads[0].waiting if loads else 0, _cpu_seconds(pid)
+    calls = client.calls + unbatched[0]
     while time.monotonic() < queued_at + ACTOR_SECONDS and not all(t.done() for t in tasks):
         await asyncio.sleep(0.1)
     ended, cpu = time.monotonic(), _cpu_seconds(pid) - cpu
+    calls = client.calls + unbatched[0] - calls
     failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     if failed:
         raise failed[0]
-    return grants, queued_at, ended, waiting, cpu
+    return _Window(grants, queued_at, ended, waiting, cpu, calls)
 
 
 class _NullDesk:
@@ -412,13 +427,15 @@ class _NullDesk:
 
 @dataclass
 class ActorRate:
-    """One end-to-end run: grants per wall-clock second, grants and queue length when counting began, and the
-    actor's CPU milliseconds per grant (all its threads), which a shared machine disturbs less than the rate."""
+    """One end-to-end run: grants per wall-clock second, grants and queue length when counting began, the
+    actor's CPU milliseconds per grant (all its threads), which a shared machine disturbs less than the rate,
+    and the clients' Ray calls to the actor per grant."""
 
     rate: float
     grants: int
     waiting: int
     cpu_ms: float
+    calls: float
 
 
 def actor_rate(
@@ -458,12 +475,15 @@ def actor_rate(
         # Every server measured: past the cold start.
         asyncio.run(_actor_clients(balancer, warm_up, speeds, slots, batched=batched))
         clients = _actor_clients(balancer, requests, speeds, slots, pid, batched)
-        grants, start, end, waiting, cpu = asyncio.run(clients)
+        window = asyncio.run(clients)
     finally:
         ray.kill(balancer)
-    steady = [t for t in grants if t > start]
+    steady = [t for t in window.grants if t > window.start]
     # Over the whole window (not up to the last grant): a balancer that stalls is charged for the stall.
-    return ActorRate(len(steady) / (end - start), len(steady), waiting, 1e3 * cpu / max(1, len(steady)))
+    n = max(1, len(steady))
+    return ActorRate(
+        len(steady) / (window.end - window.start), len(steady), window.waiting, 1e3 * window.cpu / n, window.calls / n
+    )
 
 
 def main() -> dict[str, Any]:
@@ -491,7 +511,7 @@ def main() -> dict[str, Any]:
         run = actor_rate(planner, batched=batched)
         desk = "ceiling: a desk that decides nothing" if planner == "ceiling" else f"planner: {planner}"
         label = f"{desk}, {'batched (LeaseClient)' if batched else 'one acquire + one release call per grant'}"
-        actor.append([label, run.waiting, run.grants, run.rate, run.cpu_ms])
+        actor.append([label, run.waiting, run.grants, run.rate, run.cpu_ms, run.calls])
         print(f"  measured balancer actor, {label}: {run.rate:.0f} grants/s", flush=True)
     text = "\n".join(
         [
@@ -514,7 +534,9 @@ def main() -> dict[str, Any]:
             "per grant. Ceiling: the same clients against a desk that decides nothing (Ray's own cost of that "
             "protocol). CPU: the actor process's, all threads, per grant.",
             "",
-            table(["balancer actor", "queued at start", "grants", "grants/s", "actor CPU ms/grant"], actor),
+            table(
+                ["balancer actor", "queued at start", "grants", "grants/s", "actor CPU ms/grant", "calls/grant"], actor
+            ),
         ]
     )
     print(text, flush=True)
