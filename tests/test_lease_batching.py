@@ -68,7 +68,7 @@ def test_asks_of_one_turn_are_granted_with_fewer_calls_than_leases(ray_cluster: 
         ray.kill(balancer)
 
 
-def test_a_caller_that_times_out_leaves_no_ask_behind(ray_cluster: None) -> None:
+def test_a_caller_that_times_out_or_is_cancelled_leaves_no_ask_behind(ray_cluster: None) -> None:
     balancer = ray.remote(LoadBalancer).options(num_cpus=0, max_concurrency=100).remote(_team(1), {})
 
     async def run() -> None:
@@ -76,11 +76,16 @@ def test_a_caller_that_times_out_leaves_no_ask_behind(ray_cluster: None) -> None
         held = await client.acquire(REQ)
         with pytest.raises(NoServerAvailable, match=r"within 0\.3s"):
             await client.acquire(REQ, timeout=0.3)
+        cancelled = asyncio.ensure_future(client.acquire(REQ))  # a task cancelled while it waits (a hedge lost)
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        await asyncio.gather(cancelled, return_exceptions=True)
         client.release(_done(held))
         await client.drain()
-        # Had the withdrawn ask stayed queued, it would hold the freed slot and this one would wait.
+        # Had a withdrawn ask stayed queued, it would take the freed slot and this one would wait.
         after = await asyncio.wait_for(client.acquire(REQ), 10)
         assert after.lease_id != held.lease_id and await _in_flight(balancer) == 1
+        assert (await balancer.lease_counters.remote()).delivered == 2  # the withdrawn asks were never granted
 
     try:
         asyncio.run(run())
