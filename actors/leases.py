@@ -203,12 +203,13 @@ class LeaseClient:
         receipt = self.book.receive(answer)
         for grant in receipt.deliver:
             future = self._waiting.pop(grant.ask_id, None)
-            if future is None or future.done():
-                continue
-            if grant.lease is not None:
-                future.set_result(grant.lease)
-            else:
-                future.set_exception(NoServerAvailable(grant.refused or "no server available"))
+            if future is not None and not future.done():
+                if grant.lease is not None:
+                    future.set_result(grant.lease)
+                else:
+                    future.set_exception(NoServerAvailable(grant.refused or "no server available"))
+            elif grant.lease is not None:  # its caller was already failed (a poll error): the lease goes back
+                self.release(_unused(grant.lease))
         for lease in receipt.unused:
             self.release(_unused(lease))
         for ask in receipt.resend:
