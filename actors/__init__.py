@@ -22,17 +22,39 @@ class TurnBatch(Generic[T]):
     Nothing waits for them, and they leave a turn later than alone would.
     """
 
-    def __init__(self, send: Callable[[list[T]], None]) -> None:
+    def __init__(self, send: Callable[[list[T]], None], spacing: float = 0.0) -> None:
+        """`spacing`: under a burst, seconds kept between two sends at least (0: one send per turn).
+
+        Turns are short under load (a few messages each), so spacing the sends
+        is what makes batches large when messages come thousands a second. A
+        burst is when the last send carried several messages: after a send of
+        one, the next leaves at the end of its turn, so a task run alone (a
+        chain of tasks, one request at a time) waits for no timer.
+        """
         self._send = send
         self._items: list[T] = []
+        self._spacing = spacing
+        self._sent = 0.0  # loop time of the last send
+        self._burst = False  # the last send carried several messages
+        self._due: asyncio.Handle | None = None
 
     def add(self, item: T) -> None:
         if not self._items:
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            wait = self._sent + self._spacing - loop.time() if self._burst else 0.0
+            self._due = loop.call_later(wait, self._flush) if wait > 0 else loop.call_soon(self._flush)
         self._items.append(item)
 
+    def flush(self) -> None:
+        """Send what is pending now (a caller about to wait for everything sent)."""
+        if self._due is not None:
+            self._due.cancel()
+        if self._items:
+            self._flush()
+
     def _flush(self) -> None:
-        items, self._items = self._items, []
+        items, self._items, self._due = self._items, [], None
+        self._sent, self._burst = asyncio.get_running_loop().time(), len(items) > 1
         self._send(items)
 
 

@@ -32,10 +32,24 @@ from typing import Any
 
 import ray
 
+from teamorch.actors.leases import GrantBoxes
 from teamorch.actors.metrics import fleet_metrics
 from teamorch.config import TeamConfig
 from teamorch.errors import NoServerAvailable
-from teamorch.messages import HedgeAsk, HedgeGrant, Lease, LeaseOutcome, LeaseRequest, ProbeResult, ServerLoad
+from teamorch.messages import (
+    HedgeAsk,
+    HedgeGrant,
+    Lease,
+    LeaseAsk,
+    LeaseCalls,
+    LeaseCounters,
+    LeaseGrant,
+    LeaseGrants,
+    LeaseOutcome,
+    LeaseRequest,
+    ProbeResult,
+    ServerLoad,
+)
 from teamorch.policies.balancing import (
     LIVE_KEEP_SECONDS,
     LIVE_ON_TIME,
@@ -118,6 +132,7 @@ class _Lease:
     behind: str | None = None  # the lease whose slot it waits for, while that one runs
     issued: float = 0.0  # monotonic seconds it was granted
     gate: float = 0.0  # seconds it waited behind that lease
+    ask: str | None = None  # the batched ask it was granted for: a re-sent copy of that ask is not granted again
 
 
 @dataclass
@@ -128,6 +143,7 @@ class _Waiter:
     enqueued: float  # monotonic seconds
     future: asyncio.Future[Lease]
     key: str | None = None
+    ask: str | None = None  # its batched ask's id (`lease_calls`), None for an `acquire`
 
 
 class _OnFirstRead(Mapping[str, list[SlotState]]):
@@ -204,6 +220,9 @@ class LoadBalancer:
         self.keyed: dict[str, str] = {}
         self.pending: dict[str, _Waiter] = {}
         self.epoch = uuid.uuid4().hex[:8]
+        self.boxes = GrantBoxes(self.epoch)
+        self.counters = LeaseCounters()
+        self._asked: dict[str, tuple[asyncio.Future[Lease], bool]] = {}  # open batched asks: their future, own or not
         self._seq = itertools.count()
         self._rr = itertools.count()
         self._tasks: list[asyncio.Task[None]] = []
@@ -249,29 +268,121 @@ class LoadBalancer:
     # ---- leases -------------------------------------------------------------------------
 
     async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
-        """Wait for a server with a free slot; the lease already held for `key` if there is one."""
+        """Wait for a server with a free slot; the lease already held for `key` if there is one.
+
+        One Ray call per lease: the batched path (`lease_calls` + `granted`,
+        `teamorch.actors.leases`) is what specialists use; both ask `_ask`.
+        """
         await self.start()
+        self.counters.acquire_calls += 1
+        future, own = self._ask(req, capabilities, key)
+        # A future shared with a dead incarnation's call is shielded: cancelling this call must not cancel that one.
+        return self._hedgeable(await (future if own else asyncio.shield(future)), req)
+
+    async def lease_calls(self, calls: LeaseCalls) -> None:
+        """One client's loop turn of lease traffic, one way: releases first (they free slots the asks may take),
+        then withdrawals, then asks, whose answers wait in the client's box for its poll (`granted`).
+
+        An ask id already open here is a re-send (the client saw a new epoch, or Ray re-sent this call to a
+        restarted balancer) and is dropped: each ask is granted once per incarnation.
+        """
+        await self.start()
+        self.counters.lease_calls += 1
+        self.counters.asks += len(calls.asks)
+        if calls.released:
+            await self.release_many(calls.released)
+        for ask_id in calls.withdrawn:
+            future, own = self._asked.get(ask_id, (None, False))
+            if future is not None and own:
+                # Still queued: it leaves the queue. Already granted: the grant still goes to the client's box
+                # (it may be on its way), and the client, no longer asking, releases it unused.
+                future.cancel()
+        arrived: list[_Waiter] = []
+        for ask in calls.asks:
+            if ask.ask_id in self._asked:
+                continue
+            future, own = self._ask(ask.req, ask.capabilities, ask.key, ask.ask_id, arrived)
+            self._asked[ask.ask_id] = (future, own)
+            future.add_done_callback(partial(self._answer, calls.client, ask))
+        # Planned once all are queued: the first arrival's round plans the whole batch (a burst of asks was a
+        # planning round per ask until the slots were full), and the rest only check their eligibility.
+        for waiter in arrived:
+            if not waiter.future.done():
+                self._dispatch(arrived=waiter)
+
+    async def granted(self, client: str, epoch: str) -> LeaseGrants:
+        """The long poll (`teamorch.actors.leases.GrantBoxes.collect`): every answer for `client` since its last
+        poll, waiting while there is none; at once when `epoch` is not this incarnation's."""
+        await self.start()
+        return await self.boxes.collect(client, epoch)
+
+    async def lease_counters(self) -> LeaseCounters:
+        await self.start()
+        return self.counters.model_copy(update={"polls": self.boxes.polls, "delivered": self.boxes.delivered})
+
+    def _ask(
+        self,
+        req: LeaseRequest,
+        capabilities: list[str] | None,
+        key: str | None,
+        ask: str | None = None,
+        arrived: list[_Waiter] | None = None,
+    ) -> tuple[asyncio.Future[Lease], bool]:
+        """Queue one request (or find its key's lease or waiting twin); its future, and whether it is its own.
+
+        A future that is not its own belongs to the waiting call of a dead
+        incarnation with the same key (Ray does not cancel it): one grant serves both.
+        A queued request is dispatched at once, or added to `arrived` for the caller to dispatch.
+        """
+        loop = asyncio.get_running_loop()
         held = self.keyed.get(key or "")
         if held in self.leases:
-            return self._hedgeable(Lease(lease_id=held, server=self.leases[held].server), req)
+            done = loop.create_future()
+            done.set_result(Lease(lease_id=held, server=self.leases[held].server))
+            return done, True
         twin = self.pending.get(key or "")
         if twin is not None and not twin.future.done():
-            # The dead incarnation's call still waits here (Ray does not cancel it): one grant serves both.
-            return self._hedgeable(await asyncio.shield(twin.future), req)
-        loop = asyncio.get_running_loop()
-        waiter = _Waiter(req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key)
+            return twin.future, False
+        waiter = _Waiter(
+            req, list(capabilities or []), next(self._seq), time.monotonic(), loop.create_future(), key, ask
+        )
         if key:
             self.pending[key] = waiter
         self.waiters[waiter.seq] = waiter
         self.planner.add(waiter.seq, waiter.req, waiter.enqueued, waiter.capabilities)
-        self._dispatch(arrived=waiter)
-        try:
-            lease = await waiter.future
-        finally:
-            self._unqueue(waiter)
-            if key and self.pending.get(key) is waiter:
-                del self.pending[key]
-        return self._hedgeable(lease, req)
+        waiter.future.add_done_callback(partial(self._answered, waiter))
+        if arrived is None:
+            self._dispatch(arrived=waiter)
+        else:
+            arrived.append(waiter)
+        return waiter.future, True
+
+    def _answered(self, waiter: _Waiter, _future: asyncio.Future[Lease]) -> None:
+        """Granted, refused or given up on: the request leaves the queue (the round may have taken it out already)."""
+        self._unqueue(waiter)
+        if waiter.key and self.pending.get(waiter.key) is waiter:
+            del self.pending[waiter.key]
+
+    def _answer(self, client: str, ask: LeaseAsk, future: asyncio.Future[Lease]) -> None:
+        """Put a batched ask's grant or refusal in its client's box (nothing if it was withdrawn while queued).
+
+        The ask stays known (`_asked`) while the lease granted for it is out:
+        after a restart, Ray re-sends the lost call and the client its open
+        asks, and the copy that comes second must not take a second slot.
+        """
+        if future.cancelled():
+            self._asked.pop(ask.ask_id, None)
+            return
+        exc = future.exception()
+        if exc is None:
+            lease = future.result()
+            if getattr(self.leases.get(lease.lease_id), "ask", None) != ask.ask_id:
+                self._asked.pop(ask.ask_id, None)  # a lease of its key's, granted for another ask
+            grant = LeaseGrant(ask_id=ask.ask_id, lease=self._hedgeable(lease, ask.req))
+        else:
+            self._asked.pop(ask.ask_id, None)
+            grant = LeaseGrant(ask_id=ask.ask_id, refused=getattr(exc, "message", str(exc)))
+        self.boxes.put(client, grant)
 
     def _hedgeable(self, lease: Lease, req: LeaseRequest) -> Lease:
         """With hedging on, `lease` says when its call becomes a straggler (`policies.hedging.hedge_delay`)."""
@@ -352,6 +463,8 @@ class LoadBalancer:
         try:
             if lease.key:
                 self.keyed.pop(lease.key, None)
+            if lease.ask:
+                self._asked.pop(lease.ask, None)
             placed = self._hand_over(done.lease_id, lease, now)
         finally:
             free_slot(stats, done, placed)
@@ -441,7 +554,9 @@ class LoadBalancer:
         self._rows.pop(name, None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
         start = now + _left(ahead, now) if ahead else now
-        self.leases[lease_id] = _Lease(name, start, expected, placed, waiter.key, behind=ahead_id, issued=now)
+        self.leases[lease_id] = _Lease(
+            name, start, expected, placed, waiter.key, behind=ahead_id, issued=now, ask=waiter.ask
+        )
         if ahead_id:
             self._ahead[ahead_id] = lease_id
         elif self._next_due is None or now + due_in(expected) < self._next_due:
@@ -606,6 +721,7 @@ class LoadBalancer:
 
     def _dispatch_round(self, now: float) -> bool:
         """One planning round; True if a grant was held back and the queue must be planned again."""
+        self.counters.rounds += 1
         loads, caches = self._view(now)
         self.planner.regroup(self.groups.with_avoid)
         decisions = self._plan(loads, caches, now)

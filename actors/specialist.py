@@ -13,7 +13,6 @@ including the ones that failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -24,6 +23,7 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 
 from teamorch.actors import TurnBatch, as_they_end, await_ref
+from teamorch.actors.leases import LeaseClient
 from teamorch.actors.server import ChatCall, ChatOutcome, ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
 from teamorch.errors import (
@@ -80,8 +80,7 @@ class Specialist:
         self.coordinator = coordinator  # told of each attempt as it starts and fails (live events)
         self._rng = random.Random(hash(config.name) & 0xFFFF)
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
-        self._releases: TurnBatch[LeaseOutcome] = TurnBatch(self._release)
-        self._last_release: ObjectRef[None] | None = None  # the newest release call sent (`drain`)
+        self._leases = LeaseClient(balancer)  # asks and releases batched per loop turn, grants by long poll
         self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
         self._batched: dict[str, asyncio.Task[TaskResult]] = {}  # dispatch key -> its task, of `run_many` batches
         self._chats = _Chats(servers)
@@ -234,23 +233,15 @@ class Specialist:
             for run_id, batch in by_run.items():
                 self.coordinator.task_events.remote(run_id, batch)
 
-    def _release(self, outcomes: list[LeaseOutcome]) -> None:
-        """One call for the releases of one loop turn (`TurnBatch`); like each release, never awaited."""
-        self._last_release = self.balancer.release_many.remote(outcomes)
-
     async def drain(self) -> None:
         """Return once every release this specialist sent has reached the balancer.
 
         The team stops right after a run (`teamorch run`, `plan`): a release
         batched to the end of a loop turn can still be on its way when the
         balancer is killed, and Ray then logs the failed call and retries it,
-        on the driver's terminal. Calls from one caller run in order, so
-        waiting for the newest is waiting for all.
+        on the driver's terminal.
         """
-        await asyncio.sleep(0)  # a batch added in this turn leaves now
-        if self._last_release is not None:
-            with contextlib.suppress(ray.exceptions.RayError):
-                await self._last_release
+        await self._leases.drain()
 
     def _progress_to(self, assignment: Assignment, attempt: int) -> ProgressTo | None:
         """Where the server tells this attempt's tokens as they stream: the coordinator running the task."""
@@ -268,11 +259,7 @@ class Specialist:
         key: str | None = None,
     ) -> ChatResponse:
         try:
-            lease = await asyncio.wait_for(
-                await_ref(self.balancer.acquire.remote(lease_req, self.config.capabilities, key)), remaining
-            )
-        except asyncio.TimeoutError as exc:
-            raise NoServerAvailable(f"no server slot became free within {remaining:.1f}s") from exc
+            lease = await self._leases.acquire(lease_req, self.config.capabilities, key, remaining)
         except Exception as exc:
             raise unwrap(exc) from None
         deadline = time.monotonic() + remaining
@@ -339,7 +326,7 @@ class Specialist:
                         task_id=task_id, server=server, attempt=number, error_class=outcome, error=why, seconds=seconds
                     ),
                 )
-            self._releases.add(
+            self._leases.release(
                 _lease_outcome(call.lease.lease_id, outcome, req.model, call.started, response, error_text, wasted)
             )
 

@@ -13,14 +13,16 @@ Two figures from `teamorch.policies.balancing` called directly (pure policy, no 
   CPU time spent planning (plan rebuilds included);
 * end to end (`actor_rate`): the real balancer actor on Ray, 100 servers x 4
   slots, 10,000 tiny requests queued by asyncio clients in this process that
-  call `acquire`, wait at the server's gate (its `slots` at once, as the
+  ask for a lease through a `LeaseClient` (batched asks and releases, grants
+  by long poll) as specialists do, or with one `acquire` and one `release`
+  call per lease, wait at the server's gate (its `slots` at once, as the
   server actor admits them), hold the lease for the service time of the
-  server's speed class and `release` it with the outcome, as specialists do;
+  server's speed class and release it with the outcome;
   grants per wall-clock second and the actor's CPU milliseconds per grant,
   `planner: incremental` vs `planner: reference` (`plan_dispatch` from
   scratch on every event) in the same run, and the ceiling: the same clients
-  against `_NullDesk`, which decides nothing (Ray's own cost of one acquire
-  and one release per grant on this machine).
+  against `_NullDesk`, which decides nothing (Ray's own cost of the same
+  protocol on this machine).
 
 Fleets come in speed classes (`speed_classes`): identical servers within a
 class, as a fleet of a few machine types is once measured; `spread` makes
@@ -42,10 +44,11 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from teamorch.messages import Lease, LeaseOutcome, LeaseRequest, ServerLoad
+from teamorch.messages import Lease, LeaseCalls, LeaseGrant, LeaseGrants, LeaseOutcome, LeaseRequest, ServerLoad
 from teamorch.policies.balancing import REPLAN_EVENTS, Decision, Planner, plan_dispatch
 from teamorch.policies.prefix import SlotState, signature
 
@@ -270,26 +273,50 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
+@dataclass
+class _Window:
+    """What the clients saw while counting: the monotonic time of each grant, when the balancer had received
+    every ask (a call made after them all answered: one caller's calls start in order) and when counting
+    stopped (ACTOR_SECONDS later, or once every request was served), how many were waiting at the start, the
+    CPU seconds the actor used in between, and the Ray calls the clients made to it in between."""
+
+    grants: list[float]
+    start: float
+    end: float
+    waiting: int
+    cpu: float
+    calls: int
+
+
 async def _actor_clients(
-    balancer: Any, requests: Sequence[LeaseRequest], speeds: dict[str, float], slots: int, pid: int = 0
-) -> tuple[list[float], float, float, int, float]:
+    balancer: Any,
+    requests: Sequence[LeaseRequest],
+    speeds: dict[str, float],
+    slots: int,
+    pid: int = 0,
+    batched: bool = True,
+) -> _Window:
     """Acquire, hold for the server's service time, release, for every request at once.
+
+    `batched`: through a `LeaseClient`, as specialists do (a loop turn's asks and releases in one one-way call,
+    grants by one long poll); else one awaited `acquire` and one `release` call per lease.
 
     A server admits `slots` requests at once, as the server actor's gate does:
     an early grant (queued behind a request about to end) waits there, and its
     latency counts the wait, its time to first token does not (the specialist
-    measures both so). Returns the monotonic time of each grant, when the
-    balancer had received every acquire (a call made after them all answered:
-    one caller's calls start in order) and when counting stopped (ACTOR_SECONDS
-    later, or once every request was served), how many were waiting at the
-    start, and the CPU seconds actor `pid` used in between.
+    measures both so).
     """
+
+    from teamorch.actors.leases import LeaseClient
 
     grants: list[float] = []
     gates = {name: asyncio.Semaphore(slots) for name in speeds}
+    client = LeaseClient(balancer)
+    unbatched = [0]  # calls made without the client
 
     async def one(req: LeaseRequest) -> None:
-        lease = await balancer.acquire.remote(req)
+        lease = await (client.acquire(req) if batched else balancer.acquire.remote(req))
+        unbatched[0] += 0 if batched else 2  # its acquire and its release
         began = time.monotonic()
         grants.append(began)
         tokens = req.expected_tokens or 0
@@ -310,57 +337,89 @@ async def _actor_clients(
             cached_tokens=0,
             prompt_eval_seconds=0.0,
         )
-        await balancer.release.remote(outcome)
+        if batched:
+            client.release(outcome)
+        else:
+            await balancer.release.remote(outcome)
 
     tasks = [asyncio.ensure_future(one(req)) for req in requests]
     await asyncio.sleep(0)  # every acquire submitted
+    await client.drain()  # and, batched, the asks sent with them have reached the balancer
     loads = await balancer.snapshot.remote()
     queued_at, waiting, cpu = time.monotonic(), loads[0].waiting if loads else 0, _cpu_seconds(pid)
+    calls = client.calls + unbatched[0]
     while time.monotonic() < queued_at + ACTOR_SECONDS and not all(t.done() for t in tasks):
         await asyncio.sleep(0.1)
     ended, cpu = time.monotonic(), _cpu_seconds(pid) - cpu
+    calls = client.calls + unbatched[0] - calls
     failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     if failed:
         raise failed[0]
-    return grants, queued_at, ended, waiting, cpu
+    return _Window(grants, queued_at, ended, waiting, cpu, calls)
 
 
 class _NullDesk:
-    """A lease desk that decides nothing: a freed slot goes to the longest waiting acquire.
+    """A lease desk that decides nothing: a freed slot goes to the longest waiting ask.
 
-    Driven by the same clients as the balancer (one `acquire` and one `release`
-    per grant, the same slots), it measures what Ray's calls and asyncio's
-    futures alone allow on this machine: the ceiling for the balancer actor.
+    Driven by the same clients as the balancer, over the same protocol (the
+    batched one: `lease_calls` and `granted`, answered through the same
+    `GrantBoxes`; or one `acquire` and one `release` per grant), with the same
+    slots, it measures what Ray's calls and asyncio alone allow on this
+    machine: the ceiling for the balancer actor.
     """
 
     def __init__(self, servers: list[str], slots: int) -> None:
+        from teamorch.actors.leases import GrantBoxes
+
         self.free = deque(name for name in servers for _ in range(slots))
         self.held: dict[str, str] = {}
-        self.waiting: deque[asyncio.Future[str]] = deque()
+        self.waiting: deque[Callable[[str], None]] = deque()  # how to hand a freed slot to each waiting ask
         self.count = itertools.count()
+        self.boxes = GrantBoxes("null")
 
     async def start(self) -> None:
         return None
 
-    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
+    def _ask(self, hand: Callable[[str], None]) -> None:
         if self.free:
-            server = self.free.popleft()
+            hand(self.free.popleft())
         else:
-            self.waiting.append(asyncio.get_running_loop().create_future())
-            server = await self.waiting[-1]  # the releasing call handed its slot over
+            self.waiting.append(hand)
+
+    def _lease(self, server: str) -> Lease:
         lease_id = str(next(self.count))
         self.held[lease_id] = server
         return Lease(lease_id=lease_id, server=server)
 
-    async def release(self, done: LeaseOutcome) -> None:
-        server = self.held.pop(done.lease_id)
+    def _free(self, lease_id: str) -> None:
+        server = self.held.pop(lease_id)
         if self.waiting:
-            self.waiting.popleft().set_result(server)
+            self.waiting.popleft()(server)
         else:
             self.free.append(server)
+
+    async def acquire(self, req: LeaseRequest, capabilities: list[str] | None = None, key: str | None = None) -> Lease:
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._ask(future.set_result)
+        return self._lease(await future)
+
+    async def release(self, done: LeaseOutcome) -> None:
+        self._free(done.lease_id)
+
+    async def lease_calls(self, calls: LeaseCalls) -> None:
+        for done in calls.released:
+            self._free(done.lease_id)
+        for ask in calls.asks:
+            self._ask(partial(self._grant, calls.client, ask.ask_id))
+
+    def _grant(self, client: str, ask_id: str, server: str) -> None:
+        self.boxes.put(client, LeaseGrant(ask_id=ask_id, lease=self._lease(server)))
+
+    async def granted(self, client: str, epoch: str) -> LeaseGrants:
+        return await self.boxes.collect(client, epoch)
 
     async def snapshot(self) -> list[ServerLoad]:
         return [ServerLoad(name="any", slots=1, effective_slots=1, waiting=len(self.waiting))]
@@ -368,20 +427,25 @@ class _NullDesk:
 
 @dataclass
 class ActorRate:
-    """One end-to-end run: grants per wall-clock second, grants and queue length when counting began, and the
-    actor's CPU milliseconds per grant (all its threads), which a shared machine disturbs less than the rate."""
+    """One end-to-end run: grants per wall-clock second, grants and queue length when counting began, the
+    actor's CPU milliseconds per grant (all its threads), which a shared machine disturbs less than the rate,
+    and the clients' Ray calls to the actor per grant."""
 
     rate: float
     grants: int
     waiting: int
     cpu_ms: float
+    calls: float
 
 
-def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 10_000) -> ActorRate:
+def actor_rate(
+    planner: str, servers: int = 100, slots: int = 4, queued: int = 10_000, batched: bool = True
+) -> ActorRate:
     """Grants per second the balancer actor sustains with a full queue.
 
     Counted from the moment the balancer holds every request (`_actor_clients`) for ACTOR_SECONDS.
-    `planner: "ceiling"` drives `_NullDesk` instead: Ray's own cost of an acquire and a release.
+    `planner: "ceiling"` drives `_NullDesk` instead: Ray's own cost of the lease protocol. `batched`: clients
+    use the batched path (`LeaseClient`), else one `acquire` and one `release` call per grant.
     """
     import ray
 
@@ -408,13 +472,18 @@ def actor_rate(planner: str, servers: int = 100, slots: int = 4, queued: int = 1
     try:
         ray.get(balancer.start.remote())
         pid = ray.get(balancer.__ray_call__.remote(lambda _self: os.getpid()))
-        asyncio.run(_actor_clients(balancer, warm_up, speeds, slots))  # every server measured: past the cold start
-        grants, start, end, waiting, cpu = asyncio.run(_actor_clients(balancer, requests, speeds, slots, pid))
+        # Every server measured: past the cold start.
+        asyncio.run(_actor_clients(balancer, warm_up, speeds, slots, batched=batched))
+        clients = _actor_clients(balancer, requests, speeds, slots, pid, batched)
+        window = asyncio.run(clients)
     finally:
         ray.kill(balancer)
-    steady = [t for t in grants if t > start]
+    steady = [t for t in window.grants if t > window.start]
     # Over the whole window (not up to the last grant): a balancer that stalls is charged for the stall.
-    return ActorRate(len(steady) / (end - start), len(steady), waiting, 1e3 * cpu / max(1, len(steady)))
+    n = max(1, len(steady))
+    return ActorRate(
+        len(steady) / (window.end - window.start), len(steady), window.waiting, 1e3 * window.cpu / n, window.calls / n
+    )
 
 
 def main() -> dict[str, Any]:
@@ -437,10 +506,12 @@ def main() -> dict[str, Any]:
             out = sustained(plan, releases, classes, spread, keep)
             steady.append([label, name, out.rounds, out.plan_seconds / out.rounds * 1e3, out.grants / out.plan_seconds])
     actor = []
-    for planner in ("ceiling", "reference", "incremental"):
-        run = actor_rate(planner)
-        label = "ceiling: a desk that decides nothing" if planner == "ceiling" else f"planner: {planner}"
-        actor.append([label, run.waiting, run.grants, run.rate, run.cpu_ms])
+    runs = (("ceiling", False), ("ceiling", True), ("reference", True), ("incremental", False), ("incremental", True))
+    for planner, batched in runs:
+        run = actor_rate(planner, batched=batched)
+        desk = "ceiling: a desk that decides nothing" if planner == "ceiling" else f"planner: {planner}"
+        label = f"{desk}, {'batched (LeaseClient)' if batched else 'one acquire + one release call per grant'}"
+        actor.append([label, run.waiting, run.grants, run.rate, run.cpu_ms, run.calls])
         print(f"  measured balancer actor, {label}: {run.rate:.0f} grants/s", flush=True)
     text = "\n".join(
         [
@@ -458,10 +529,14 @@ def main() -> dict[str, Any]:
             "End to end: the balancer actor on Ray, 100 servers x 4 slots (3 speed classes), 10,000 tiny requests "
             f"(8..32 tokens) queued; grants per wall-clock second over {ACTOR_SECONDS:.0f} s from when the balancer "
             "held them all; clients in the benchmark process wait at the server's gate, hold each lease for its "
-            "service time and release it (no HTTP). Ceiling: the same clients against a desk that decides nothing "
-            "(Ray's own cost of an acquire and a release per grant). CPU: the actor process's, all threads, per grant.",
+            "service time and release it (no HTTP). Batched: through a LeaseClient as specialists do (a loop turn's "
+            "asks and releases in one one-way call, grants by one long poll); else one acquire and one release call "
+            "per grant. Ceiling: the same clients against a desk that decides nothing (Ray's own cost of that "
+            "protocol). CPU: the actor process's, all threads, per grant.",
             "",
-            table(["balancer actor", "queued at start", "grants", "grants/s", "actor CPU ms/grant"], actor),
+            table(
+                ["balancer actor", "queued at start", "grants", "grants/s", "actor CPU ms/grant", "calls/grant"], actor
+            ),
         ]
     )
     print(text, flush=True)

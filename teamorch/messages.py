@@ -464,6 +464,54 @@ class HedgeGrant(_Model):
     reason: str = ""
 
 
+class LeaseAsk(_Model):
+    """One lease asked on the batched path (`teamorch.actors.leases.LeaseClient`): `acquire`'s arguments, named by
+    `ask_id` (unique per client), under which its grant comes back and by which a re-sent ask is recognised."""
+
+    ask_id: str
+    req: LeaseRequest
+    capabilities: list[str] = Field(default_factory=list)
+    key: str | None = None  # the dispatch key, as `acquire`'s: asked again for it, the lease held for it comes back
+
+
+class LeaseCalls(_Model):
+    """All one client tells the balancer in one loop turn, as one one-way call: new asks, the asks it no longer
+    waits for (timed out, cancelled), and releases."""
+
+    client: str
+    asks: list[LeaseAsk] = Field(default_factory=list)
+    withdrawn: list[str] = Field(default_factory=list)  # ask ids
+    released: list[LeaseOutcome] = Field(default_factory=list)
+
+
+class LeaseGrant(_Model):
+    """The answer to one `LeaseAsk`: its lease, or why none will come (`NoServerAvailable`'s message)."""
+
+    ask_id: str
+    lease: Lease | None = None
+    refused: str | None = None
+
+
+class LeaseGrants(_Model):
+    """A long poll's answer: every grant and refusal for the client since its last poll, and the balancer's
+    incarnation (`epoch`): a new one has never seen the client's open asks, so the client sends them again."""
+
+    epoch: str
+    grants: list[LeaseGrant] = Field(default_factory=list)
+
+
+class LeaseCounters(_Model):
+    """How the balancer was asked for leases since it started (this incarnation): Ray calls and planning rounds
+    against leases, which is what the batched path saves."""
+
+    acquire_calls: int = 0  # single `acquire` calls (one lease each)
+    lease_calls: int = 0  # batched `lease_calls` calls
+    asks: int = 0  # asks those carried (re-sent duplicates included)
+    polls: int = 0  # `granted` long polls answered
+    delivered: int = 0  # grants and refusals those polls carried
+    rounds: int = 0  # planning rounds run (for any reason: arrivals, releases, timers)
+
+
 class Assignment(_Model):
     """One task handed to a specialist, with everything it needs to run it (the coordinator -> specialist call).
 
