@@ -13,6 +13,7 @@ including the ones that failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import AsyncIterator
@@ -54,6 +55,9 @@ from teamorch.policies.hedging import wasted_tokens
 from teamorch.policies.prefix import signature
 from teamorch.policies.prompting import messages_from_blocks, prompt_blocks
 from teamorch.policies.retry import next_step, restarting_verdict
+
+# While a request runs, its server actor is asked for a sign of life this often (`Specialist._answer`).
+LIVENESS_SECONDS = 5.0
 
 
 class Specialist:
@@ -282,15 +286,13 @@ class Specialist:
         error_text: str | None = None
         response: ChatResponse | None = None
         try:
-            response = await asyncio.wait_for(chat.answer, max(0.001, deadline - time.monotonic()))
+            response = await self._answer(server, chat, deadline)
             self._restarting.pop(server, None)
             return response
-        except asyncio.TimeoutError as exc:
-            self._chats.cancel(chat)
+        except asyncio.TimeoutError as exc:  # `_answer` closed the request
             outcome, error_text = "timeout", "no answer before the task deadline"
             raise ServerTimeout(server, error_text) from exc
         except asyncio.CancelledError:
-            self._chats.cancel(chat)
             outcome, error_text = "cancelled", call.lost or "cancelled"
             raise
         except ray.exceptions.ActorUnavailableError as exc:
@@ -329,6 +331,33 @@ class Specialist:
             self._leases.release(
                 _lease_outcome(call.lease.lease_id, outcome, req.model, call.started, response, error_text, wasted)
             )
+
+    async def _answer(self, server: str, chat: _Chat, deadline: float) -> ChatResponse:
+        """The request's answer; the server actor's loss if it stops showing signs of life first.
+
+        Ray fails a call to an actor whose node is lost within seconds
+        (ActorUnavailableError), but not always: a call already on its way
+        when the node went could wait forever (seen about one run in five of
+        the lost-node test, `tests/test_cluster.py`), holding the task to its
+        deadline. So while a request runs, its server actor is asked for a
+        sign of life every LIVENESS_SECONDS; one silent for as long again is
+        lost, and the request is sent elsewhere.
+        """
+        try:
+            while (left := deadline - time.monotonic()) > LIVENESS_SECONDS:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    return await asyncio.wait_for(asyncio.shield(chat.answer), LIVENESS_SECONDS)
+                try:
+                    await asyncio.wait_for(await_ref(self.servers[server].__ray_ready__.remote()), LIVENESS_SECONDS)
+                except asyncio.TimeoutError:
+                    raise ServerUnreachable(
+                        server, f"server actor silent for {LIVENESS_SECONDS:g}s (node lost?)"
+                    ) from None
+            return await asyncio.wait_for(asyncio.shield(chat.answer), max(0.001, left))
+        except (Exception, asyncio.CancelledError):
+            if not chat.answer.done():
+                self._chats.cancel(chat)
+            raise
 
     async def _race(
         self,
