@@ -315,6 +315,7 @@ class Replay:
         hop: float = HOP,
         arrival: float = ARRIVAL_SECONDS,
         stagger: float = STAGGER_SECONDS,
+        memory: bool = False,
     ) -> None:
         self.work, self.policy, self.hop, self.arrival, self.stagger = work, policy, hop, arrival, stagger
         self.models = sorted({str(s.get("model", MODEL)) for s in work.specialists})
@@ -323,6 +324,9 @@ class Replay:
         self.boxes = {s.name: Box(s, work, self.models, self._push, self._answered) for s in shapes}
         configs = {s.name: ServerConfig(name=s.name, url=f"http://{s.name}.replay", slots=s.slots) for s in shapes}
         self.stats = {name: ServerStats.new(cfg, RetryConfig()) for name, cfg in configs.items()}
+        if memory:  # every server's true rates, as a team's fleet memory (`recall`) starts them
+            for shape in shapes:
+                _remembered(self.stats[shape.name], shape, work)
         self.poll_interval = min(cfg.poll_interval for cfg in configs.values())
         self.waiters: list[tuple[int, float, Job]] = []  # (seq, enqueued, job), in queue order
         self.leases: dict[int, _Lease] = {}
@@ -489,6 +493,14 @@ class Replay:
         self._dispatch(now)
 
 
+def _remembered(stats: ServerStats, shape: Shape, work: Workload) -> None:
+    stats.ewma_token_seconds = 1.0 / (work.tps * shape.factor)
+    stats.ewma_ttft = work.ttft / shape.factor
+    stats.ewma_prefill_seconds = 1.0 / (work.prefill_tps * shape.factor) if work.prefill_tps else None
+    stats.ewma_load_seconds = shape.load_time or None
+    stats.remembered = True
+
+
 # ---- the workloads of benchmarks.prefix ----------------------------------------------------------
 
 
@@ -515,8 +527,9 @@ def replay(
     trace: bool = False,
     stagger: float = STAGGER_SECONDS,
     live: bool = False,
+    memory: bool = False,
 ) -> Result:
-    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger).run(
+    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger, memory=memory).run(
         jobs(case.work, tasks(case.work)), trace
     )
 
@@ -553,6 +566,9 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
         "--live", action="store_true", help="plan as the balancer actor does (Planner, live tolerances)"
     )
     parser.add_argument("--trace", action="store_true", help="print each slot's timeline")
+    parser.add_argument(
+        "--memory", action="store_true", help="start every server measured (its true rates), as fleet memory does"
+    )
     parser.add_argument("--only", help="workload prefix ('shared', 'multi') or fleet label to replay")
     parser.add_argument(
         "--stagger",
@@ -567,7 +583,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
             continue
         bound, floor = bound_of(case), floor_of(case)
         for policy in args.policy or ["peak_ewma"]:
-            result = replay(case, policy, args.planner, args.trace, args.stagger, args.live)
+            result = replay(case, policy, args.planner, args.trace, args.stagger, args.live, args.memory)
             rows.append(
                 [
                     case.workload,

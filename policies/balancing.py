@@ -1196,9 +1196,13 @@ def coalesce_delay(policy: str, loads: Sequence[ServerLoad], req: LeaseRequest, 
 
 def wave_deadline(loads: Sequence[ServerLoad], first: float, now: float, delay: float) -> float:
     """When the queue is planned once an arrival at `now` was asked to wait `delay` (`coalesce_delay`), the
-    wait having begun with an arrival at `first`: `first` + `delay` once a server is measured; before that (a
-    cold start, whose plan decides every slot's first prefix and model), once the wave stopped arriving."""
-    if any(s.ewma_token_seconds is not None for s in loads):
+    wait having begun with an arrival at `first`: `first` + `delay` while a server is busy; on an idle fleet
+    (a cold start, or a run's first wave on speeds from fleet memory), whose plan decides every slot's first
+    prefix and model, once the wave stopped arriving. Measured, a lone arrival keeps its short delay: only a
+    second one within it shows a wave is coming (a plan of its first few requests spread them over the slots
+    the rest of the wave needed)."""
+    measured = any(s.ewma_token_seconds is not None for s in loads)
+    if measured and (now <= first or any(s.in_flight for s in loads)):
         return first + delay
     return min(first + COLD_WAVE_SECONDS, max(first + delay, now + COLD_QUIET_SECONDS))
 
