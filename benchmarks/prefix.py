@@ -319,6 +319,13 @@ class _Stretches:
                 return False
         return True
 
+    def alone(self, g: int, on: list[list[int]]) -> bool:
+        """Whether specialist `g`, all its stretches placed, fits in their room (later ones only take room away)."""
+        room = sum(
+            f * self.seconds - sum(self.cold[h] for h in gs) for f, gs in zip(self.factors, on, strict=True) if g in gs
+        )
+        return self.work[g] <= room + 1e-9
+
     def place(self, stretches: list[int], on: list[list[int]], used: list[float], k: int = 0) -> bool:
         if k == len(stretches):
             return self.fits(on)
@@ -335,7 +342,8 @@ class _Stretches:
                 empty_seen.add(f)
             on[s].append(g)
             used[s] += cost
-            ok = self.place(stretches, on, used, k + 1)
+            last = k + 1 == len(stretches) or stretches[k + 1] != g
+            ok = (not last or self.alone(g, on)) and self.place(stretches, on, used, k + 1)
             on[s].pop()
             used[s] -= cost
             if ok:
