@@ -70,6 +70,8 @@ COALESCE_FRACTION = 0.01
 # for the slow slots, for the whole run (prefix fleet B: 1.58-1.82x the bound, 1.33x with the whole wave).
 COLD_QUIET_SECONDS = 0.02
 COLD_WAVE_SECONDS = 0.25
+# On an idle measured fleet a wave is planned once no arrival came for this many coalescing delays (`wave_deadline`).
+WAVE_QUIET_DELAYS = 10
 # A running request expected to end within this many seconds may have its slot's next request granted already
 # (`early_slot`). It must cover the hops it hides (8-10 ms, tens on a busy host) plus the error of the end's estimate
 # (a request that ends before its successor is granted leaves the slot idle for those hops), and stay small against
@@ -1247,10 +1249,14 @@ def wave_deadline(loads: Sequence[ServerLoad], first: float, now: float, delay: 
     prefix and model, once the wave stopped arriving. Measured, a lone arrival keeps its short delay: only a
     second one within it shows a wave is coming (a plan of its first few requests spread them over the slots
     the rest of the wave needed)."""
-    measured = any(s.ewma_token_seconds is not None for s in loads)
-    if measured and (now <= first or any(s.in_flight for s in loads)):
+    if not any(s.ewma_token_seconds is not None for s in loads):
+        return min(first + COLD_WAVE_SECONDS, max(first + delay, now + COLD_QUIET_SECONDS))
+    if now <= first or any(s.in_flight for s in loads):
         return first + delay
-    return min(first + COLD_WAVE_SECONDS, max(first + delay, now + COLD_QUIET_SECONDS))
+    # Measured, the quiet gap is a few of `delay`s (a small fraction of a request): a fleet that answers in a
+    # millisecond (the overhead benchmark's) gains nothing by holding a wave, one of slow prompts everything.
+    quiet = min(COLD_QUIET_SECONDS, WAVE_QUIET_DELAYS * delay)
+    return min(first + COLD_WAVE_SECONDS, max(first + delay, now + quiet))
 
 
 def apply_group_diversity(

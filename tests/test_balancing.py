@@ -482,6 +482,8 @@ def test_an_idle_measured_fleet_waits_for_a_wave_but_not_for_a_lone_arrival() ->
     assert wave_deadline(idle, first=10.0, now=10.0, delay=0.005) == pytest.approx(10.005)
     assert wave_deadline(idle, first=10.0, now=10.004, delay=0.005) == pytest.approx(10.004 + COLD_QUIET_SECONDS)
     assert wave_deadline(idle, first=10.0, now=11.0, delay=0.005) == pytest.approx(10.0 + COLD_WAVE_SECONDS)
+    # a fleet answering in about a millisecond (delay 1 % of that) waits a few delays, not COLD_QUIET_SECONDS
+    assert wave_deadline(idle, first=10.0, now=10.0001, delay=0.00001) == pytest.approx(10.0001 + 0.0001)
 
 
 def test_coalesce_delay_is_a_small_fraction_of_the_quickest_service_capped() -> None:
