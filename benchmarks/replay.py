@@ -79,7 +79,17 @@ from teamorch.policies.balancing import (
     planned_seconds,
     wave_deadline,
 )
-from teamorch.policies.fleet import Placement, ServerStats, record_grant, record_outcome, record_probe, to_load
+from teamorch.policies.fleet import (
+    FleetMemory,
+    Placement,
+    ServerStats,
+    recall,
+    record_grant,
+    record_outcome,
+    record_probe,
+    remember,
+    to_load,
+)
 from teamorch.policies.prefix import SlotState, signature
 from teamorch.policies.prompting import prompt_blocks
 from teamorch.sim_model import Residency, SlotCaches, Taken
@@ -97,6 +107,8 @@ ARRIVAL_SECONDS = 0.001
 STAGGER_SECONDS = 0.0
 # A request that found fewer of its prompt's tokens cached than this fraction counts as a cold prefill in the trace.
 COLD_FRACTION = 0.5
+# The epoch seconds fleet memory is saved and recalled at (`--memory`): one instant, so nothing in it is stale.
+MEMORY_NOW = 1.0e9
 
 
 @dataclass(frozen=True)
@@ -315,7 +327,7 @@ class Replay:
         hop: float = HOP,
         arrival: float = ARRIVAL_SECONDS,
         stagger: float = STAGGER_SECONDS,
-        memory: bool = False,
+        memory: FleetMemory | None = None,
     ) -> None:
         self.work, self.policy, self.hop, self.arrival, self.stagger = work, policy, hop, arrival, stagger
         self.models = sorted({str(s.get("model", MODEL)) for s in work.specialists})
@@ -324,9 +336,9 @@ class Replay:
         self.boxes = {s.name: Box(s, work, self.models, self._push, self._answered) for s in shapes}
         configs = {s.name: ServerConfig(name=s.name, url=f"http://{s.name}.replay", slots=s.slots) for s in shapes}
         self.stats = {name: ServerStats.new(cfg, RetryConfig()) for name, cfg in configs.items()}
-        if memory:  # every server's true rates, as a team's fleet memory (`recall`) starts them
-            for shape in shapes:
-                _remembered(self.stats[shape.name], shape, work)
+        if memory is not None:  # a long-lived team's start: what an earlier run taught, recalled as `teamorch run` does
+            for stats in self.stats.values():
+                recall(stats, memory, MEMORY_NOW)
         self.poll_interval = min(cfg.poll_interval for cfg in configs.values())
         self.waiters: list[tuple[int, float, Job]] = []  # (seq, enqueued, job), in queue order
         self.leases: dict[int, _Lease] = {}
@@ -493,14 +505,6 @@ class Replay:
         self._dispatch(now)
 
 
-def _remembered(stats: ServerStats, shape: Shape, work: Workload) -> None:
-    stats.ewma_token_seconds = 1.0 / (work.tps * shape.factor)
-    stats.ewma_ttft = work.ttft / shape.factor
-    stats.ewma_prefill_seconds = 1.0 / (work.prefill_tps * shape.factor) if work.prefill_tps else None
-    stats.ewma_load_seconds = shape.load_time or None
-    stats.remembered = True
-
-
 # ---- the workloads of benchmarks.prefix ----------------------------------------------------------
 
 
@@ -529,9 +533,18 @@ def replay(
     live: bool = False,
     memory: bool = False,
 ) -> Result:
-    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger, memory=memory).run(
+    """`memory`: replay the run once first and start from what it taught (the fleet memory it would save)."""
+    learned = learn(case, policy, planner, live, stagger) if memory else None
+    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger, memory=learned).run(
         jobs(case.work, tasks(case.work)), trace
     )
+
+
+def learn(case: Case, policy: str, planner: bool, live: bool, stagger: float) -> FleetMemory:
+    """The fleet memory a team saves after one run of `case` from cold servers (`teamorch.policies.fleet.remember`)."""
+    first = Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger)
+    first.run(jobs(case.work, tasks(case.work)))
+    return remember(first.stats.values(), None, MEMORY_NOW)
 
 
 def bound_of(case: Case) -> float:
@@ -567,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
     )
     parser.add_argument("--trace", action="store_true", help="print each slot's timeline")
     parser.add_argument(
-        "--memory", action="store_true", help="start every server measured (its true rates), as fleet memory does"
+        "--memory", action="store_true", help="start from the fleet memory a first run saves (a long-lived team)"
     )
     parser.add_argument("--only", help="workload prefix ('shared', 'multi') or fleet label to replay")
     parser.add_argument(
