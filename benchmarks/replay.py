@@ -79,7 +79,17 @@ from teamorch.policies.balancing import (
     planned_seconds,
     wave_deadline,
 )
-from teamorch.policies.fleet import Placement, ServerStats, record_grant, record_outcome, record_probe, to_load
+from teamorch.policies.fleet import (
+    FleetMemory,
+    Placement,
+    ServerStats,
+    recall,
+    record_grant,
+    record_outcome,
+    record_probe,
+    remember,
+    to_load,
+)
 from teamorch.policies.prefix import SlotState, signature
 from teamorch.policies.prompting import prompt_blocks
 from teamorch.sim_model import Residency, SlotCaches, Taken
@@ -97,6 +107,8 @@ ARRIVAL_SECONDS = 0.001
 STAGGER_SECONDS = 0.0
 # A request that found fewer of its prompt's tokens cached than this fraction counts as a cold prefill in the trace.
 COLD_FRACTION = 0.5
+# The epoch seconds fleet memory is saved and recalled at (`--memory`): one instant, so nothing in it is stale.
+MEMORY_NOW = 1.0e9
 
 
 @dataclass(frozen=True)
@@ -315,6 +327,7 @@ class Replay:
         hop: float = HOP,
         arrival: float = ARRIVAL_SECONDS,
         stagger: float = STAGGER_SECONDS,
+        memory: FleetMemory | None = None,
     ) -> None:
         self.work, self.policy, self.hop, self.arrival, self.stagger = work, policy, hop, arrival, stagger
         self.models = sorted({str(s.get("model", MODEL)) for s in work.specialists})
@@ -323,6 +336,9 @@ class Replay:
         self.boxes = {s.name: Box(s, work, self.models, self._push, self._answered) for s in shapes}
         configs = {s.name: ServerConfig(name=s.name, url=f"http://{s.name}.replay", slots=s.slots) for s in shapes}
         self.stats = {name: ServerStats.new(cfg, RetryConfig()) for name, cfg in configs.items()}
+        if memory is not None:  # a long-lived team's start: what an earlier run taught, recalled as `teamorch run` does
+            for stats in self.stats.values():
+                recall(stats, memory, MEMORY_NOW)
         self.poll_interval = min(cfg.poll_interval for cfg in configs.values())
         self.waiters: list[tuple[int, float, Job]] = []  # (seq, enqueued, job), in queue order
         self.leases: dict[int, _Lease] = {}
@@ -515,10 +531,20 @@ def replay(
     trace: bool = False,
     stagger: float = STAGGER_SECONDS,
     live: bool = False,
+    memory: bool = False,
 ) -> Result:
-    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger).run(
+    """`memory`: replay the run once first and start from what it taught (the fleet memory it would save)."""
+    learned = learn(case, policy, planner, live, stagger) if memory else None
+    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger, memory=learned).run(
         jobs(case.work, tasks(case.work)), trace
     )
+
+
+def learn(case: Case, policy: str, planner: bool, live: bool, stagger: float) -> FleetMemory:
+    """The fleet memory a team saves after one run of `case` from cold servers (`teamorch.policies.fleet.remember`)."""
+    first = Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger)
+    first.run(jobs(case.work, tasks(case.work)))
+    return remember(first.stats.values(), None, MEMORY_NOW)
 
 
 def bound_of(case: Case) -> float:
@@ -553,6 +579,9 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
         "--live", action="store_true", help="plan as the balancer actor does (Planner, live tolerances)"
     )
     parser.add_argument("--trace", action="store_true", help="print each slot's timeline")
+    parser.add_argument(
+        "--memory", action="store_true", help="start from the fleet memory a first run saves (a long-lived team)"
+    )
     parser.add_argument("--only", help="workload prefix ('shared', 'multi') or fleet label to replay")
     parser.add_argument(
         "--stagger",
@@ -567,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
             continue
         bound, floor = bound_of(case), floor_of(case)
         for policy in args.policy or ["peak_ewma"]:
-            result = replay(case, policy, args.planner, args.trace, args.stagger, args.live)
+            result = replay(case, policy, args.planner, args.trace, args.stagger, args.live, args.memory)
             rows.append(
                 [
                     case.workload,

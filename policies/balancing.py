@@ -26,6 +26,7 @@ Two smaller decisions of the balancer's dispatch live here as well:
 from __future__ import annotations
 
 import bisect
+import math
 import random
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -69,6 +70,8 @@ COALESCE_FRACTION = 0.01
 # for the slow slots, for the whole run (prefix fleet B: 1.58-1.82x the bound, 1.33x with the whole wave).
 COLD_QUIET_SECONDS = 0.02
 COLD_WAVE_SECONDS = 0.25
+# On an idle measured fleet a wave is planned once no arrival came for this many coalescing delays (`wave_deadline`).
+WAVE_QUIET_DELAYS = 10
 # A running request expected to end within this many seconds may have its slot's next request granted already
 # (`early_slot`). It must cover the hops it hides (8-10 ms, tens on a busy host) plus the error of the end's estimate
 # (a request that ends before its successor is granted leaves the slot idle for those hops), and stay small against
@@ -850,9 +853,12 @@ def _fit(
     affinity: bool,
     demand: _Demand,
     lanes: frozenset[int] | None = None,
+    spill: tuple[frozenset[int], float] | None = None,
 ) -> _Fit | None:
     """The slot of `server` where `req` scores best, counting a model switch and each slot's cached prefix;
-    only among `lanes` when given (the slots the placement gives `req`'s group)."""
+    only among `lanes` when given (the slots the placement gives `req`'s group), and of `spill` = (slots open to
+    it only as spare capacity, the time its group's own slots could start it) not one it would take cold and finish
+    on after that."""
     if not server.slots or (lanes is not None and not lanes):
         return None
     switch = affinity and server.resident is not None and req.model not in server.resident
@@ -874,6 +880,8 @@ def _fit(
         start = max(slot.free_at, ready)
         cached = 0 if switch else slot.cached(req)
         finish = start + speed.seconds(tokens, max(0, req.prompt_tokens - cached))
+        if spill is not None and i in spill[0] and finish > spill[1] and cached < _head_tokens(req):
+            continue  # cold, and no sooner done than on its group's own slots: see `_spill`
         copied = share * max(0, held - cached)
         score = finish + penalty + speed.prefill * (demand.lost(slot, req, cached) + copied)
         if best is None or (score, finish, start) < (best.score, best.finish, best.start):
@@ -972,9 +980,11 @@ def _earliest_finish(
         def best_in(placed: bool, req: LeaseRequest = req, names: list[str] = names) -> tuple[str, _Fit] | None:
             best: tuple[float, float, float, float, str] | None = None
             chosen: _Fit | None = None
+            start = _lane_start(placement, req, servers) if placed else math.inf
             for name in names:
                 lanes = _lanes(placement, req, name, servers[name], demand) if placed else None
-                fit = _fit(servers[name], speeds[name], req, affinity, demand, lanes)
+                spill = _spill(placement, req, name, lanes, start)
+                fit = _fit(servers[name], speeds[name], req, affinity, demand, lanes, spill)
                 if fit is None:
                     continue
                 key = (fit.score, fit.finish, fit.start, rng.random(), name)  # the rng breaks exact ties
@@ -1087,6 +1097,44 @@ def _lanes(
     return placement.slots(_group(req), name, [not slot.chain for slot in server.slots], _left(demand))
 
 
+def _spill(
+    placement: Assignment, req: LeaseRequest, name: str, lanes: frozenset[int] | None, start: float
+) -> tuple[frozenset[int], float] | None:
+    """The slots of `lanes` open to `req`'s placed group only as spare capacity (their lane does not hold it), with
+    `start`, when the group's own slots could start it (`_lane_start`): `_fit` keeps such a slot from a cold
+    prefill that ends after that.
+
+    Why: a slot the placement left out is one whose cold prefill does not pay
+    for itself, a slow server's most often. A cold request there that ends
+    after its group's slots could have started it saves the run less than
+    that request's own time, and pays a whole prefill for it: on fleet C the
+    0.4x server's (a cold request there lasts most of the run) ended the run
+    and cost the hit rate. One that ends sooner still takes the work: a hot
+    prefix spills to idle capacity once waiting costs more than a prefill.
+    """
+    group = _group(req)
+    if lanes is None or group not in placement.placed:
+        return None
+    spare = frozenset(i for i in lanes if group not in placement.lanes.get((name, i), ()))
+    return (spare, start) if spare else None
+
+
+def _lane_start(placement: Assignment, req: LeaseRequest, servers: Mapping[str, _Server]) -> float:
+    """When the first slot whose lane holds `req`'s group frees (seconds from now; inf: it has none)."""
+    group = _group(req)
+    if group not in placement.placed:
+        return math.inf
+    return min(
+        (servers[n].slots[i].free_at for (n, i), lane in placement.lanes.items() if group in lane and n in servers),
+        default=math.inf,
+    )
+
+
+def _head_tokens(req: LeaseRequest) -> int:
+    """Prompt tokens of `req`'s first prefix block (its group's role prompt): a slot holding fewer is cold for it."""
+    return req.prefix_tokens[0] if req.prefix_tokens else 0
+
+
 def _take_lane(
     placement: Assignment, req: LeaseRequest, found: tuple[str, _Fit], servers: Mapping[str, _Server], demand: _Demand
 ) -> None:
@@ -1196,11 +1244,19 @@ def coalesce_delay(policy: str, loads: Sequence[ServerLoad], req: LeaseRequest, 
 
 def wave_deadline(loads: Sequence[ServerLoad], first: float, now: float, delay: float) -> float:
     """When the queue is planned once an arrival at `now` was asked to wait `delay` (`coalesce_delay`), the
-    wait having begun with an arrival at `first`: `first` + `delay` once a server is measured; before that (a
-    cold start, whose plan decides every slot's first prefix and model), once the wave stopped arriving."""
-    if any(s.ewma_token_seconds is not None for s in loads):
+    wait having begun with an arrival at `first`: `first` + `delay` while a server is busy; on an idle fleet
+    (a cold start, or a run's first wave on speeds from fleet memory), whose plan decides every slot's first
+    prefix and model, once the wave stopped arriving. Measured, a lone arrival keeps its short delay: only a
+    second one within it shows a wave is coming (a plan of its first few requests spread them over the slots
+    the rest of the wave needed)."""
+    if not any(s.ewma_token_seconds is not None for s in loads):
+        return min(first + COLD_WAVE_SECONDS, max(first + delay, now + COLD_QUIET_SECONDS))
+    if now <= first or any(s.in_flight for s in loads):
         return first + delay
-    return min(first + COLD_WAVE_SECONDS, max(first + delay, now + COLD_QUIET_SECONDS))
+    # Measured, the quiet gap is a few of `delay`s (a small fraction of a request): a fleet that answers in a
+    # millisecond (the overhead benchmark's) gains nothing by holding a wave, one of slow prompts everything.
+    quiet = min(COLD_QUIET_SECONDS, WAVE_QUIET_DELAYS * delay)
+    return min(first + COLD_WAVE_SECONDS, max(first + delay, now + quiet))
 
 
 def apply_group_diversity(
@@ -1677,13 +1733,17 @@ class _BestFit:
         floor = (self.min_fixed + self.min_tok * tokens) * (1.0 - _BOUND_SLACK)
         best: tuple[str, _Fit] | None = None
         ties = 0
+        start: float | None = None  # `_lane_start`, found once a server's slots are looked at
         for earliest, name in self.ranked:
             if best is not None and earliest + floor > best[1].score:
                 break
             if name not in cands or (best is not None and self._bound(name, earliest, req, tokens) > best[1].score):
                 continue
             lanes = _lanes(placement, req, name, self.servers[name], demand) if placement is not None else None
-            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand, lanes)
+            if placement is not None and start is None:
+                start = _lane_start(placement, req, self.servers)
+            spill = _spill(placement, req, name, lanes, start) if placement is not None and start is not None else None
+            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand, lanes, spill)
             if fit is None:
                 continue
             rank = (fit.score, fit.finish, fit.start)

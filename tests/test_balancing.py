@@ -462,9 +462,10 @@ def test_only_peak_ewma_coalesces(policy: str) -> None:
     assert coalesce_delay(policy, [srv("a")], req()) is None
 
 
-def test_a_cold_balancer_plans_once_the_wave_stops_arriving_a_measured_one_at_its_delay() -> None:
-    cold, measured = [srv("a"), srv("b")], [srv("a"), srv("b", ewma_ttft=0.1, ewma_token_seconds=0.01)]
-    # measured: the timer set by the wave's first arrival stands, whoever comes later
+def test_a_cold_balancer_plans_once_the_wave_stops_arriving_a_busy_measured_one_at_its_delay() -> None:
+    cold = [srv("a"), srv("b")]
+    measured = [srv("a", in_flight=1), srv("b", ewma_ttft=0.1, ewma_token_seconds=0.01)]
+    # measured and busy: the timer set by the wave's first arrival stands, whoever comes later
     assert wave_deadline(measured, first=10.0, now=10.004, delay=0.005) == pytest.approx(10.005)
     # cold: each arrival moves it to COLD_QUIET_SECONDS after itself (a specialist's burst after another's)...
     assert wave_deadline(cold, first=10.0, now=10.0, delay=0.007) == pytest.approx(10.0 + COLD_QUIET_SECONDS)
@@ -472,6 +473,17 @@ def test_a_cold_balancer_plans_once_the_wave_stops_arriving_a_measured_one_at_it
     # ...or to its own delay if later, but at most COLD_WAVE_SECONDS after the first arrival
     assert wave_deadline(cold, first=10.0, now=10.0, delay=1.0) == pytest.approx(10.0 + COLD_WAVE_SECONDS)
     assert wave_deadline(cold, first=10.0, now=11.0, delay=0.007) == pytest.approx(10.0 + COLD_WAVE_SECONDS)
+
+
+def test_an_idle_measured_fleet_waits_for_a_wave_but_not_for_a_lone_arrival() -> None:
+    """Speeds from fleet memory: the first plan still decides every slot's first prefix, so it waits for the wave
+    (planned at its first few arrivals, fleet C's replay paid 12 cold prefills instead of 9)."""
+    idle = [srv("a", ewma_ttft=0.1, ewma_token_seconds=0.01), srv("b", ewma_ttft=0.1, ewma_token_seconds=0.01)]
+    assert wave_deadline(idle, first=10.0, now=10.0, delay=0.005) == pytest.approx(10.005)
+    assert wave_deadline(idle, first=10.0, now=10.004, delay=0.005) == pytest.approx(10.004 + COLD_QUIET_SECONDS)
+    assert wave_deadline(idle, first=10.0, now=11.0, delay=0.005) == pytest.approx(10.0 + COLD_WAVE_SECONDS)
+    # a fleet answering in about a millisecond (delay 1 % of that) waits a few delays, not COLD_QUIET_SECONDS
+    assert wave_deadline(idle, first=10.0, now=10.0001, delay=0.00001) == pytest.approx(10.0001 + 0.0001)
 
 
 def test_coalesce_delay_is_a_small_fraction_of_the_quickest_service_capped() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.prefix import PREFIX_FLEETS, cache_floor, prefix_bound, shared_prefix_workload, tasks
+from benchmarks.prefix import PREFIX_FLEETS, cache_floor, hit_floor, prefix_bound, shared_prefix_workload, tasks
 from benchmarks.replay import Case, Replay, bound_of, cases, jobs, replay
 
 
@@ -56,3 +56,33 @@ def test_four_equal_two_slot_servers_cannot_have_both_hit_rate_085_and_13x_the_b
     floor = cache_floor(work, PREFIX_FLEETS["A"], tasks(work))
     assert floor.best_hit < 0.85
     assert floor.seconds > prefix_bound(work, PREFIX_FLEETS["A"], tasks(work)).seconds * 1.15
+
+
+def test_on_fleet_c_a_hit_rate_of_085_costs_more_than_13x_the_bound() -> None:
+    """benchmarks/README.md: fleet C's two targets exclude each other, found by placing every cold prefill
+    (`hit_floor`); `cache_floor`'s necessary conditions alone allowed both."""
+    work, shapes = shared_prefix_workload(), PREFIX_FLEETS["C"]
+    plan = tasks(work)
+    bound, floor, hits = (
+        prefix_bound(work, shapes, plan).seconds,
+        cache_floor(work, shapes, plan),
+        hit_floor(work, shapes, plan),
+    )
+    assert floor.best_hit >= 0.85 and floor.seconds <= 1.3 * bound  # the older bound says both may be reached
+    assert hits.cold == 8 and hits.seconds > 1.3 * bound and hits.seconds >= floor.seconds
+    for policy in ("peak_ewma", "round_robin"):
+        result = Replay(work, shapes, policy).run(jobs(work, plan))
+        if result.hit_rate >= hits.hit:
+            assert result.makespan >= hits.seconds
+
+
+def test_from_fleet_memory_the_first_plan_sees_the_wave_and_slow_slots_stay_out_of_it() -> None:
+    """Speeds recalled from a first run's fleet memory: the first plan waits for the wave (`wave_deadline`), and no
+    slot outside the placement takes a cold prefill that ends after its group's own slots could start the request
+    (`_spill`). Before, the first plan saw the first few arrivals: fleet C 12 cold prefills, hit 0.80; B 1.41x the
+    bound with the wave waited for but the spill free."""
+    by_label = {c.label: c for c in cases() if c.work.prefill_tps}
+    c = replay(by_label["C"], live=True, memory=True, trace=True)
+    assert sum(c.cold_prefills().values()) <= 9 and c.per_server["c5"] <= 1
+    b = replay(by_label["B"], live=True, memory=True, trace=True)
+    assert b.hit_rate >= 0.85 and b.makespan <= 1.32 * bound_of(by_label["B"])
