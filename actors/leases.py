@@ -110,6 +110,7 @@ class LeaseClient:
         self._calls: TurnBatch[LeaseAsk | str | LeaseOutcome] = TurnBatch(self._send, self.spacing)
         self._numbers = itertools.count()
         self._poll: asyncio.Task[None] | None = None
+        self._poll_ref: ObjectRef[LeaseGrants] | None = None  # the `granted` call outstanding (`stop`)
         self._last_call: ObjectRef[None] | None = None  # the newest call sent (`drain`)
         self.calls = 0  # Ray calls made to the balancer (batches and polls), for benchmarks and diagnosis
 
@@ -156,6 +157,18 @@ class LeaseClient:
             with contextlib.suppress(ray.exceptions.RayError):
                 await self._last_call
 
+    def stop(self) -> None:
+        """End the long poll (the team is stopping; the next acquire polls again).
+
+        A poll left waiting when the balancer is killed is retried by Ray,
+        which logs the retry on the driver's terminal: into `teamorch plan`'s
+        YAML on stdout. A cancelled call is not retried.
+        """
+        if self._poll is not None:
+            self._poll.cancel()
+        if self._poll_ref is not None:
+            ray.cancel(self._poll_ref)
+
     def _give_up(self, ask_id: str, future: asyncio.Future[Lease]) -> None:
         """The caller stopped waiting: withdraw its ask, or release the lease granted in the meantime."""
         self._waiting.pop(ask_id, None)
@@ -181,7 +194,8 @@ class LeaseClient:
         while True:
             self.calls += 1
             try:
-                answer = await self.balancer.granted.remote(self.client, self.book.epoch or "")
+                self._poll_ref = self.balancer.granted.remote(self.client, self.book.epoch or "")
+                answer = await self._poll_ref
             except ray.exceptions.ActorUnavailableError:
                 await asyncio.sleep(RESTART_RETRY_SECONDS)  # Ray is restarting it: the next poll finds the new one
                 continue

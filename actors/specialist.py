@@ -238,14 +238,15 @@ class Specialist:
                 self.coordinator.task_events.remote(run_id, batch)
 
     async def drain(self) -> None:
-        """Return once every release this specialist sent has reached the balancer.
+        """Return once every release this specialist sent has reached the balancer, its lease poll ended.
 
         The team stops right after a run (`teamorch run`, `plan`): a release
-        batched to the end of a loop turn can still be on its way when the
-        balancer is killed, and Ray then logs the failed call and retries it,
-        on the driver's terminal.
+        batched to the end of a loop turn can still be on its way, and the long
+        poll is always waiting, when the balancer is killed; Ray then logs the
+        failed call and retries it, on the driver's terminal.
         """
         await self._leases.drain()
+        self._leases.stop()
 
     def _progress_to(self, assignment: Assignment, attempt: int) -> ProgressTo | None:
         """Where the server tells this attempt's tokens as they stream: the coordinator running the task."""
