@@ -123,8 +123,8 @@ def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, 
     )
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, out + err
     partial = {t["task_id"]: t for t in json.loads(out.read_text())["tasks"]}
     assert partial["done_soon"]["status"] == "succeeded"
     assert partial.get("forever", {}).get("status") in (None, "cancelled")
