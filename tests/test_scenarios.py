@@ -87,6 +87,16 @@ def test_cli_run_writes_json_and_exit_code(
     assert "gone" in failed["b"]["error"]
 
 
+def _as_from_a_terminal() -> None:
+    """The CLI starts with Ctrl-C delivered and handled, as from a shell prompt, whatever this test process
+    inherited or set (an ignored or blocked SIGINT passes to children across exec; in a full `make test` the
+    CLI once ran to its end after SIGINT, and a shell's background job ignores SIGINT by design)."""
+    import signal
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, tmp_path: Path) -> None:
     import json
     import os
@@ -113,7 +123,12 @@ def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, 
     cmd = [sys.executable, "-m", "teamorch.cli", "run", str(plan), "--json", str(out), "--run-id", "ctrl-c"]
     cmd += ["--address", ray.get_runtime_context().gcs_address, "--runs-dir", str(runs)]
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1]
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).parents[1],
+        preexec_fn=_as_from_a_terminal,
     )
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and slow.stats()["in_flight"] == 0:
@@ -123,8 +138,8 @@ def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, 
     )
     time.sleep(0.5)
     os.kill(proc.pid, signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, out + err
+    stdout, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + err
     partial = {t["task_id"]: t for t in json.loads(out.read_text())["tasks"]}
     assert partial["done_soon"]["status"] == "succeeded"
     assert partial.get("forever", {}).get("status") in (None, "cancelled")
