@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 if TYPE_CHECKING:
@@ -80,3 +80,42 @@ async def as_they_end(jobs: Sequence[asyncio.Future[T]]) -> AsyncIterator[list[a
             done.append(ended.get_nowait())
         left -= len(done)
         yield done
+
+
+class KeyedJobs(Generic[T]):
+    """The jobs of batched actor calls (`Specialist.run_many`, `ModelServer.chat_many`) by dispatch key.
+
+    A batch is one Ray call, so `ray.cancel` can stop only all of it; a
+    single call of it is stopped by its key (`cancel`), as `ray.cancel`
+    would stop a call of its own.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: dict[str, asyncio.Future[T]] = {}
+
+    async def run(
+        self, calls: Sequence[tuple[str | None, Coroutine[object, object, T]]]
+    ) -> AsyncIterator[list[tuple[int, asyncio.Future[T]]]]:
+        """Start every call, then yield (its place in `calls`, its job) for those that end in one loop turn,
+        cancelled ones left out; a batch that ends early (its caller gone) cancels the calls still running."""
+        jobs = [asyncio.ensure_future(call) for _, call in calls]
+        for (key, _), job in zip(calls, jobs, strict=True):
+            if key is not None:
+                self._jobs[key] = job
+        index = {job: i for i, job in enumerate(jobs)}
+        try:
+            async for done in as_they_end(jobs):
+                ended = [(index[job], job) for job in done if not job.cancelled()]
+                if ended:
+                    yield ended
+        finally:
+            for (key, _), job in zip(calls, jobs, strict=True):
+                if key is not None and self._jobs.get(key) is job:  # not a later batch's (a restarted caller's)
+                    del self._jobs[key]
+                job.cancel()
+
+    def cancel(self, keys: list[str]) -> None:
+        for key in keys:
+            job = self._jobs.get(key)
+            if job is not None:
+                job.cancel()

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from pydantic import BaseModel, ConfigDict
 from ray.actor import ActorHandle
 
-from teamorch.actors import as_they_end
+from teamorch.actors import KeyedJobs
 from teamorch.actors.backends import TokenSink, make_backend
 from teamorch.config import ServerConfig
 from teamorch.errors import ServerError
@@ -101,7 +101,7 @@ class ModelServer:
         self.callers: Counter[str] = Counter()
         self.answered: OrderedDict[str, ChatResponse] = OrderedDict()
         self.gate = asyncio.Semaphore(config.slots)
-        self._batched: dict[str, asyncio.Task[ChatResponse]] = {}  # key -> its call, of `chat_many` batches
+        self._batched: KeyedJobs[ChatResponse] = KeyedJobs()  # the calls of `chat_many` batches, by key
         self._watch_raylet()
 
     def _watch_raylet(self) -> None:
@@ -172,29 +172,12 @@ class ModelServer:
         error comes back as its outcome. `cancel_chats` stops single calls,
         as `ray.cancel` stops a call of its own.
         """
-        jobs = []
-        for call in calls:
-            jobs.append(asyncio.ensure_future(self.chat(call.req, call.key, call.progress)))
-            if call.key is not None:
-                self._batched[call.key] = jobs[-1]
-        index = {job: i for i, job in enumerate(jobs)}
-        try:
-            async for done in as_they_end(jobs):
-                outcomes = [self._outcome(index[job], job) for job in done if not job.cancelled()]
-                if outcomes:
-                    yield outcomes
-        finally:
-            for call, job in zip(calls, jobs, strict=True):
-                if call.key is not None and self._batched.get(call.key) is job:  # or a restarted specialist's
-                    del self._batched[call.key]
-                job.cancel()
+        async for done in self._batched.run([(c.key, self.chat(c.req, c.key, c.progress)) for c in calls]):
+            yield [self._outcome(index, job) for index, job in done]
 
     async def cancel_chats(self, keys: list[str]) -> None:
         """Stop calls of `chat_many` batches by key: each is cancelled as `ray.cancel` cancels a `chat`."""
-        for key in keys:
-            job = self._batched.get(key)
-            if job is not None:
-                job.cancel()
+        self._batched.cancel(keys)
 
     def _outcome(self, index: int, job: asyncio.Future[ChatResponse]) -> ChatOutcome:
         exc = job.exception()

@@ -23,7 +23,7 @@ import ray
 from ray import ObjectRef
 from ray.actor import ActorHandle
 
-from teamorch.actors import TurnBatch, as_they_end, await_ref
+from teamorch.actors import KeyedJobs, TurnBatch, await_ref
 from teamorch.actors.leases import LeaseClient
 from teamorch.actors.server import ChatCall, ChatOutcome, ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
@@ -86,7 +86,7 @@ class Specialist:
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
         self._leases = LeaseClient(balancer)  # asks and releases batched per loop turn, grants by long poll
         self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
-        self._batched: dict[str, asyncio.Task[TaskResult]] = {}  # dispatch key -> its task, of `run_many` batches
+        self._batched: KeyedJobs[TaskResult] = KeyedJobs()  # the tasks of `run_many` batches, by dispatch key
         self._chats = _Chats(servers)
 
     async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
@@ -163,28 +163,13 @@ class Specialist:
         specialist resumes them without a second generation and a finished
         task is not asked again. `cancel_runs` stops single tasks of a batch.
         """
-        jobs = []
-        for item in batch:
-            jobs.append(asyncio.ensure_future(self.run(item.assignment, item.key)))
-            self._batched[item.key] = jobs[-1]
-        try:
-            async for done in as_they_end(jobs):
-                results = [job.result() for job in done if not job.cancelled()]
-                if results:
-                    yield results
-        finally:
-            for item in batch:
-                job = self._batched.pop(item.key, None)
-                if job is not None and not job.done():
-                    job.cancel()
+        async for done in self._batched.run([(d.key, self.run(d.assignment, d.key)) for d in batch]):
+            yield [job.result() for _, job in done]
 
     async def cancel_runs(self, keys: list[str]) -> None:
         """Stop tasks of `run_many` batches by dispatch key, as cancelling their `run` would: each closes its
         server request and releases its lease, and its batch yields no result for it."""
-        for key in keys:
-            job = self._batched.get(key)
-            if job is not None:
-                job.cancel()
+        self._batched.cancel(keys)
 
     async def _until_done(
         self,
