@@ -10,8 +10,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import httpx
-
 from teamorch.actors.backends import HttpBackend, TokenSink, stream_object
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
@@ -30,27 +28,22 @@ class OllamaBackend(HttpBackend):
         ttft: float | None = None
         pieces: list[str] = []
         final: dict[str, Any] | None = None
-        try:
-            async with self.lane() as client, client.stream("POST", "/api/chat", json=payload) as response:
-                if response.status_code != 200:
-                    raise self.error_for(response.status_code, await self.read_capped(response), req.model)
-                # Read to the end (Ollama sends nothing after `done`), so the keep-alive connection goes back to
-                # the lane: httpx closes one whose body was left unread, and the next request would pay a connect.
-                async for line in self.capped_lines(response):
-                    chunk = None if final is not None else self._chunk(line)
-                    if chunk is None:
-                        continue
-                    content = (chunk.get("message") or {}).get("content") or ""
-                    if content:
-                        if ttft is None:
-                            ttft = time.monotonic() - started
-                        pieces.append(content)
-                        if on_tokens is not None:
-                            on_tokens(len(pieces))  # Ollama streams one token per line
-                    if chunk.get("done"):
-                        final = chunk
-        except httpx.TransportError as exc:
-            raise self.unreachable(exc) from exc
+        # Read to the end (Ollama sends nothing after `done`), so the keep-alive connection goes back to the pool:
+        # one whose body was left unread is closed, and the next request would pay a connect.
+        async with self.post_lines("/api/chat", payload, req.model) as lines:
+            async for line in lines:
+                chunk = None if final is not None else self._chunk(line)
+                if chunk is None:
+                    continue
+                content = (chunk.get("message") or {}).get("content") or ""
+                if content:
+                    if ttft is None:
+                        ttft = time.monotonic() - started
+                    pieces.append(content)
+                    if on_tokens is not None:
+                        on_tokens(len(pieces))  # Ollama streams one token per line
+                if chunk.get("done"):
+                    final = chunk
         if final is None:
             raise MalformedResponse(self.name, "stream ended without a final 'done' line")
         return ChatResponse(

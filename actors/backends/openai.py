@@ -15,8 +15,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import httpx
-
 from teamorch.actors.backends import HttpBackend, TokenSink, stream_object
 from teamorch.errors import MalformedResponse, ServerError
 from teamorch.messages import ChatRequest, ChatResponse
@@ -92,18 +90,13 @@ class OpenAIBackend(HttpBackend):
         started = time.monotonic()
         ttft: float | None = None
         answer = SseAnswer(self.name)
-        try:
-            async with self.lane() as client, client.stream("POST", "/v1/chat/completions", json=payload) as response:
-                if response.status_code != 200:
-                    raise self.error_for(response.status_code, await self.read_capped(response), req.model)
-                # Read to the end, past `[DONE]`, so the keep-alive connection goes back to httpx's pool.
-                async for line in self.capped_lines(response):
-                    if answer.feed(line):
-                        ttft = ttft if ttft is not None else time.monotonic() - started
-                        if on_tokens is not None:
-                            on_tokens(len(answer.pieces))
-        except httpx.TransportError as exc:
-            raise self.unreachable(exc) from exc
+        # Read to the end, past `[DONE]`, so the keep-alive connection goes back to the pool.
+        async with self.post_lines("/v1/chat/completions", payload, req.model) as lines:
+            async for line in lines:
+                if answer.feed(line):
+                    ttft = ttft if ttft is not None else time.monotonic() - started
+                    if on_tokens is not None:
+                        on_tokens(len(answer.pieces))
         return answer.response(req, started, ttft)
 
     async def models(self) -> tuple[list[str] | None, list[str] | None]:
