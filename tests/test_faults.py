@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import ray
 
+from teamorch.actors.backends import env_proxy
 from teamorch.actors.backends.ollama import OllamaBackend
 from teamorch.config import ServerConfig
 from teamorch.errors import MalformedResponse
@@ -180,3 +181,13 @@ def test_an_answer_under_max_response_bytes_is_read_whole(sims) -> None:
     req = ChatRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], options={"num_predict": 20})
     response = asyncio.run(backend.chat(req))
     assert len(response.text) == 40_000 and response.tokens == 20
+
+
+def test_a_server_url_goes_through_the_proxy_the_environment_names_unless_no_proxy_lists_it(monkeypatch) -> None:
+    """As with httpx's `trust_env`: HTTP(S)_PROXY applies to model servers and NO_PROXY exempts them (read once per
+    session rather than per request, see `env_proxy`)."""
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
+    monkeypatch.setenv("NO_PROXY", "10.0.0.7")
+    assert env_proxy("http://10.0.0.5:11434") == "http://proxy.example:3128"
+    assert env_proxy("http://10.0.0.7:11434") is None
+    assert env_proxy("https://api.example.com") is None  # no HTTPS_PROXY set
