@@ -633,7 +633,7 @@ class RunJournal:
         if not self.secrets and isinstance(stamped, _PLAIN_EVENTS):
             return stamped
         payload = stamped.model_dump(mode="json", fallback=repr)  # a plan's context may hold any Python object
-        if not isinstance(event, RunStarted):
+        if self.secrets and not isinstance(event, RunStarted):  # nothing to scrub: no walk over the plan's tree
             payload = _redact_tree(payload, self.secrets)
         return EVENT.validate_python(payload)
 
