@@ -12,7 +12,7 @@ half the evidence.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
@@ -81,6 +81,12 @@ def _first_unsuccessful(task: Task, settled: Mapping[str, TaskResult]) -> TaskRe
         if result is not None and result.status != "succeeded":
             return result
     return None
+
+
+def dispatch_chunks(tasks: Sequence[Task], size: int) -> list[list[Task]]:
+    """A step's tasks in the order given, `size` at a time: each chunk is journaled and sent before the next is
+    prepared, so the specialists start on the first while the coordinator is still preparing the rest."""
+    return [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
 
 
 def upstream_for(task: Task, journal: Mapping[str, TaskResult]) -> dict[str, dict[str, Any]]:

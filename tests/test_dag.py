@@ -10,6 +10,7 @@ from teamorch.messages import OrchestrationPlan, TaskResult, TaskStatus
 from teamorch.policies.dag import (
     Cancel,
     cancel_waiting,
+    dispatch_chunks,
     diversity_group,
     hedge_won,
     next_step,
@@ -120,3 +121,13 @@ def test_a_hedge_cancels_waiting_work_but_lets_synthesis_run() -> None:
     everything = cancel_waiting(p, journal, {"try2"}, Cancel.RUN, "run cancelled")
     assert ids(everything) == ["try3", "merge"]
     assert all(r.status == "cancelled" and r.error == "run cancelled" for r in everything)
+
+
+def test_a_large_step_is_sent_in_chunks_in_plan_order_and_every_task_once() -> None:
+    """The executor journals and sends a step chunk by chunk, so its first tasks are at work while the rest are
+    prepared; none may be dropped, repeated or reordered."""
+    tasks = plan(*(t(f"t{i}") for i in range(300))).tasks
+    chunks = dispatch_chunks(tasks, 128)
+    assert [len(c) for c in chunks] == [128, 128, 44]
+    assert ids([task for chunk in chunks for task in chunk]) == [f"t{i}" for i in range(300)]
+    assert dispatch_chunks(tasks[:5], 128) == [tasks[:5]] and dispatch_chunks([], 128) == []
