@@ -30,6 +30,7 @@ import bisect
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import threading
@@ -231,6 +232,29 @@ EVENT: TypeAdapter[JournalEvent] = TypeAdapter(JournalEvent)
 # Events whose every field is JSON-plain (no plan, no raw mapping): stored without the round trip when no secret
 # is to be scrubbed (`RunJournal._stamped`).
 _PLAIN_EVENTS = (TaskQueued, TaskStarted, AttemptFailed, TokensGenerated, TaskFinished)
+
+
+def _plain_plan(event: JournalEvent) -> bool:
+    """A `plan_resolved` whose plan holds only JSON values where a plan may hold any object (its `context`, each
+    task's `input_data` and `options`): the round trip would rebuild the same plan. It re-validated the whole
+    plan, a tenth of the coordinator's CPU per task for a 500-task plan (measured)."""
+    if not isinstance(event, PlanResolved):
+        return False
+    plan = event.plan
+    return _json_value(plan.context) and all(_json_value(t.input_data) and _json_value(t.options) for t in plan.tasks)
+
+
+def _json_value(value: Any) -> bool:
+    """`value` is made of exactly JSON's types (dict with str keys, list, str, int, bool, None, finite float),
+    so dumping it as JSON and reading it back gives it unchanged."""
+    kind = type(value)
+    if kind is dict:
+        return all(type(k) is str and _json_value(v) for k, v in value.items())
+    if kind is list:
+        return all(_json_value(v) for v in value)
+    if kind is float:
+        return math.isfinite(value)
+    return kind in (str, int, bool, type(None))
 
 
 def attempt_events(result: TaskResult) -> list[TaskStarted | AttemptFailed]:
@@ -630,7 +654,7 @@ class RunJournal:
         coordinator's CPU per task (measured), duplicates included.
         """
         stamped = event.model_copy(update={"session": event.session or self.session})
-        if not self.secrets and isinstance(stamped, _PLAIN_EVENTS):
+        if not self.secrets and (isinstance(stamped, _PLAIN_EVENTS) or _plain_plan(stamped)):
             return stamped
         payload = stamped.model_dump(mode="json", fallback=repr)  # a plan's context may hold any Python object
         if self.secrets and not isinstance(event, RunStarted):  # nothing to scrub: no walk over the plan's tree

@@ -534,3 +534,35 @@ def test_without_secrets_a_task_event_is_stored_as_the_json_round_trip_would_sto
     assert [e.model_dump() for e in plain.events[1:]] == [e.model_dump() for e in scrubbed.events[1:]]
     assert [type(e) for e in plain.events[1:]] == [type(e) for e in scrubbed.events[1:]]
     assert plain.events[-1].session == 1 and [e.seq for e in plain.events] == [1, 2, 3, 4, 5, 6]
+
+
+def test_without_secrets_a_json_plain_plan_is_stored_as_given_and_equal_to_the_round_trip() -> None:
+    """`plan_resolved` skips the dump/validate round trip when the plan holds only JSON values: the same plan
+    object is kept (no re-validation of every task), and it equals what the round trip would store."""
+    plan = OrchestrationPlan.model_validate(
+        {
+            "problem": "p",
+            "context": {"repo": "x", "n": [1, 2.5, None, True]},
+            "tasks": [{"task_id": "t1", "specialist": "s", "input_data": {"f": "a.py"}, "options": {"seed": 1}}],
+        }
+    )
+    plain = RunJournal.in_memory("fast", plan.model_dump(mode="json"))
+    scrubbed = RunJournal.in_memory("slow", plan.model_dump(mode="json"), secrets=["never-in-any-text"])
+    kept, rebuilt = plain.append(PlanResolved(plan=plan)), scrubbed.append(PlanResolved(plan=plan))
+    assert isinstance(kept, PlanResolved) and isinstance(rebuilt, PlanResolved)
+    assert kept.plan is plan and rebuilt.plan is not plan
+    assert kept.plan.model_dump() == rebuilt.plan.model_dump()
+
+
+@pytest.mark.parametrize(
+    "context",
+    [{"path": Path("/tmp/x")}, {"pair": (1, 2)}, {"nan": float("nan")}, {"nested": [{"p": Path(".")}]}],
+)
+def test_a_plan_holding_a_non_json_value_is_still_stored_as_the_round_trip_makes_it(context: dict[Any, Any]) -> None:
+    plan = OrchestrationPlan.model_validate(
+        {"problem": "p", "context": context, "tasks": [{"task_id": "t1", "specialist": "s"}]}
+    )
+    journal = RunJournal.in_memory("r", {"problem": "p"})
+    stored = journal.append(PlanResolved(plan=plan))
+    assert isinstance(stored, PlanResolved) and stored.plan is not plan
+    assert json.loads(json.dumps(stored.plan.context)) == stored.plan.context  # JSON-safe as stored
