@@ -1,6 +1,6 @@
 """One model server as a Ray actor: it owns the connection pool and nothing else.
 
-Keeping the HTTP session (or the llama.cpp context) inside one actor
+Keeping the httpx clients (or the llama.cpp context) inside one actor
 means one event loop owns it, connections are reused across every specialist,
 and a stuck server can only ever block its own actor.
 """

@@ -184,8 +184,8 @@ def test_an_answer_under_max_response_bytes_is_read_whole(sims) -> None:
 
 
 def test_a_server_url_goes_through_the_proxy_the_environment_names_unless_no_proxy_lists_it(monkeypatch) -> None:
-    """As with httpx's `trust_env`: HTTP(S)_PROXY applies to model servers and NO_PROXY exempts them (read once per
-    session rather than per request, see `env_proxy`)."""
+    """As an httpx client with `trust_env` applies them: HTTP(S)_PROXY to model servers, NO_PROXY exempting some;
+    read once per server for its lanes, which are bare transports (`env_proxy`)."""
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "10.0.0.7")
     assert env_proxy("http://10.0.0.5:11434") == "http://proxy.example:3128"
