@@ -186,8 +186,12 @@ def test_an_answer_under_max_response_bytes_is_read_whole(sims) -> None:
 def test_a_server_url_goes_through_the_proxy_the_environment_names_unless_no_proxy_lists_it(monkeypatch) -> None:
     """As an httpx client with `trust_env` applies them: HTTP(S)_PROXY to model servers, NO_PROXY exempting some;
     read once per server for its lanes, which are bare transports (`env_proxy`)."""
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "http_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
     monkeypatch.setenv("NO_PROXY", "10.0.0.7")
     assert env_proxy("http://10.0.0.5:11434") == "http://proxy.example:3128"
     assert env_proxy("http://10.0.0.7:11434") is None
     assert env_proxy("https://api.example.com") is None  # no HTTPS_PROXY set
+    monkeypatch.setenv("ALL_PROXY", "proxy.example:1080")  # scheme-less: httpx reads it as http://
+    assert env_proxy("https://api.example.com") == "http://proxy.example:1080"

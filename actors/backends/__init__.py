@@ -254,12 +254,14 @@ def stream_object(server: str, text: str, what: str) -> dict[str, Any]:
 
 
 def env_proxy(url: str | None) -> str | None:
-    """The proxy the environment names for `url` (`HTTP_PROXY`/`HTTPS_PROXY`, minus `NO_PROXY`), as an httpx
+    """The proxy the environment names for `url` (`HTTP_PROXY`/`HTTPS_PROXY`/`ALL_PROXY`, minus `NO_PROXY`), as an httpx
     client with `trust_env` applies it; read once per server for its lanes, which are bare transports."""
     parts = urllib.parse.urlsplit(url or "")
     if not parts.hostname or urllib.request.proxy_bypass(parts.hostname):
         return None
-    return urllib.request.getproxies().get(parts.scheme)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    return proxy if not proxy or "://" in proxy else f"http://{proxy}"  # httpx reads `host:port` as http://
 
 
 def make_backend(config: ServerConfig) -> Backend:
