@@ -1428,6 +1428,7 @@ class Planner:
         self._ranked_for: tuple[float, frozenset[str] | None] = (0.0, None)
         self._kept: _Tentative | None = None  # the last plan, continued while the fleet follows it
         self._grouped: dict[int, _Entry] = {}  # entries with a diversity group: `regroup` reads only these
+        self.fresh_plans = 0  # peak_ewma plans of the whole queue from scratch: what an event costs when not kept
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -1553,6 +1554,7 @@ class Planner:
         yet measured can serve waits for its probe's answer, it is not refused.
         """
         self._kept = None
+        self.fresh_plans += 1
         refused, cands = self._eligibility(loads)
         unmeasured = {s.name for s in loads if not speeds[s.name].measured}
         cands = {elig: names - unmeasured for elig, names in cands.items()}
@@ -1821,7 +1823,10 @@ class _Tentative:
     server's eligibility, slots or models changed, its speeds drifted by more
     than SPEED_DRIFT (`drift`), or after `events` events (`Planner.keep`) once `keep_seconds` have passed. A request that
     arrives meanwhile joins the order when it ranks behind every request planned
-    so far (`admit`): those reservations stand whatever it is.
+    so far (`admit`): those reservations stand whatever it is. A request that
+    would not land on its free slot (`lands_as_planned`) waits for its server's
+    next release (`parked`) rather than the whole queue being planned again at
+    that event, unless planning from scratch is cheap (`switches`).
     """
 
     def __init__(
@@ -1862,7 +1867,10 @@ class _Tentative:
         self.holds = {  # the prefix group each slot's cache holds now (None: nothing)
             (n, i): _slot_group(s) if s.chain else None for n, sv in servers.items() for i, s in enumerate(sv.slots)
         }
-        self.switches = switches  # a release that would switch a slot's group is planned afresh
+        self.switches = switches  # cheap to plan afresh: where a plan from scratch would decide otherwise, it does
+        # Per server, requests that would not have landed on their free slot: (key, slot, expected finish), granted
+        # at the server's next release (the one `lands_as_planned` waited for, or another: the server then picks).
+        self.parked: dict[str, list[tuple[int, int, float]]] = {}
         self.stale = False
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
@@ -1894,6 +1902,7 @@ class _Tentative:
         if self.stale or (self.events < 0 and r >= self.keep_seconds) or len(loads) != len(self.rows):
             return None
         grants: dict[int, Decision] = {}
+        released = []
         for row in loads:
             base = self.rows.get(row.name)
             if base is None or (row is not self.seen[row.name] and _drifted(row, base, self.drift)):
@@ -1906,8 +1915,21 @@ class _Tentative:
             for _ in range(gap):
                 if not self._release(row.name, r, grants):
                     return None
+            if gap and row.name in self.parked:
+                released.append(row.name)
         grants.update(self.extend(entries, r))
+        for name in released:  # after the slots' own lines and the new starts: those are the warm ones
+            self._unpark(name, grants)
         return grants
+
+    def _unpark(self, name: str, grants: dict[int, Decision]) -> None:
+        """A release on `name`: the requests parked there for one go out now (`parked`)."""
+        for key, slot, finish in self.parked.pop(name):
+            self.waiting.discard(key)
+            self.holds[(name, slot)] = self.groups[key]
+            grants[key] = name
+            self.in_flight[name] += 1
+            self.ends[name][slot] = finish
 
     def _release(self, name: str, r: float, grants: dict[int, Decision]) -> bool:
         """The slot of `name` expected to end nearest `r` ended: its first reservation starts, or it waits idle.
@@ -2012,8 +2034,12 @@ class _Tentative:
                 slots = self.servers[name].slots
                 self.idle -= {(name, i) for i, slot in enumerate(slots) if slot.free_at > r}
             self.idle.discard(at)
-            if not lands:
+            if not lands and self.switches:
                 self.stale = True  # it waits for the release due any moment; that event plans the queue afresh
+            elif not lands:
+                self.parked.setdefault(name, []).append((key, fit.slot, fit.finish))
+                self.groups[key] = _group(entry.req)
+                self.waiting.add(key)
             elif starts:
                 grants[key] = name
                 self.in_flight[name] += 1
