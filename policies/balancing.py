@@ -1909,18 +1909,31 @@ class _Tentative:
                 return None
             self.seen[row.name] = row
             gap = self.in_flight[row.name] - row.in_flight
-            if gap < 0:
+            if gap < 0 and not self._reoccupy(row.name, -gap, r):
                 return None
             self.in_flight[row.name] = row.in_flight
             for _ in range(gap):
                 if not self._release(row.name, r, grants):
                     return None
-            if gap and row.name in self.parked:
+            if gap > 0 and row.name in self.parked:
                 released.append(row.name)
         grants.update(self.extend(entries, r))
         for name in released:  # after the slots' own lines and the new starts: those are the warm ones
             self._unpark(name, grants)
         return grants
+
+    def _reoccupy(self, name: str, count: int, r: float) -> bool:
+        """`count` slots of `name` the plan saw released are busy again (the balancer's early slot closed: its
+        request ran too far past its estimate, `due_soon`): idle ones of the plan's become busy for OVERDUE_SECONDS
+        more. False when the plan has not that many idle there (it started requests on them): plan afresh."""
+        idle = sorted(at for at in self.idle if at[0] == name)[:count]
+        if len(idle) < count:
+            return False
+        for at in idle:
+            self.idle.discard(at)
+            self.ends[name][at[1]] = r + OVERDUE_SECONDS
+            self.search.move(name, at[1], r + OVERDUE_SECONDS)
+        return True
 
     def _unpark(self, name: str, grants: dict[int, Decision]) -> None:
         """A release on `name`: the requests parked there for one go out now (`parked`)."""

@@ -239,3 +239,18 @@ def test_a_grant_that_would_not_land_is_planned_afresh_at_the_next_event_while_t
     assert planner.plan(loads, 1.0, caches=caches) == {}
     planner.plan(loads, 1.01, caches=caches)
     assert planner.fresh_plans == 2
+
+
+def test_kept_plan_takes_back_an_idle_slot_the_balancer_shows_busy_again_without_planning_again() -> None:
+    # The balancer showed x's due request's slot free (an early slot), then busy again once that request ran too
+    # far past its estimate: the slot the plan had left idle is busy a while longer, the rest of the plan stands.
+    planner, loads, caches = _landing_case(200, 20)
+    for key in range(200):  # every request pinned to s0: nothing is planned on x
+        planner.remove(key)
+        planner.add(key, LeaseRequest(model="m", expected_tokens=50, server="s0"), 0.0)
+    assert planner.plan(loads, 1.0, caches=caches) == {}
+    loads[0] = loads[0].model_copy(update={"in_flight": 0})
+    assert planner.plan(loads, 1.01, caches=caches) == {}  # x's slot 0 freed: idle in the plan
+    loads[0] = loads[0].model_copy(update={"in_flight": 1})
+    assert planner.plan(loads, 1.02, caches=caches) == {}  # busy again
+    assert planner.fresh_plans == 1
