@@ -1870,9 +1870,10 @@ class _Tentative:
             (n, i): _slot_group(s) if s.chain else None for n, sv in servers.items() for i, s in enumerate(sv.slots)
         }
         self.switches = switches  # cheap to plan afresh: where a plan from scratch would decide otherwise, it does
-        # Per server, requests that would not have landed on their free slot: (key, slot, expected finish), granted
-        # at the server's next release (the one `lands_as_planned` waited for, or another: the server then picks).
-        self.parked: dict[str, list[tuple[int, int, float]]] = {}
+        # Per server, requests that would not have landed on their free slot: (key, slot, expected finish, when
+        # parked), granted at the server's next release (the one `lands_as_planned` waited for, or another: the
+        # server then picks), their slot's line shifted by the wait.
+        self.parked: dict[str, list[tuple[int, int, float, float]]] = {}
         self.stale = False
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
@@ -1921,7 +1922,7 @@ class _Tentative:
                 released.append(row.name)
         grants.update(self.extend(entries, r))
         for name in released:  # after the slots' own lines and the new starts: those are the warm ones
-            self._unpark(name, grants)
+            self._unpark(name, r, grants)
         return grants
 
     def _reoccupy(self, name: str, count: int, r: float) -> bool:
@@ -1937,14 +1938,15 @@ class _Tentative:
             self.search.move(name, at[1], r + OVERDUE_SECONDS)
         return True
 
-    def _unpark(self, name: str, grants: dict[int, Decision]) -> None:
-        """A release on `name`: the requests parked there for one go out now (`parked`)."""
-        for key, slot, finish in self.parked.pop(name):
+    def _unpark(self, name: str, r: float, grants: dict[int, Decision]) -> None:
+        """A release on `name` at `r`: the requests parked there for one go out now (`parked`)."""
+        for key, slot, finish, parked in self.parked.pop(name):
             self.waiting.discard(key)
             self.holds[(name, slot)] = self.groups[key]
             grants[key] = name
             self.in_flight[name] += 1
-            self.ends[name][slot] = finish
+            self.ends[name][slot] = finish + r - parked
+            self._shift(name, slot, r - parked)
 
     def _release(self, name: str, r: float, grants: dict[int, Decision]) -> bool:
         """The slot of `name` expected to end nearest `r` ended: its first reservation starts, or it waits idle.
@@ -2052,7 +2054,7 @@ class _Tentative:
             if not lands and self.switches:
                 self.stale = True  # it waits for the release due any moment; that event plans the queue afresh
             elif not lands:
-                self.parked.setdefault(name, []).append((key, fit.slot, fit.finish))
+                self.parked.setdefault(name, []).append((key, fit.slot, fit.finish, r))
                 self.groups[key] = _group(entry.req)
                 self.waiting.add(key)
             elif starts:

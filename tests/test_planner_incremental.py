@@ -227,11 +227,15 @@ def test_kept_plan_holds_a_grant_that_would_not_land_for_its_servers_release_wit
     assert planner.plan(loads, 1.0, caches=caches) == {}  # q's first request waits for x's slot 0
     assert planner.plan(loads, 1.01, caches=caches) == {}  # nothing changed: nothing planned again
     assert planner.fresh_plans == 1
+    kept = planner._kept
+    assert kept is not None
+    ((key, slot, finish, _),) = kept.parked["x"]
     caches["x"][0] = SlotState("m", caches["x"][0].chain, caches["x"][0].tokens, None)
     loads[0] = loads[0].model_copy(update={"in_flight": 0})
     got = planner.plan(loads, 1.05, caches=caches)  # x's slot 0 ended: its next request starts, then the held one
-    assert list(got.items())[-1] == (1, "x") and len(got) == 2 and set(got.values()) == {"x"}
+    assert list(got.items())[-1] == (key, "x") == (1, "x") and len(got) == 2 and set(got.values()) == {"x"}
     assert planner.fresh_plans == 1
+    assert kept.ends["x"][slot] == pytest.approx(finish + 0.05)  # it started when it went out, 50 ms late
 
 
 def test_a_grant_that_would_not_land_is_planned_afresh_at_the_next_event_while_that_is_cheap() -> None:
