@@ -676,9 +676,14 @@ def _longest_first(
     return sorted(live, key=key)
 
 
-def _warm_first(order: list[_T], req_of: Callable[[_T], LeaseRequest], servers: Mapping[str, _Server]) -> list[_T]:
+def _warm_first(
+    order: list[_T],
+    req_of: Callable[[_T], LeaseRequest],
+    servers: Mapping[str, _Server],
+    queued: Mapping[str, int] | None = None,
+) -> list[_T]:
     """`order` with, per prefix group (`_group`), as many of its requests as free slots hold its prefix moved to the
-    front, in their order.
+    front, in their order. `queued`: the requests of `order` per group, when the caller keeps that count.
 
     Why: the server gives a request the free slot with the longest common
     prefix and, on a tie, the lowest-numbered one (`lands_as_planned`). When
@@ -706,17 +711,24 @@ def _warm_first(order: list[_T], req_of: Callable[[_T], LeaseRequest], servers: 
     if not idle:
         return order
     holding = Counter(_slot_group(slot) for server in servers.values() for slot in server.slots if slot.chain)
-    queued = Counter(_group(req_of(item)) for item in order)
+    if queued is None:
+        queued = Counter(_group(req_of(item)) for item in order)
     groups = [(_slot_group(slot), tie) for slot, tie in idle]
-    free = Counter(group for group, tie in groups if tie or queued[group] <= holding[group])
-    if not free:
+    free = Counter(group for group, tie in groups if tie or queued.get(group, 0) <= holding[group])
+    for group in free:
+        free[group] = min(free[group], queued.get(group, 0))  # so the scan ends once every one is found
+    need = sum(free.values())
+    if not need:
         return order
     first: list[_T] = []
     rest: list[_T] = []
-    for item in order:
+    for at, item in enumerate(order):
+        if not need:
+            return first + rest + order[at:]
         group = _group(req_of(item))
         if free[group] > 0:
             free[group] -= 1
+            need -= 1
             first.append(item)
         else:
             rest.append(item)
@@ -1562,7 +1574,10 @@ class Planner:
         if not any(cands.values()) or not any(has_capacity(s) for s in measured):
             return refused
         servers = _virtual_slots(measured, speeds, {}, caches or {})
-        ranks = _warm_first(list(self._order(speeds, servers)), lambda rank: self.entries[rank[-1]].req, servers)
+        queued = {group: work.count for group, work in self.groups.items()}
+        ranks = _warm_first(
+            list(self._order(speeds, servers)), lambda rank: self.entries[rank[-1]].req, servers, queued
+        )
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
         placement = _placement(self.groups, servers, speeds, self.affinity, demand)
