@@ -216,6 +216,7 @@ class LoadBalancer:
             drift=LIVE_SPEED_DRIFT,
         )
         self.leases: dict[str, _Lease] = {}
+        self._on: dict[str, dict[str, _Lease]] = {name: {} for name in self.servers}  # `leases` by server
         self.groups = GroupServers()
         self.keyed: dict[str, str] = {}
         self.pending: dict[str, _Waiter] = {}
@@ -448,6 +449,7 @@ class LoadBalancer:
         lease = self.leases.pop(done.lease_id, None)
         if lease is None:
             return self._orphan(done.lease_id)
+        self._on[lease.server].pop(done.lease_id, None)
         try:
             self._settle(done, lease, time.monotonic())
         except Exception:
@@ -555,7 +557,7 @@ class LoadBalancer:
         self._rows.pop(name, None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
         start = now + _left(ahead, now) if ahead else now
-        self.leases[lease_id] = _Lease(
+        self.leases[lease_id] = self._on[name][lease_id] = _Lease(
             name, start, expected, placed, waiter.key, behind=ahead_id, issued=now, ask=waiter.ask
         )
         if ahead_id:
@@ -571,7 +573,7 @@ class LoadBalancer:
 
     def _drain(self, name: str, now: float) -> float:
         """Expected seconds until every request in flight on `name` has ended (0 once overdue)."""
-        return max((_left(lease, now) for lease in self.leases.values() if lease.server == name), default=0.0)
+        return max((_left(lease, now) for lease in self._on[name].values()), default=0.0)
 
     def _caches(self, now: float) -> dict[str, list[SlotState]]:
         """Per server, each slot's prefix cache and, when busy, its request's expected remaining seconds."""
