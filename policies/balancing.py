@@ -866,12 +866,11 @@ def _fit(
     demand: _Demand,
     lanes: frozenset[int] | None = None,
     spill: tuple[frozenset[int], float] | None = None,
-    share: tuple[int, float] | None = None,
 ) -> _Fit | None:
     """The slot of `server` where `req` scores best, counting a model switch and each slot's cached prefix;
     only among `lanes` when given (the slots the placement gives `req`'s group), and of `spill` = (slots open to
     it only as spare capacity, the time its group's own slots could start it) not one it would take cold and finish
-    on after that. `share`: `demand`'s (fleet_match, busy) for `req`, when the caller tries many servers for it."""
+    on after that."""
     if not server.slots or (lanes is not None and not lanes):
         return None
     switch = affinity and server.resident is not None and req.model not in server.resident
@@ -885,7 +884,7 @@ def _fit(
         ready = server.ready_at
     tokens = _tokens(req)
     taken = _server_pick(server, req)
-    held, busy = share if share is not None else (demand.fleet_match(req), demand.busy())
+    held, share = demand.fleet_match(req), demand.busy()
     best: _Fit | None = None
     for i, slot in enumerate(server.slots):
         if (slot.free_at <= 0.0 and i != taken) or (lanes is not None and i not in lanes):
@@ -895,7 +894,7 @@ def _fit(
         finish = start + speed.seconds(tokens, max(0, req.prompt_tokens - cached))
         if spill is not None and i in spill[0] and finish > spill[1] and cached < _head_tokens(req):
             continue  # cold, and no sooner done than on its group's own slots: see `_spill`
-        copied = busy * max(0, held - cached)
+        copied = share * max(0, held - cached)
         score = finish + penalty + speed.prefill * (demand.lost(slot, req, cached) + copied)
         if best is None or (score, finish, start) < (best.score, best.finish, best.start):
             best = _Fit(score, finish, start, i, switch)
@@ -1752,7 +1751,6 @@ class _BestFit:
         best: tuple[str, _Fit] | None = None
         ties = 0
         start: float | None = None  # `_lane_start`, found once a server's slots are looked at
-        share = (demand.fleet_match(req), demand.busy())  # the same on every server
         for earliest, name in self.ranked:
             if best is not None and earliest + floor > best[1].score:
                 break
@@ -1762,7 +1760,7 @@ class _BestFit:
             if placement is not None and start is None:
                 start = _lane_start(placement, req, self.servers)
             spill = _spill(placement, req, name, lanes, start) if placement is not None and start is not None else None
-            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand, lanes, spill, share)
+            fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand, lanes, spill)
             if fit is None:
                 continue
             rank = (fit.score, fit.finish, fit.start)
