@@ -216,6 +216,7 @@ class LoadBalancer:
             drift=LIVE_SPEED_DRIFT,
         )
         self.leases: dict[str, _Lease] = {}
+        self._on: dict[str, dict[str, _Lease]] = {name: {} for name in self.servers}  # `leases` by server
         self.groups = GroupServers()
         self.keyed: dict[str, str] = {}
         self.pending: dict[str, _Waiter] = {}
@@ -232,6 +233,7 @@ class LoadBalancer:
         self._soon: asyncio.Handle | None = None  # the round planned for the releases since the last one
         self._planned_at = 0.0  # monotonic seconds of the last planning round
         self._rows: dict[str, tuple[ServerLoad, float]] = {}  # `_table`'s rows, each with when the clock changes it
+        self._shown_rows: dict[str, tuple[ServerLoad, ServerLoad]] = {}  # `_shown`: a `_table` row, and as shown
         self._next_due: float | None = None  # monotonic seconds when the next running lease becomes due
         self._ahead: dict[str, str] = {}  # lease id -> the early grant waiting behind it on its slot
         self._opened: dict[str, str] = {}  # server -> the due lease whose slot the last view showed free
@@ -447,6 +449,7 @@ class LoadBalancer:
         lease = self.leases.pop(done.lease_id, None)
         if lease is None:
             return self._orphan(done.lease_id)
+        self._on[lease.server].pop(done.lease_id, None)
         try:
             self._settle(done, lease, time.monotonic())
         except Exception:
@@ -554,7 +557,7 @@ class LoadBalancer:
         self._rows.pop(name, None)
         expected = planned_seconds(row, waiter.req, loads, self.team.balancer.model_affinity, placed.cached)
         start = now + _left(ahead, now) if ahead else now
-        self.leases[lease_id] = _Lease(
+        self.leases[lease_id] = self._on[name][lease_id] = _Lease(
             name, start, expected, placed, waiter.key, behind=ahead_id, issued=now, ask=waiter.ask
         )
         if ahead_id:
@@ -570,7 +573,7 @@ class LoadBalancer:
 
     def _drain(self, name: str, now: float) -> float:
         """Expected seconds until every request in flight on `name` has ended (0 once overdue)."""
-        return max((_left(lease, now) for lease in self.leases.values() if lease.server == name), default=0.0)
+        return max((_left(lease, now) for lease in self._on[name].values()), default=0.0)
 
     def _caches(self, now: float) -> dict[str, list[SlotState]]:
         """Per server, each slot's prefix cache and, when busy, its request's expected remaining seconds."""
@@ -608,9 +611,18 @@ class LoadBalancer:
             )
             if opened:
                 self._opened[row.name] = due[row.name][1]
-            in_flight = row.in_flight - behind[row.name] - opened
-            rows.append(row.model_copy(update={"in_flight": in_flight}) if in_flight != row.in_flight else row)
+            rows.append(self._shown(row, row.in_flight - behind[row.name] - opened))
         return rows, partial(self._open_caches, now, dict(self._opened))
+
+    def _shown(self, row: ServerLoad, in_flight: int) -> ServerLoad:
+        """`row` with `in_flight` slots in flight, the same object while neither changes: copying a row per round
+        was a twentieth of the balancer's time, and a kept plan checks a new row's speeds for drift."""
+        if in_flight == row.in_flight:
+            return row
+        kept = self._shown_rows.get(row.name)
+        if kept is None or kept[0] is not row or kept[1].in_flight != in_flight:
+            kept = self._shown_rows[row.name] = (row, row.model_copy(update={"in_flight": in_flight}))
+        return kept[1]
 
     def _table(self, now: float) -> list[ServerLoad]:
         """The load table the planners read, each row kept until an event on its server or the clock changes it

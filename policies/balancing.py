@@ -676,9 +676,14 @@ def _longest_first(
     return sorted(live, key=key)
 
 
-def _warm_first(order: list[_T], req_of: Callable[[_T], LeaseRequest], servers: Mapping[str, _Server]) -> list[_T]:
+def _warm_first(
+    order: list[_T],
+    req_of: Callable[[_T], LeaseRequest],
+    servers: Mapping[str, _Server],
+    queued: Mapping[str, int] | None = None,
+) -> list[_T]:
     """`order` with, per prefix group (`_group`), as many of its requests as free slots hold its prefix moved to the
-    front, in their order.
+    front, in their order. `queued`: the requests of `order` per group, when the caller keeps that count.
 
     Why: the server gives a request the free slot with the longest common
     prefix and, on a tie, the lowest-numbered one (`lands_as_planned`). When
@@ -706,17 +711,24 @@ def _warm_first(order: list[_T], req_of: Callable[[_T], LeaseRequest], servers: 
     if not idle:
         return order
     holding = Counter(_slot_group(slot) for server in servers.values() for slot in server.slots if slot.chain)
-    queued = Counter(_group(req_of(item)) for item in order)
+    if queued is None:
+        queued = Counter(_group(req_of(item)) for item in order)
     groups = [(_slot_group(slot), tie) for slot, tie in idle]
-    free = Counter(group for group, tie in groups if tie or queued[group] <= holding[group])
-    if not free:
+    free = Counter(group for group, tie in groups if tie or queued.get(group, 0) <= holding[group])
+    for group in free:
+        free[group] = min(free[group], queued.get(group, 0))  # so the scan ends once every one is found
+    need = sum(free.values())
+    if not need:
         return order
     first: list[_T] = []
     rest: list[_T] = []
-    for item in order:
+    for at, item in enumerate(order):
+        if not need:
+            return first + rest + order[at:]
         group = _group(req_of(item))
         if free[group] > 0:
             free[group] -= 1
+            need -= 1
             first.append(item)
         else:
             rest.append(item)
@@ -1428,6 +1440,7 @@ class Planner:
         self._ranked_for: tuple[float, frozenset[str] | None] = (0.0, None)
         self._kept: _Tentative | None = None  # the last plan, continued while the fleet follows it
         self._grouped: dict[int, _Entry] = {}  # entries with a diversity group: `regroup` reads only these
+        self.fresh_plans = 0  # peak_ewma plans of the whole queue from scratch: what an event costs when not kept
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -1553,13 +1566,17 @@ class Planner:
         yet measured can serve waits for its probe's answer, it is not refused.
         """
         self._kept = None
+        self.fresh_plans += 1
         refused, cands = self._eligibility(loads)
         unmeasured = {s.name for s in loads if not speeds[s.name].measured}
         cands = {elig: names - unmeasured for elig, names in cands.items()}
         if not any(cands.values()) or not any(has_capacity(s) for s in measured):
             return refused
         servers = _virtual_slots(measured, speeds, {}, caches or {})
-        ranks = _warm_first(list(self._order(speeds, servers)), lambda rank: self.entries[rank[-1]].req, servers)
+        queued = {group: work.count for group, work in self.groups.items()}
+        ranks = _warm_first(
+            list(self._order(speeds, servers)), lambda rank: self.entries[rank[-1]].req, servers, queued
+        )
         demand = _Demand(_Counts(self.prefixes), _Counts(self.models), servers)
         search = _BestFit(servers, speeds, self.affinity, self.rng)
         placement = _placement(self.groups, servers, speeds, self.affinity, demand)
@@ -1821,7 +1838,10 @@ class _Tentative:
     server's eligibility, slots or models changed, its speeds drifted by more
     than SPEED_DRIFT (`drift`), or after `events` events (`Planner.keep`) once `keep_seconds` have passed. A request that
     arrives meanwhile joins the order when it ranks behind every request planned
-    so far (`admit`): those reservations stand whatever it is.
+    so far (`admit`): those reservations stand whatever it is. A request that
+    would not land on its free slot (`lands_as_planned`) waits for its server's
+    next release (`parked`) rather than the whole queue being planned again at
+    that event, unless planning from scratch is cheap (`switches`).
     """
 
     def __init__(
@@ -1862,7 +1882,11 @@ class _Tentative:
         self.holds = {  # the prefix group each slot's cache holds now (None: nothing)
             (n, i): _slot_group(s) if s.chain else None for n, sv in servers.items() for i, s in enumerate(sv.slots)
         }
-        self.switches = switches  # a release that would switch a slot's group is planned afresh
+        self.switches = switches  # cheap to plan afresh: where a plan from scratch would decide otherwise, it does
+        # Per server, requests that would not have landed on their free slot: (key, slot, expected finish, when
+        # parked), granted at the server's next release (the one `lands_as_planned` waited for, or another: the
+        # server then picks), their slot's line shifted by the wait.
+        self.parked: dict[str, list[tuple[int, int, float, float]]] = {}
         self.stale = False
 
     def admit(self, key: int, rank: tuple[object, ...], elig: object) -> bool:
@@ -1894,20 +1918,48 @@ class _Tentative:
         if self.stale or (self.events < 0 and r >= self.keep_seconds) or len(loads) != len(self.rows):
             return None
         grants: dict[int, Decision] = {}
+        released = []
         for row in loads:
             base = self.rows.get(row.name)
             if base is None or (row is not self.seen[row.name] and _drifted(row, base, self.drift)):
                 return None
             self.seen[row.name] = row
             gap = self.in_flight[row.name] - row.in_flight
-            if gap < 0:
+            if gap < 0 and not self._reoccupy(row.name, -gap, r):
                 return None
             self.in_flight[row.name] = row.in_flight
             for _ in range(gap):
                 if not self._release(row.name, r, grants):
                     return None
+            if gap > 0 and row.name in self.parked:
+                released.append(row.name)
         grants.update(self.extend(entries, r))
+        for name in released:  # after the slots' own lines and the new starts: those are the warm ones
+            self._unpark(name, r, grants)
         return grants
+
+    def _reoccupy(self, name: str, count: int, r: float) -> bool:
+        """`count` slots of `name` the plan saw released are busy again (the balancer's early slot closed: its
+        request ran too far past its estimate, `due_soon`): idle ones of the plan's become busy for OVERDUE_SECONDS
+        more. False when the plan has not that many idle there (it started requests on them): plan afresh."""
+        idle = sorted(at for at in self.idle if at[0] == name)[:count]
+        if len(idle) < count:
+            return False
+        for at in idle:
+            self.idle.discard(at)
+            self.ends[name][at[1]] = r + OVERDUE_SECONDS
+            self.search.move(name, at[1], r + OVERDUE_SECONDS)
+        return True
+
+    def _unpark(self, name: str, r: float, grants: dict[int, Decision]) -> None:
+        """A release on `name` at `r`: the requests parked there for one go out now (`parked`)."""
+        for key, slot, finish, parked in self.parked.pop(name):
+            self.waiting.discard(key)
+            self.holds[(name, slot)] = self.groups[key]
+            grants[key] = name
+            self.in_flight[name] += 1
+            self.ends[name][slot] = finish + r - parked
+            self._shift(name, slot, r - parked)
 
     def _release(self, name: str, r: float, grants: dict[int, Decision]) -> bool:
         """The slot of `name` expected to end nearest `r` ended: its first reservation starts, or it waits idle.
@@ -2012,8 +2064,12 @@ class _Tentative:
                 slots = self.servers[name].slots
                 self.idle -= {(name, i) for i, slot in enumerate(slots) if slot.free_at > r}
             self.idle.discard(at)
-            if not lands:
+            if not lands and self.switches:
                 self.stale = True  # it waits for the release due any moment; that event plans the queue afresh
+            elif not lands:
+                self.parked.setdefault(name, []).append((key, fit.slot, fit.finish, r))
+                self.groups[key] = _group(entry.req)
+                self.waiting.add(key)
             elif starts:
                 grants[key] = name
                 self.in_flight[name] += 1

@@ -178,3 +178,83 @@ def test_live_kept_plan_shifts_a_release_that_comes_off_schedule_instead_of_plan
     kept = far.planner._kept
     _plan(far, far.release(early=0.02))
     assert far.planner._kept is not kept
+
+
+def _landing_case(queued: int, servers: int) -> tuple[Planner, list[ServerLoad], dict[str, list[SlotState]]]:
+    """Server x: slot 0 ends any moment holding role p's prompt, slot 1 free and empty; `servers` more busy for
+    5 s. Role q's requests rank first: one sent to x's free slot now would land on slot 0 if that slot were free at
+    the server by then (the lowest of two cold slots), overwriting role p's prompt, which the queue still needs."""
+    p, q = signature(["role p " * 100]), signature(["role q " * 100])
+
+    def row(name: str, busy: int) -> ServerLoad:
+        return ServerLoad(
+            name=name,
+            slots=2,
+            effective_slots=2,
+            in_flight=busy,
+            models_present=["m"],
+            models_loaded=["m"],
+            ewma_token_seconds=0.01,
+            ewma_ttft=0.05,
+            ewma_prefill_seconds=0.001,
+        )
+
+    others = [f"s{i}" for i in range(servers)]
+    loads = [row("x", 1)] + [row(name, 2) for name in others]
+    caches = {"x": [SlotState("m", p.chain, p.tokens, 0.01), SlotState(None, (), (), None)]}
+    for name in others:
+        caches[name] = [SlotState("m", p.chain, p.tokens, 5.0), SlotState("m", q.chain, q.tokens, 5.0)]
+    planner = Planner("peak_ewma")
+    for key in range(queued):
+        role = (p, q)[key % 2]
+        req = LeaseRequest(
+            model="m",
+            expected_tokens=50,
+            priority=key % 2,
+            prefix=[*role.chain, f"task {key}"],
+            prefix_tokens=[*role.tokens, role.tokens[-1] + 5],
+            prompt_tokens=role.tokens[-1] + 5,
+        )
+        planner.add(key, req, 0.0)
+    return planner, loads, caches
+
+
+def test_kept_plan_holds_a_grant_that_would_not_land_for_its_servers_release_without_planning_again() -> None:
+    # 200 queued x 21 servers: planning from scratch is not cheap (CHEAP_REPLAN_WORK). The grant that would not
+    # land waits for x's next release; the events before it keep the plan (it had planned the queue afresh at
+    # every event until then: on 100 servers x 10,000 queued, half of the balancer actor's events).
+    planner, loads, caches = _landing_case(200, 20)
+    assert planner.plan(loads, 1.0, caches=caches) == {}  # q's first request waits for x's slot 0
+    assert planner.plan(loads, 1.01, caches=caches) == {}  # nothing changed: nothing planned again
+    assert planner.fresh_plans == 1
+    kept = planner._kept
+    assert kept is not None
+    ((key, slot, finish, _),) = kept.parked["x"]
+    caches["x"][0] = SlotState("m", caches["x"][0].chain, caches["x"][0].tokens, None)
+    loads[0] = loads[0].model_copy(update={"in_flight": 0})
+    got = planner.plan(loads, 1.05, caches=caches)  # x's slot 0 ended: its next request starts, then the held one
+    assert list(got.items())[-1] == (key, "x") == (1, "x") and len(got) == 2 and set(got.values()) == {"x"}
+    assert planner.fresh_plans == 1
+    assert kept.ends["x"][slot] == pytest.approx(finish + 0.05)  # it started when it went out, 50 ms late
+
+
+def test_a_grant_that_would_not_land_is_planned_afresh_at_the_next_event_while_that_is_cheap() -> None:
+    planner, loads, caches = _landing_case(40, 4)  # 40 x 5 servers
+    assert planner.plan(loads, 1.0, caches=caches) == {}
+    planner.plan(loads, 1.01, caches=caches)
+    assert planner.fresh_plans == 2
+
+
+def test_kept_plan_takes_back_an_idle_slot_the_balancer_shows_busy_again_without_planning_again() -> None:
+    # The balancer showed x's due request's slot free (an early slot), then busy again once that request ran too
+    # far past its estimate: the slot the plan had left idle is busy a while longer, the rest of the plan stands.
+    planner, loads, caches = _landing_case(200, 20)
+    for key in range(200):  # every request pinned to s0: nothing is planned on x
+        planner.remove(key)
+        planner.add(key, LeaseRequest(model="m", expected_tokens=50, server="s0"), 0.0)
+    assert planner.plan(loads, 1.0, caches=caches) == {}
+    loads[0] = loads[0].model_copy(update={"in_flight": 0})
+    assert planner.plan(loads, 1.01, caches=caches) == {}  # x's slot 0 freed: idle in the plan
+    loads[0] = loads[0].model_copy(update={"in_flight": 1})
+    assert planner.plan(loads, 1.02, caches=caches) == {}  # busy again
+    assert planner.fresh_plans == 1
