@@ -40,7 +40,10 @@ hash affinity (each specialist pinned to one server by a hash of its role
 prompt, the "session affinity" of gateways; run through teamorch with
 `server:` set on its tasks) and LiteLLM's Router (default strategy) when
 installed. Each router starts from cold servers (every prefix cache empty,
-models as configured).
+models as configured). On the shared-prefix fleets `peak_ewma` also runs a
+second time starting from the fleet memory its first run saved (a long-lived
+team, or the next `teamorch run`): its own row, "from fleet memory"; the
+first `peak_ewma` row is a first run ever, every server unmeasured.
 
 Run: `.venv/bin/python -m benchmarks.prefix` (part of `make bench`).
 """
@@ -54,10 +57,12 @@ import itertools
 import math
 import random
 import sys
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
@@ -491,11 +496,24 @@ def _measure(fleet: Fleet, router: str, makespan: float, ok: int, total: int) ->
     )
 
 
-def run_teamorch(fleet: Fleet, work: Workload, plan: list[Task], policy: str, pin: dict[str, str] | None = None) -> Run:
+def run_teamorch(
+    fleet: Fleet,
+    work: Workload,
+    plan: list[Task],
+    policy: str,
+    pin: dict[str, str] | None = None,
+    memory: Path | None = None,
+) -> Run:
+    """`memory`: the team's fleet memory file: the run saves what it learned there and, if the file is there
+    already (a previous run's), starts from it; its row then says so."""
     from teamorch import api  # Ray only where a router runs: `benchmarks.replay` and its fast test use the workloads
 
     fleet.reset()
-    coordinator = api.start_coordinator(sim_team(fleet, work.specialists, policy))
+    team = sim_team(fleet, work.specialists, policy)
+    recalled = memory is not None and memory.exists()
+    if memory is not None:
+        team = team.model_copy(update={"balancer": team.balancer.model_copy(update={"fleet_memory": str(memory)})})
+    coordinator = api.start_coordinator(team)
     try:
         started = time.monotonic()
         report = api.execute(coordinator, _plan(work, plan, pin))
@@ -504,7 +522,7 @@ def run_teamorch(fleet: Fleet, work: Workload, plan: list[Task], policy: str, pi
         api.stop_coordinator(coordinator)
     ok = sum(1 for t in report.tasks if t.status == "succeeded")
     name = "hash affinity (teamorch, pinned)" if pin else f"teamorch {policy}"
-    return _measure(fleet, name, makespan, ok, len(report.tasks))
+    return _measure(fleet, name + (", from fleet memory" if recalled else ""), makespan, ok, len(report.tasks))
 
 
 def affinity(work: Workload, fleet: Fleet) -> dict[str, str]:
@@ -548,7 +566,9 @@ def run_litellm(fleet: Fleet, work: Workload, plan: list[Task]) -> Run:
     return _measure(fleet, "LiteLLM Router (simple-shuffle)", makespan, ok, len(plan))
 
 
-ROUTERS = ("peak_ewma", "round_robin", "affinity", "litellm")
+# "memory": peak_ewma again, starting from the fleet memory the first peak_ewma run saved (shared prefix only), as a
+# long-lived team or a second `teamorch run` would; its own row, the cold one is kept.
+ROUTERS = ("peak_ewma", "memory", "round_robin", "affinity", "litellm")
 
 
 def run_workload(
@@ -557,11 +577,14 @@ def run_workload(
     plan = tasks(work)
     bound = (prefix_bound if work.prefill_tps else model_bound)(work, shapes, plan)
     runs: list[Run] = []
-    with Fleet(configs(work, shapes)) as fleet:
+    with tempfile.TemporaryDirectory() as tmp, Fleet(configs(work, shapes)) as fleet:
+        memory = Path(tmp) / "fleet.json" if work.prefill_tps else None  # none yet: the first run starts cold
         jobs: list[tuple[str, Any]] = [
-            ("peak_ewma", lambda: run_teamorch(fleet, work, plan, "peak_ewma")),
+            ("peak_ewma", lambda: run_teamorch(fleet, work, plan, "peak_ewma", memory=memory)),
             ("round_robin", lambda: run_teamorch(fleet, work, plan, "round_robin")),
         ]
+        if memory is not None and "peak_ewma" in routers:
+            jobs.insert(1, ("memory", lambda: run_teamorch(fleet, work, plan, "peak_ewma", memory=memory)))
         if with_pin:
             jobs.append(("affinity", lambda: run_teamorch(fleet, work, plan, "peak_ewma", affinity(work, fleet))))
         if "litellm" in routers:
