@@ -29,7 +29,7 @@ on it, to show the targets on a second, differently shaped setup: four
 servers at 1.25x, 1x, 1x, 0.75x (a narrow spread where B's is 4x) and twice
 the tasks per specialist (128, the same skew), so that each cold prefill is
 shared by more requests; its hit floor is 1.125x the bound (with 64 tasks
-this fleet's is 1.25x, too close to 1.3x to show anything; fleets with more
+this fleet's is 1.24x, too close to 1.3x to show anything; fleets with more
 servers were left out because their exact hit floor takes half a minute).
 
 Every fleet of a workload scales every rate of a server by one speed factor
