@@ -57,8 +57,8 @@ from benchmarks.prefix import (
     model_bound,
     multi_model_workload,
     prefix_bound,
+    prefix_workload,
     prompt_of,
-    shared_prefix_workload,
     tasks,
 )
 from teamorch.config import RetryConfig, ServerConfig, SpecialistConfig
@@ -519,7 +519,7 @@ class Case:
 def cases() -> Iterator[Case]:
     """Every (workload, fleet) of `benchmarks.prefix`."""
     for label, shapes in PREFIX_FLEETS.items():
-        yield Case("shared prefix", label, shared_prefix_workload(), shapes)
+        yield Case("shared prefix", label, prefix_workload(label), shapes)
     for label, (shapes, models) in MODEL_FLEETS.items():
         yield Case(f"multi-model ({models})", label, multi_model_workload(models), shapes)
 

@@ -894,7 +894,12 @@ def _fit(
         finish = start + speed.seconds(tokens, max(0, req.prompt_tokens - cached))
         if spill is not None and i in spill[0] and finish > spill[1] and cached < _head_tokens(req):
             continue  # cold, and no sooner done than on its group's own slots: see `_spill`
-        copied = share * max(0, held - cached)
+        # A slot whose lane holds the group was opened to it by the placement, which priced that copy already (each
+        # slot it opens costs the group's cold prefill there); charged again as lost capacity, it kept the second
+        # 0.5x slot the placement opened for a small group idle, and that group's work on one slot ended the run
+        # (prefix fleet B from fleet memory: 1.31x -> 1.14x the bound in the replay).
+        own = lanes is not None and (spill is None or i not in spill[0])
+        copied = 0.0 if own else share * max(0, held - cached)
         score = finish + penalty + speed.prefill * (demand.lost(slot, req, cached) + copied)
         if best is None or (score, finish, start) < (best.score, best.finish, best.start):
             best = _Fit(score, finish, start, i, switch)

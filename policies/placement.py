@@ -263,10 +263,16 @@ class _Packing:
         self.lanes.setdefault(i, []).append(key)
 
 
-def sticky(g: GroupWork, rate: Rate, bound: bool) -> bool:
+def sticky(g: GroupWork, rate: Rate, bound: bool, held: bool = False) -> bool:
     """Whether a cold start of `g` (prefill of its shared block, a load on a one-model server) costs at least
-    STICKY_FRACTION of one of its requests on a server of `rate`: only then is it worth keeping together."""
-    if g.count < 2:  # one request has nothing to be kept together with
+    STICKY_FRACTION of one of its requests on a server of `rate`: only then is it worth keeping together.
+
+    `held`: a slot holds its prefix. A lone request has nothing to be kept
+    together with, unless a slot holds its prefix: then which of those slots it
+    takes is placed like any work (`_fewest_warm`), or it takes the fastest
+    and a group placed there waits or goes cold elsewhere (prefix fleet B).
+    """
+    if g.count < 1 or (g.count < 2 and not held):
         return False
     cold = rate.prefill * g.shared + (rate.load if bound else 0.0)
     per_request = rate.work(g) / g.count
@@ -316,7 +322,8 @@ def _pack(table: _Table, makespan: float) -> Lanes | None:
     """
     p = _Packing(table, makespan)
     left = [1.0] * len(table.groups)
-    for gi, warm in enumerate(table.warm):
+    for gi, all_warm in enumerate(table.warm):
+        warm = _fewest_warm(p, gi, all_warm)
         until = min(makespan, _fill(p, gi, warm))
         for i in warm:
             part = p.doable(gi, i, until)
@@ -330,6 +337,27 @@ def _pack(table: _Table, makespan: float) -> Lanes | None:
     if free is not None and sum(max(0.0, makespan - used) / w for used, w in zip(p.used, free, strict=True)) < 1.0:
         return None
     return {(table.bins[i].host.name, slot): tuple(lane) for i, lane in p.lanes.items() for slot in table.bins[i].slots}
+
+
+def _fewest_warm(p: _Packing, gi: int, warm: Sequence[int]) -> Sequence[int]:
+    """Of the bins holding group `gi`, as many as it has requests, when it has fewer: those left fullest by one of
+    its requests (best fit, as `_cold_pieces`), if that many can do one by the makespan; else all of them.
+
+    Why: shared over more warm bins than it has requests, a group's last
+    request is split (on paper) over all of them, most of it on the fastest,
+    which then looks busy with it; the request goes there and a group that
+    needs that fast slot cold waits or goes to a slow one. Prefix fleet B: a
+    specialist's last request took the 2x slot (done sooner than on its warm
+    0.5x slot) and the last one of another paid its cold prefill there after
+    it, ending the run; on the 0.5x slot it would have ended as early as that
+    cold prefill, started at once on the 2x slot.
+    """
+    count = p.t.groups[gi][1].count
+    if len(warm) <= count:
+        return warm
+    room = sorted((p.makespan - p.used[i] - p.t.work[gi][i] / count, i) for i in warm)
+    fits = [i for r, i in room if r >= 0.0]
+    return fits[:count] if len(fits) >= count else warm
 
 
 def _fill(p: _Packing, gi: int, warm: Sequence[int]) -> float:
@@ -367,8 +395,9 @@ def place(groups: Mapping[str, GroupWork], hosts: Sequence[Host]) -> Assignment:
     if not hosts:
         return Assignment()
     mid = median_host(hosts)
+    held = {g for h in hosts for _, g in h.slots if g is not None}
     placed = sorted(
-        ((k, g) for k, g in groups.items() if sticky(g, mid.rate, mid.bound)),
+        ((k, g) for k, g in groups.items() if sticky(g, mid.rate, mid.bound, k in held)),
         key=lambda kg: (-statistics.median(h.rate.work(kg[1]) for h in hosts), kg[0]),
     )
     if not placed:

@@ -102,6 +102,21 @@ def test_cheap_prefixes_and_lone_requests_are_not_placed() -> None:
     assert not place(work({"x": 1}), [host("a", 1.0), host("b", 1.0)]).placed
 
 
+def test_a_lone_request_whose_prefix_two_slots_hold_takes_the_one_a_cold_group_does_not_need() -> None:
+    # The end of prefix fleet B: "sec" has one request left and two warm slots, the free 2x one and a 0.5x one
+    # busy for 0.2 s; "wri" has two left and one warm slot, a 0.5x one (a request there takes 0.6 s). Split over
+    # both warm slots on paper, sec's last request took the 2x slot and wri's last then paid its cold prefill there
+    # after it, ending the run. Placed, sec waits for its 0.5x slot and wri takes the 2x one cold at once.
+    hosts = [
+        Host("fast", rate(2.0), ((0.0, key("sec")), (0.1, key("aud")))),
+        Host("slow", rate(0.5), ((0.2, key("sec")), (0.2, key("wri")))),
+    ]
+    plan = place(work({"sec": 1, "wri": 2, "aud": 3}), hosts)
+    assert key("sec") in plan.placed
+    assert lanes_of(plan, key("sec")) == {("slow", 0)}
+    assert ("fast", 0) in lanes_of(plan, key("wri"))
+
+
 def test_a_one_model_server_is_one_bin_and_keeps_its_resident_model() -> None:
     groups: dict[str, GroupWork] = {}
     for model, n in (("a", 6), ("b", 6)):
