@@ -16,7 +16,7 @@ from benchmarks.prefix import (
     shared_prefix_workload,
     tasks,
 )
-from benchmarks.replay import Case, Replay, bound_of, cases, jobs, replay
+from benchmarks.replay import ORDERS_MOST, Case, Replay, bound_of, cases, jobs, orders, replay
 
 
 @pytest.mark.parametrize("case", list(cases()), ids=lambda c: f"{c.workload}-{c.label}")
@@ -115,3 +115,14 @@ def test_on_fleet_b_lone_requests_and_the_placed_slots_keep_the_fast_server_for_
     assert cold.hit_rate >= 0.85 and cold.makespan <= 1.23 * bound_of(case)
     warm = replay(case, live=True, memory=True)
     assert warm.hit_rate >= 0.85 and warm.makespan <= 1.2 * bound_of(case)
+
+
+def test_orders_lists_each_fleet_in_distinct_server_orders_capped_at_the_most() -> None:
+    """`--orders` judges a blind cold start over the servers' listed orders: distinct orders, every server in each."""
+    by_label = {c.label: c for c in cases() if c.workload.startswith("shared")}
+    b = orders(by_label["B"])
+    assert len({tuple(s.name for s in c.shapes) for c in b}) == 6
+    c = orders(by_label["C"])  # 120 orders of five servers: at most ORDERS_MOST of them, all distinct
+    names = [tuple(s.name for s in case.shapes) for case in c]
+    assert len(names) == len(set(names)) <= ORDERS_MOST
+    assert all(sorted(n) == sorted(s.name for s in by_label["C"].shapes) for n in names)
