@@ -22,8 +22,8 @@ import ray
 from ray import ObjectRef
 from ray.actor import ActorHandle
 
-from teamorch.actors import KeyedJobs, TurnBatch, await_ref
-from teamorch.actors.leases import LeaseClient
+from teamorch.actors import KeyedJobs, TurnBatch, await_ref, settle_heap
+from teamorch.actors.leases import SEND_SPACING, LeaseClient
 from teamorch.actors.server import ChatCall, ChatOutcome, ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
 from teamorch.errors import (
@@ -84,9 +84,11 @@ class Specialist:
         self._rng = random.Random(hash(config.name) & 0xFFFF)
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
         self._leases = LeaseClient(balancer)  # asks and releases batched per loop turn, grants by long poll
-        self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
+        # spaced as lease calls are: in a burst a turn held a few events, and each call costs both ends a message
+        self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report, SEND_SPACING)
         self._batched: KeyedJobs[TaskResult] = KeyedJobs()  # the tasks of `run_many` batches, by dispatch key
         self._chats = _Chats(servers)
+        settle_heap()
 
     async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
         """Run one task to a final status; never raises for server trouble.
@@ -263,10 +265,11 @@ class Specialist:
         """One request on `call`'s lease, recorded as an attempt (in the order calls started) and released."""
         server, index = call.lease.server, len(attempts)
         task_id, number = assignment.task.task_id, index + 1
-        self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         started_wall, call.started = time.time(), time.monotonic()
         attempts.append(Attempt(server=server, started_at=started_wall, ended_at=started_wall, outcome="running"))
         chat = self._chats.send(server, ChatCall(req=req, key=call.key, progress=self._progress_to(assignment, number)))
+        # told after the request is queued: both leave at the end of this turn, the request (on the task's path) first
+        self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         outcome: Outcome = "ok"
         error_text: str | None = None
         response: ChatResponse | None = None
