@@ -70,9 +70,10 @@ def settle_heap() -> None:
     httpx, their modules) that every full collection walks again, and a task
     allocates a few hundred containers (messages, futures, dicts), so the
     default thresholds ran a young collection every couple of tasks and a
-    full one every few hundred. Measured over 2,000 tasks on the simulator:
-    0.39 s of collection across the team's processes by default, 0.15 s with
-    the startup heap frozen, 0.06 s with the young threshold raised as well.
+    full one every few hundred. Measured over 2,000 tasks on the simulator
+    (`benchmarks.overhead`'s plans), in the coordinator, server actor and
+    specialist together: about 0.34 s of collection by default, 0.14 s with
+    the startup heap frozen, 0.09 s with the young threshold raised as well.
     Cycles are still collected, only less often; nothing frozen is garbage
     (collected first). Only in a Ray worker: a test that builds an actor
     class in its own process keeps its interpreter's settings.

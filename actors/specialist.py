@@ -23,7 +23,7 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 
 from teamorch.actors import KeyedJobs, TurnBatch, await_ref, settle_heap
-from teamorch.actors.leases import SEND_SPACING, LeaseClient
+from teamorch.actors.leases import LeaseClient
 from teamorch.actors.server import ChatCall, ChatOutcome, ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
 from teamorch.errors import (
@@ -84,8 +84,7 @@ class Specialist:
         self._rng = random.Random(hash(config.name) & 0xFFFF)
         self._restarting: dict[str, float] = {}  # server -> when its actor was first seen restarting
         self._leases = LeaseClient(balancer)  # asks and releases batched per loop turn, grants by long poll
-        # spaced as lease calls are: in a burst a turn held a few events, and each call costs both ends a message
-        self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report, SEND_SPACING)
+        self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
         self._batched: KeyedJobs[TaskResult] = KeyedJobs()  # the tasks of `run_many` batches, by dispatch key
         self._chats = _Chats(servers)
         settle_heap()
