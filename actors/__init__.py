@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -10,6 +12,9 @@ if TYPE_CHECKING:
     from ray import ObjectRef
 
 T = TypeVar("T")
+
+# Allocations (net of frees) between two young-generation collections in an actor process; Python's default is 700.
+GC_YOUNG_THRESHOLD = 7000
 
 
 class TurnBatch(Generic[T]):
@@ -56,6 +61,29 @@ class TurnBatch(Generic[T]):
         items, self._items, self._due = self._items, [], None
         self._sent, self._burst = asyncio.get_running_loop().time(), len(items) > 1
         self._send(items)
+
+
+def settle_heap() -> None:
+    """Freeze what an actor process holds once it is set up and collect its young objects less often.
+
+    An actor's startup leaves ~80,000 long-lived objects (Ray, pydantic,
+    httpx, their modules) that every full collection walks again, and a task
+    allocates a few hundred containers (messages, futures, dicts), so the
+    default thresholds ran a young collection every couple of tasks and a
+    full one every few hundred. Measured over 2,000 tasks on the simulator
+    (`benchmarks.overhead`'s plans), in the coordinator, server actor and
+    specialist together: about 0.34 s of collection by default, 0.14 s with
+    the startup heap frozen, 0.09 s with the young threshold raised as well.
+    Cycles are still collected, only less often; nothing frozen is garbage
+    (collected first). Only in a Ray worker: a test that builds an actor
+    class in its own process keeps its interpreter's settings.
+    """
+    if not os.environ.get("RAY_RAYLET_PID"):
+        return
+    gc.collect()
+    gc.freeze()
+    young, *older = gc.get_threshold()
+    gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), *older)
 
 
 async def await_ref(ref: ObjectRef[T]) -> T:

@@ -22,7 +22,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from teamorch.actors import await_ref
+from teamorch.actors import await_ref, settle_heap
 from teamorch.actors.balancer import LoadBalancer
 from teamorch.actors.executor import PlanExecutor, RunRecorder, run_consensus
 from teamorch.actors.metrics import fleet_metrics
@@ -99,6 +99,7 @@ class Coordinator:
         self._started = False
         # Header values are credentials (the expanded `${ENV}`): scrubbed from every journal, on disk or not.
         self._secrets = [v for s in self.team.servers for v in s.headers.values() if len(v) >= MIN_SECRET_LENGTH]
+        settle_heap()
 
     # ---- lifecycle -----------------------------------------------------------------------
 

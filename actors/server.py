@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 from pydantic import BaseModel, ConfigDict
 from ray.actor import ActorHandle
 
-from teamorch.actors import KeyedJobs
+from teamorch.actors import KeyedJobs, settle_heap
 from teamorch.actors.backends import TokenSink, make_backend
 from teamorch.config import ServerConfig
 from teamorch.errors import ServerError
@@ -103,6 +103,7 @@ class ModelServer:
         self.gate = asyncio.Semaphore(config.slots)
         self._batched: KeyedJobs[ChatResponse] = KeyedJobs()  # the calls of `chat_many` batches, by key
         self._watch_raylet()
+        settle_heap()
 
     def _watch_raylet(self) -> None:
         """Exit as soon as this node's raylet is gone, so no box keeps generating answers nobody will record.

@@ -22,7 +22,7 @@ import ray
 from ray import ObjectRef
 from ray.actor import ActorHandle
 
-from teamorch.actors import KeyedJobs, TurnBatch, await_ref
+from teamorch.actors import KeyedJobs, TurnBatch, await_ref, settle_heap
 from teamorch.actors.leases import LeaseClient
 from teamorch.actors.server import ChatCall, ChatOutcome, ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
@@ -87,6 +87,7 @@ class Specialist:
         self._events: TurnBatch[tuple[str, LiveEvent]] = TurnBatch(self._report)
         self._batched: KeyedJobs[TaskResult] = KeyedJobs()  # the tasks of `run_many` batches, by dispatch key
         self._chats = _Chats(servers)
+        settle_heap()
 
     async def run(self, assignment: Assignment, dispatch: str | None = None) -> TaskResult:
         """Run one task to a final status; never raises for server trouble.
@@ -263,10 +264,11 @@ class Specialist:
         """One request on `call`'s lease, recorded as an attempt (in the order calls started) and released."""
         server, index = call.lease.server, len(attempts)
         task_id, number = assignment.task.task_id, index + 1
-        self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         started_wall, call.started = time.time(), time.monotonic()
         attempts.append(Attempt(server=server, started_at=started_wall, ended_at=started_wall, outcome="running"))
         chat = self._chats.send(server, ChatCall(req=req, key=call.key, progress=self._progress_to(assignment, number)))
+        # told after the request is queued: both leave at the end of this turn, the request (on the task's path) first
+        self._tell(assignment, TaskStarted(task_id=task_id, server=server, attempt=number))
         outcome: Outcome = "ok"
         error_text: str | None = None
         response: ChatResponse | None = None

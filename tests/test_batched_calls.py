@@ -117,3 +117,20 @@ def test_a_server_actor_killed_mid_batch_fails_each_call_as_ray_fails_a_call_alo
     # back-pressure or failover exactly as before.
     assert isinstance(answers[0], ray.exceptions.RayActorError), answers
     assert [type(answer) for answer in answers] == [type(answers[0])] * 3
+
+
+def _heap(_actor: object) -> tuple[int, int]:
+    import gc
+
+    return gc.get_freeze_count(), gc.get_threshold()[0]
+
+
+def test_an_actor_process_settles_its_heap_once_set_up(sims, ray_cluster) -> None:
+    """A Ray worker's startup heap is frozen and its young threshold raised (`settle_heap`), so the per-task
+    garbage collections stop walking Ray's and pydantic's objects; measured in the actor's own process."""
+    from teamorch.actors import GC_YOUNG_THRESHOLD
+
+    server = _server(sims(name="a", slots=1), slots=1)
+    frozen, young = ray.get(server.__ray_call__.remote(_heap))
+    assert frozen > 10_000
+    assert young >= GC_YOUNG_THRESHOLD
