@@ -1941,15 +1941,31 @@ class _Tentative:
     def _reoccupy(self, name: str, count: int, r: float) -> bool:
         """`count` slots of `name` the plan saw released are busy again (the balancer's early slot closed: its
         request ran too far past its estimate, `due_soon`): idle ones of the plan's become busy for OVERDUE_SECONDS
-        more. False when the plan has not that many idle there (it started requests on them): plan afresh."""
+        more, then the slots its parked requests wait on (`parked`). False when the plan has not that many there
+        (it started requests on them): plan afresh."""
         idle = sorted(at for at in self.idle if at[0] == name)[:count]
-        if len(idle) < count:
+        parked = self.parked.get(name, [])
+        if len(idle) + len(parked) < count:
             return False
         for at in idle:
             self.idle.discard(at)
             self.ends[name][at[1]] = r + OVERDUE_SECONDS
             self.search.move(name, at[1], r + OVERDUE_SECONDS)
+        for _ in range(count - len(idle)):
+            self._rebook(name, parked.pop(0), r + OVERDUE_SECONDS)
+        if not parked:
+            self.parked.pop(name, None)
         return True
+
+    def _rebook(self, name: str, held: tuple[int, int, float, float], busy_until: float) -> None:
+        """A request parked on a slot that is busy again until `busy_until` heads that slot's line instead: it
+        starts at that slot's release, not at any release of its server (planning the queue afresh for it had
+        been half the plans from scratch of a 100-server balancer)."""
+        key, slot, finish, parked = held
+        delta = busy_until - parked
+        self._shift(name, slot, delta)  # its slot, and the line booked behind it, start that much later
+        self.booked.setdefault((name, slot), deque()).appendleft((key, finish + delta))
+        self.ends[name][slot] = busy_until
 
     def _unpark(self, name: str, r: float, grants: dict[int, Decision]) -> None:
         """A release on `name` at `r`: the requests parked there for one go out now (`parked`)."""
