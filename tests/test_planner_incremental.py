@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
 from benchmarks.scale import EventLoop, incremental, make_fleet, make_queue, reference, speed_classes
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import LeaseRequest, ServerLoad
-from teamorch.policies.balancing import OVERDUE_SECONDS, REPLAN_EVENTS, Planner, plan_dispatch
+from teamorch.policies.balancing import (
+    OVERDUE_SECONDS,
+    REPLAN_EVENTS,
+    Planner,
+    _BestFit,
+    _Counts,
+    _Demand,
+    _Server,
+    _Slot,
+    _Speed,
+    plan_dispatch,
+)
 from teamorch.policies.prefix import SlotState, signature
 
 
@@ -277,3 +289,26 @@ def test_kept_plan_books_a_parked_grant_behind_its_slot_the_balancer_shows_busy_
     got = planner.plan(loads, 1.01 + OVERDUE_SECONDS, caches=caches)  # that slot ended: the held request starts
     assert got == {key: "x"} and planner.fresh_plans == 1
     assert kept.ends["x"][slot] == pytest.approx(finish + OVERDUE_SECONDS + 0.01)
+
+
+def test_best_fit_skips_a_cold_server_whose_copy_of_the_fleets_prefix_costs_more_than_the_best_fit() -> None:
+    # s0's warm slot frees at 0.5 (score 0.67); s1..s9 are idle-ish at 0.06.. with nothing cached: each would prefill
+    # the whole prompt (0.61 without the copy) and, with the queue long, copy the 380 tokens the fleet holds (0.99):
+    # none can win, so none is costed.
+    role = signature(["role " * 380])
+    req = LeaseRequest(
+        model="m",
+        expected_tokens=10,
+        prefix=[*role.chain, "task"],
+        prefix_tokens=[*role.tokens, 400],
+        prompt_tokens=400,
+    )
+    warm = _Slot(0.5, "m", role.chain, role.tokens)
+    servers = {"s0": _Server([warm, _Slot(0.05)], ["m"])}
+    servers.update({f"s{i}": _Server([_Slot(0.05 + i / 100)], ["m"]) for i in range(1, 10)})
+    speeds = {name: _Speed(0.05, 0.01, 0.001, 0.0, 1.0, True) for name in servers}
+    demand = _Demand(_Counts(Counter({h: 100 for h in req.prefix})), _Counts(Counter(m=100)), servers)
+    search = _BestFit(servers, speeds, True, random.Random(0))
+    found = search.best(req, set(servers), demand)
+    assert found is not None and found[0] == "s0" and found[1].slot == 0
+    assert search.fits == 1
