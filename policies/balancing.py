@@ -765,7 +765,7 @@ class _Counts:
         self.used: Counter[str] = Counter()
 
     def __getitem__(self, key: str) -> int:
-        return self.base[key] - self.used[key]
+        return self.base.get(key, 0) - self.used.get(key, 0)  # `get`: a Counter's missing key is a Python call
 
     def subtract(self, keys: Iterable[str]) -> None:
         self.used.update(keys)
@@ -790,6 +790,7 @@ class _Demand:
         self.models = models
         self.resident: Counter[str] = Counter(m for server in servers.values() for m in server.resident or ())
         self.slots = sum(len(server.slots) for server in servers.values())
+        self._matched: tuple[LeaseRequest, int] | None = None  # `fleet_match`'s last answer, until `held` changes
 
     def busy(self) -> float:
         """How much a second copy of a prefix costs the rest of the queue, as a fraction of its prefill.
@@ -814,11 +815,16 @@ class _Demand:
 
         Read from `held`, whose chained hashes each cover everything before
         them, so the deepest block held anywhere is the longest prefix held.
+        Kept for the request asked last: a search asks it once per server tried.
         """
+        if self._matched is not None and self._matched[0] is req:
+            return self._matched[1]
         k = 0
-        while k < len(req.prefix) and self.held[req.prefix[k]] > 0:
+        while k < len(req.prefix) and self.held.get(req.prefix[k], 0) > 0:
             k += 1
-        return max(0, min(req.prefix_tokens[k - 1], req.prompt_tokens - 1)) if k else 0
+        match = max(0, min(req.prefix_tokens[k - 1], req.prompt_tokens - 1)) if k else 0
+        self._matched = (req, match)
+        return match
 
     @classmethod
     def of(cls, queue: Sequence[Queued], order: Iterable[int], servers: Mapping[str, _Server]) -> _Demand:
@@ -846,11 +852,13 @@ class _Demand:
 
     def lost(self, slot: _Slot, req: LeaseRequest, cached: int) -> int:
         """Prompt tokens of `slot`'s cache beyond what `req` shares that the queue will want back."""
+        same = slot.model == req.model
         for k in range(len(slot.chain) - 1, -1, -1):
             h = slot.chain[k]
-            if h in req.prefix and slot.model == req.model:
+            if same and h in req.prefix:
                 return 0  # req keeps this block and everything before it
-            if self.queued[h] and self.queued[h] >= self.held[h]:
+            queued = self.queued[h]
+            if queued and queued >= self.held.get(h, 0):
                 return max(0, slot.tokens[k] - cached)
         return 0
 
@@ -861,6 +869,7 @@ class _Demand:
     def overwrite(self, slot: _Slot, chain: Sequence[str]) -> None:
         self.held.subtract(slot.chain)
         self.held.update(chain)
+        self._matched = None
 
 
 def _fit(
