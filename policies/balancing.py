@@ -1747,8 +1747,10 @@ class _BestFit:
 
     def _entry(self, name: str) -> tuple[float, str, tuple[float, float, float, float], dict[object, float]]:
         """`name`'s place in `ranked`: its earliest slot (then its name) orders it; its rates and `_warm` bound it."""
-        earliest = min((slot.free_at for slot in self.servers[name].slots), default=float("inf"))
-        return (earliest, name, self.rates[name], self._warm(name))
+        return (self._earliest(name), name, self.rates[name], self._warm(name))
+
+    def _earliest(self, name: str) -> float:
+        return min((slot.free_at for slot in self.servers[name].slots), default=float("inf"))
 
     def _free(self, name: str) -> int:
         return sum(1 for slot in self.servers[name].slots if slot.free_at <= 0.0)
@@ -1814,7 +1816,7 @@ class _BestFit:
 
     def _rerank(self, name: str, change: Callable[[], object]) -> None:
         self.free -= self._free(name)
-        at = bisect.bisect_left(self.ranked, self._entry(name)[:2])  # (earliest, name) is unique: its own entry
+        at = bisect.bisect_left(self.ranked, (self._earliest(name), name))  # unique: its own entry, as it ranked
         if self.ranked[at][1] != name:
             raise ValueError(f"{name} is not where its slots rank it: a slot changed outside `_rerank`")
         del self.ranked[at]
