@@ -408,10 +408,15 @@ def _speeds(loads: Sequence[ServerLoad]) -> dict[str, _Speed]:
             prefill=s.ewma_prefill_seconds if s.ewma_prefill_seconds is not None else worst_prefill,
             load=s.ewma_load_seconds if s.ewma_load_seconds is not None else LOAD_PENALTY_SECONDS,
             penalty=1.0 + 4.0 * s.error_rate,
-            measured=s.ewma_token_seconds is not None,
+            measured=_measured(s),
         )
         for s in loads
     }
+
+
+def _measured(s: ServerLoad) -> bool:
+    """Whether `s` has answered a request: its cost model is its own, not the slowest measured one's (`_speeds`)."""
+    return s.ewma_token_seconds is not None
 
 
 def _tokens(req: LeaseRequest) -> int:
@@ -760,7 +765,7 @@ class _Counts:
         self.used: Counter[str] = Counter()
 
     def __getitem__(self, key: str) -> int:
-        return self.base[key] - self.used[key]
+        return self.base.get(key, 0) - self.used.get(key, 0)  # `get`: a Counter's missing key is a Python call
 
     def subtract(self, keys: Iterable[str]) -> None:
         self.used.update(keys)
@@ -785,6 +790,7 @@ class _Demand:
         self.models = models
         self.resident: Counter[str] = Counter(m for server in servers.values() for m in server.resident or ())
         self.slots = sum(len(server.slots) for server in servers.values())
+        self._matched: tuple[LeaseRequest, int] | None = None  # `fleet_match`'s last answer, until `held` changes
 
     def busy(self) -> float:
         """How much a second copy of a prefix costs the rest of the queue, as a fraction of its prefill.
@@ -809,11 +815,16 @@ class _Demand:
 
         Read from `held`, whose chained hashes each cover everything before
         them, so the deepest block held anywhere is the longest prefix held.
+        Kept for the request asked last: a search asks it once per server tried.
         """
+        if self._matched is not None and self._matched[0] is req:
+            return self._matched[1]
         k = 0
-        while k < len(req.prefix) and self.held[req.prefix[k]] > 0:
+        while k < len(req.prefix) and self.held.get(req.prefix[k], 0) > 0:
             k += 1
-        return max(0, min(req.prefix_tokens[k - 1], req.prompt_tokens - 1)) if k else 0
+        match = max(0, min(req.prefix_tokens[k - 1], req.prompt_tokens - 1)) if k else 0
+        self._matched = (req, match)
+        return match
 
     @classmethod
     def of(cls, queue: Sequence[Queued], order: Iterable[int], servers: Mapping[str, _Server]) -> _Demand:
@@ -841,11 +852,13 @@ class _Demand:
 
     def lost(self, slot: _Slot, req: LeaseRequest, cached: int) -> int:
         """Prompt tokens of `slot`'s cache beyond what `req` shares that the queue will want back."""
+        same = slot.model == req.model
         for k in range(len(slot.chain) - 1, -1, -1):
             h = slot.chain[k]
-            if h in req.prefix and slot.model == req.model:
+            if same and h in req.prefix:
                 return 0  # req keeps this block and everything before it
-            if self.queued[h] and self.queued[h] >= self.held[h]:
+            queued = self.queued[h]
+            if queued and queued >= self.held.get(h, 0):
                 return max(0, slot.tokens[k] - cached)
         return 0
 
@@ -856,6 +869,7 @@ class _Demand:
     def overwrite(self, slot: _Slot, chain: Sequence[str]) -> None:
         self.held.subtract(slot.chain)
         self.held.update(chain)
+        self._matched = None
 
 
 def _fit(
@@ -1535,8 +1549,9 @@ class Planner:
         Refused requests are removed here; granted ones stay until `remove`.
         """
         self._promote(now)
-        speeds = _speeds(loads)
-        if self.policy != "peak_ewma" or not any(sp.measured for sp in speeds.values()):
+        # Servers never measured are not in the plan: each takes its probe (`_probes`) and joins once measured.
+        measured = [s for s in loads if _measured(s)]
+        if self.policy != "peak_ewma" or not measured:
             self._kept = None
             keyed = self.queue(now)
             queue = [q for _, q in keyed]
@@ -1548,13 +1563,11 @@ class Planner:
                 if isinstance(decision, NoServerAvailable):
                     self.remove(key)
             return decisions
-        # Servers never measured are not in the plan: each takes its probe (`_probes`) and joins once measured.
-        measured = [s for s in loads if speeds[s.name].measured]
         grants = self._kept.advance(measured, now, self.entries) if self._kept is not None else None
-        if grants is None:
-            grants = self._fresh(loads, measured, speeds, now, caches)
-        if self._probing(loads, speeds):
-            grants.update(self._probes(loads, speeds, grants))
+        if grants is None:  # the cost models only now: rebuilding 100 of them per event was a fifth of a kept plan's
+            grants = self._fresh(loads, measured, _speeds(loads), now, caches)
+        if self._probing(loads):
+            grants.update(self._probes(loads, grants))
         return grants
 
     def _fresh(
@@ -1621,19 +1634,17 @@ class Planner:
             return False
         return any(not speeds[s.name].measured and s.in_flight for s in loads)
 
-    def _probes(
-        self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed], granted: Mapping[int, Decision]
-    ) -> dict[int, Decision]:
+    def _probes(self, loads: Sequence[ServerLoad], granted: Mapping[int, Decision]) -> dict[int, Decision]:
         """Each idle server never measured takes the shortest waiting request it can serve (`_probe_shortest`'s
         rule), one each, unless a measured server that can serve it has a slot free after this round's grants
         (where a request finishes first, as `plan_dispatch` would send it): the whole queue is not planned for it.
         """
         taken = Counter(d for d in granted.values() if isinstance(d, str))
-        free = [s for s in loads if speeds[s.name].measured and has_capacity(s, taken[s.name])]
+        free = [s for s in loads if _measured(s) and has_capacity(s, taken[s.name])]
         out: dict[int, Decision] = {}
         by_size = sorted(self.buckets, key=lambda bucket: bucket[-1])  # the bucket key ends with the size
         for row in loads:
-            if speeds[row.name].measured or row.in_flight or not has_capacity(row) or row.circuit == "open":
+            if _measured(row) or row.in_flight or not has_capacity(row) or row.circuit == "open":
                 continue
             for bucket in by_size:
                 key = next((k for _, k in reversed(self.buckets[bucket]) if k not in granted and k not in out), None)
@@ -1644,11 +1655,11 @@ class Planner:
                 break
         return out
 
-    def _probing(self, loads: Sequence[ServerLoad], speeds: Mapping[str, _Speed]) -> bool:
+    def _probing(self, loads: Sequence[ServerLoad]) -> bool:
         """Whether a server never measured could take its probe now (`_probes`). One whose probe is running takes
         nothing more until it answers."""
         return any(
-            not speeds[s.name].measured
+            not _measured(s)
             and s.in_flight == 0
             and has_capacity(s)
             and s.circuit != "open"
@@ -1710,19 +1721,38 @@ class _BestFit:
     A slot's cache can only hold part of a prompt that starts with the same
     first block (`matched_tokens`), so the first bound is tightened by
     `warm`: per server, the earliest slot holding each (model, first block);
-    any other slot prefills the whole prompt (`_bound`).
+    any other slot prefills the whole prompt, and pays `_fit`'s charge for
+    copying the prefix the fleet holds elsewhere (`copied`, while the queue is
+    long: `_Demand.busy`); without that term, servers that could not win were
+    costed, 14 fits per search on 100 x 4 slots.
+
+    The bound is computed in the scan itself, from what each entry of
+    `ranked` carries (earliest slot, name, the server's rates, its `warm`):
+    as a method call it was a fifth of a 100-server balancer's CPU, ~50
+    servers checked per search.
     """
 
     def __init__(
         self, servers: dict[str, _Server], speeds: Mapping[str, _Speed], affinity: bool, rng: random.Random
     ) -> None:
         self.servers, self.speeds, self.affinity, self.rng = servers, speeds, affinity, rng
-        self.ranked = sorted((self._earliest(name), name) for name in servers)
-        self.warm = {name: self._warm(name) for name in servers}
+        # Per server, seconds per unit of `_Speed.seconds`'s terms with its penalty (fixed, per token, per uncached
+        # prompt token), and per token of a copied prefix (`_fit`'s `copied`, charged at the bare prefill rate).
+        self.rates = {
+            name: (sp.fixed * sp.penalty, sp.per_token * sp.penalty, sp.prefill * sp.penalty, sp.prefill)
+            for name, sp in speeds.items()
+            if name in servers
+        }
+        self.ranked = sorted(self._entry(name) for name in servers)
         self.free = sum(self._free(name) for name in servers)
-        usable = [speeds[name] for name, server in servers.items() if server.slots]
-        self.min_fixed = min((sp.fixed * sp.penalty for sp in usable), default=0.0)
-        self.min_tok = min((sp.per_token * sp.penalty for sp in usable), default=0.0)
+        self.fits = 0  # servers whose slots were costed (`_fit`): what a search costs, beyond the bounds it checks
+        usable = [self.rates[name] for name, server in servers.items() if server.slots]
+        self.min_fixed = min((rate[0] for rate in usable), default=0.0)
+        self.min_tok = min((rate[1] for rate in usable), default=0.0)
+
+    def _entry(self, name: str) -> tuple[float, str, tuple[float, float, float, float], dict[object, float]]:
+        """`name`'s place in `ranked`: its earliest slot (then its name) orders it; its rates and `_warm` bound it."""
+        return (self._earliest(name), name, self.rates[name], self._warm(name))
 
     def _earliest(self, name: str) -> float:
         return min((slot.free_at for slot in self.servers[name].slots), default=float("inf"))
@@ -1730,41 +1760,44 @@ class _BestFit:
     def _free(self, name: str) -> int:
         return sum(1 for slot in self.servers[name].slots if slot.free_at <= 0.0)
 
-    def _warm(self, name: str) -> dict[tuple[str | None, str], float]:
-        warm: dict[tuple[str | None, str], float] = {}
+    def _warm(self, name: str) -> dict[object, float]:
+        warm: dict[object, float] = {}
         for slot in self.servers[name].slots:
             if slot.chain:
                 head = (slot.model, slot.chain[0])
                 warm[head] = min(warm.get(head, slot.free_at), slot.free_at)
         return warm
 
-    def _bound(self, name: str, earliest: float, req: LeaseRequest, tokens: int) -> float:
-        """A lower bound of `req`'s score on `name`: no slot there starts sooner or prefills less than this assumes."""
-        speed = self.speeds[name]
-        bound = earliest + speed.seconds(tokens, max(0, req.prompt_tokens))
-        warm = self.warm[name].get((req.model, req.prefix[0])) if req.prefix else None
-        if warm is not None:
-            bound = min(bound, warm + speed.seconds(tokens))
-        return bound * (1.0 - _BOUND_SLACK)
-
     def best(
         self, req: LeaseRequest, cands: set[str], demand: _Demand, placement: Assignment | None = None
     ) -> tuple[str, _Fit] | None:
         """`placement`: only the slots it opens to `req`'s group."""
-        tokens = _tokens(req)
+        tokens, prompt = _tokens(req), max(0, req.prompt_tokens)
+        # `_fit` charges a cold slot the copy of the prefix the fleet holds, except on slots a placement opens.
+        copied = int(demand.busy() * demand.fleet_match(req)) if placement is None or not placement.placed else 0
         floor = (self.min_fixed + self.min_tok * tokens) * (1.0 - _BOUND_SLACK)
+        head = (req.model, req.prefix[0]) if req.prefix else None
         best: tuple[str, _Fit] | None = None
+        score = math.inf  # the best fit's
         ties = 0
         start: float | None = None  # `_lane_start`, found once a server's slots are looked at
-        for earliest, name in self.ranked:
-            if best is not None and earliest + floor > best[1].score:
+        for earliest, name, (fixed, per_token, prefill, copy), warm in self.ranked:
+            if earliest + floor > score:
                 break
-            if name not in cands or (best is not None and self._bound(name, earliest, req, tokens) > best[1].score):
+            if name not in cands:
+                continue
+            served = fixed + per_token * tokens
+            bound = earliest + served + prefill * prompt + copy * copied  # a slot holding none of its prompt
+            at = warm.get(head)
+            if at is not None and at + served < bound:
+                bound = at + served
+            if bound * (1.0 - _BOUND_SLACK) > score:
                 continue
             lanes = _lanes(placement, req, name, self.servers[name], demand) if placement is not None else None
             if placement is not None and start is None:
                 start = _lane_start(placement, req, self.servers)
             spill = _spill(placement, req, name, lanes, start) if placement is not None and start is not None else None
+            self.fits += 1
             fit = _fit(self.servers[name], self.speeds[name], req, self.affinity, demand, lanes, spill)
             if fit is None:
                 continue
@@ -1775,6 +1808,7 @@ class _BestFit:
                 ties += 1
                 if self.rng.random() * ties < 1.0:  # each of the tied servers equally likely
                     best = (name, fit)
+            score = best[1].score
         return best
 
     def reserve(self, name: str, fit: _Fit, req: LeaseRequest, demand: _Demand) -> None:
@@ -1787,11 +1821,13 @@ class _BestFit:
 
     def _rerank(self, name: str, change: Callable[[], object]) -> None:
         self.free -= self._free(name)
-        self.ranked.remove((self._earliest(name), name))
+        at = bisect.bisect_left(self.ranked, (self._earliest(name), name))  # unique: its own entry, as it ranked
+        if self.ranked[at][1] != name:
+            raise ValueError(f"{name} is not where its slots rank it: a slot changed outside `_rerank`")
+        del self.ranked[at]
         change()
-        self.warm[name] = self._warm(name)
         self.free += self._free(name)
-        bisect.insort(self.ranked, (self._earliest(name), name))
+        bisect.insort(self.ranked, self._entry(name))
 
 
 def _shape(row: ServerLoad) -> tuple[object, ...]:
@@ -1946,15 +1982,31 @@ class _Tentative:
     def _reoccupy(self, name: str, count: int, r: float) -> bool:
         """`count` slots of `name` the plan saw released are busy again (the balancer's early slot closed: its
         request ran too far past its estimate, `due_soon`): idle ones of the plan's become busy for OVERDUE_SECONDS
-        more. False when the plan has not that many idle there (it started requests on them): plan afresh."""
+        more, then the slots its parked requests wait on (`parked`). False when the plan has not that many there
+        (it started requests on them): plan afresh."""
         idle = sorted(at for at in self.idle if at[0] == name)[:count]
-        if len(idle) < count:
+        parked = self.parked.get(name, [])
+        if len(idle) + len(parked) < count:
             return False
         for at in idle:
             self.idle.discard(at)
             self.ends[name][at[1]] = r + OVERDUE_SECONDS
             self.search.move(name, at[1], r + OVERDUE_SECONDS)
+        for _ in range(count - len(idle)):
+            self._rebook(name, parked.pop(0), r + OVERDUE_SECONDS)
+        if not parked:
+            self.parked.pop(name, None)
         return True
+
+    def _rebook(self, name: str, held: tuple[int, int, float, float], busy_until: float) -> None:
+        """A request parked on a slot that is busy again until `busy_until` heads that slot's line instead: it
+        starts at that slot's release, not at any release of its server (planning the queue afresh for it had
+        been half the plans from scratch of a 100-server balancer)."""
+        key, slot, finish, parked = held
+        delta = busy_until - parked
+        self._shift(name, slot, delta)  # its slot, and the line booked behind it, start that much later
+        self.booked.setdefault((name, slot), deque()).appendleft((key, finish + delta))
+        self.ends[name][slot] = busy_until
 
     def _unpark(self, name: str, r: float, grants: dict[int, Decision]) -> None:
         """A release on `name` at `r`: the requests parked there for one go out now (`parked`)."""

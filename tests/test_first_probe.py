@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from teamorch.messages import LeaseRequest, ServerLoad
-from teamorch.policies.balancing import Planner, Queued, _speeds, plan_dispatch
+from teamorch.policies.balancing import Planner, Queued, plan_dispatch
 
 SIZES = (300, 16, 1000, 64, 500)
 
@@ -68,8 +68,8 @@ def test_only_an_idle_unmeasured_server_makes_the_planner_plan_the_whole_queue()
     measured = srv("fast", ewma_token_seconds=0.002, ewma_ttft=0.04)
     probing = [measured, srv("new", slots=2, in_flight=1)]
     idle = [measured, srv("new", slots=2)]
-    assert not planner._probing(probing, _speeds(probing))
-    assert planner._probing(idle, _speeds(idle))
+    assert not planner._probing(probing)
+    assert planner._probing(idle)
 
 
 def test_each_idle_unmeasured_server_is_probed_in_the_same_round() -> None:

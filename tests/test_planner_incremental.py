@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 
 from benchmarks.scale import EventLoop, incremental, make_fleet, make_queue, reference, speed_classes
 from teamorch.errors import NoServerAvailable
 from teamorch.messages import LeaseRequest, ServerLoad
-from teamorch.policies.balancing import REPLAN_EVENTS, Planner, plan_dispatch
+from teamorch.policies.balancing import (
+    OVERDUE_SECONDS,
+    REPLAN_EVENTS,
+    Planner,
+    _BestFit,
+    _Counts,
+    _Demand,
+    _Server,
+    _Slot,
+    _Speed,
+    plan_dispatch,
+)
 from teamorch.policies.prefix import SlotState, signature
 
 
@@ -258,3 +270,45 @@ def test_kept_plan_takes_back_an_idle_slot_the_balancer_shows_busy_again_without
     loads[0] = loads[0].model_copy(update={"in_flight": 1})
     assert planner.plan(loads, 1.02, caches=caches) == {}  # busy again
     assert planner.fresh_plans == 1
+
+
+def test_kept_plan_books_a_parked_grant_behind_its_slot_the_balancer_shows_busy_again_without_planning_again() -> None:
+    # x's request waits for a release (parked); then the balancer shows x's slots all busy (its early slot closed):
+    # the held request heads that slot's line and starts at its release, the rest of the plan stands (this had
+    # planned 10,000 queued from scratch, about half the plans of a 100-server balancer actor).
+    planner, loads, caches = _landing_case(200, 20)
+    assert planner.plan(loads, 1.0, caches=caches) == {}
+    kept = planner._kept
+    assert kept is not None
+    ((key, slot, finish, _),) = kept.parked["x"]
+    loads[0] = loads[0].model_copy(update={"in_flight": 2})
+    assert planner.plan(loads, 1.01, caches=caches) == {}  # busy again: nothing to grant, nothing planned again
+    assert planner.fresh_plans == 1 and "x" not in kept.parked
+    assert kept.ends["x"][slot] == pytest.approx(1.01 - 1.0 + OVERDUE_SECONDS)
+    loads[0] = loads[0].model_copy(update={"in_flight": 1})
+    got = planner.plan(loads, 1.01 + OVERDUE_SECONDS, caches=caches)  # that slot ended: the held request starts
+    assert got == {key: "x"} and planner.fresh_plans == 1
+    assert kept.ends["x"][slot] == pytest.approx(finish + OVERDUE_SECONDS + 0.01)
+
+
+def test_best_fit_skips_a_cold_server_whose_copy_of_the_fleets_prefix_costs_more_than_the_best_fit() -> None:
+    # s0's warm slot frees at 0.5 (score 0.67); s1..s9 are idle-ish at 0.06.. with nothing cached: each would prefill
+    # the whole prompt (0.61 without the copy) and, with the queue long, copy the 380 tokens the fleet holds (0.99):
+    # none can win, so none is costed.
+    role = signature(["role " * 380])
+    req = LeaseRequest(
+        model="m",
+        expected_tokens=10,
+        prefix=[*role.chain, "task"],
+        prefix_tokens=[*role.tokens, 400],
+        prompt_tokens=400,
+    )
+    warm = _Slot(0.5, "m", role.chain, role.tokens)
+    servers = {"s0": _Server([warm, _Slot(0.05)], ["m"])}
+    servers.update({f"s{i}": _Server([_Slot(0.05 + i / 100)], ["m"]) for i in range(1, 10)})
+    speeds = {name: _Speed(0.05, 0.01, 0.001, 0.0, 1.0, True) for name in servers}
+    demand = _Demand(_Counts(Counter({h: 100 for h in req.prefix})), _Counts(Counter(m=100)), servers)
+    search = _BestFit(servers, speeds, True, random.Random(0))
+    found = search.best(req, set(servers), demand)
+    assert found is not None and found[0] == "s0" and found[1].slot == 0
+    assert search.fits == 1
