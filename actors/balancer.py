@@ -32,6 +32,7 @@ from typing import Any
 
 import ray
 
+from teamorch.actors import settle_heap
 from teamorch.actors.leases import GrantBoxes
 from teamorch.actors.metrics import fleet_metrics
 from teamorch.config import TeamConfig
@@ -251,6 +252,7 @@ class LoadBalancer:
             now = time.monotonic()
             for stats in self.servers.values():
                 record_restart(stats, now)  # it cannot know what was in flight: every slot may be busy
+        settle_heap()
 
     async def start(self) -> None:
         """Start the health/model poll loop and the re-dispatch tick (needs the actor's loop).

@@ -210,7 +210,10 @@ class LeaseClient:
                 continue
             self._receive(answer)
             # The callers given a lease go first (the next poll is a Ray call to submit, ~0.1-0.3 ms of CPU):
-            # each sends its request to its server before this process re-polls.
+            # each sends its request to its server before this process re-polls. Two turns: in the first the
+            # callers resume and queue their requests (`TurnBatch`), in the second those batches leave (a chain
+            # step's lease-to-chat time, 0.25-0.56 -> 0.06 ms p50 measured in session 6).
+            await asyncio.sleep(0)
             await asyncio.sleep(0)
 
     def _receive(self, answer: LeaseGrants) -> None:
