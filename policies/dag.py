@@ -83,10 +83,16 @@ def _first_unsuccessful(task: Task, settled: Mapping[str, TaskResult]) -> TaskRe
     return None
 
 
-def dispatch_chunks(tasks: Sequence[Task], size: int) -> list[list[Task]]:
+def dispatch_chunks(tasks: Sequence[Task], size: int, first: int | None = None) -> list[list[Task]]:
     """A step's tasks in the order given, `size` at a time: each chunk is journaled and sent before the next is
-    prepared, so the specialists start on the first while the coordinator is still preparing the rest."""
-    return [list(tasks[i : i + size]) for i in range(0, len(tasks), size)]
+    prepared, so the specialists start on the first while the coordinator is still preparing the rest.
+
+    `first` (smaller than `size`) sizes the first chunk alone: a run's first results then come back while
+    its specialists still work through the rest, instead of after a whole `size` chunk went through each hop.
+    """
+    head = min(first or size, size)
+    chunks = [list(tasks[:head])] if tasks else []
+    return chunks + [list(tasks[i : i + size]) for i in range(head, len(tasks), size)]
 
 
 def upstream_for(task: Task, journal: Mapping[str, TaskResult]) -> dict[str, dict[str, Any]]:

@@ -131,3 +131,14 @@ def test_a_large_step_is_sent_in_chunks_in_plan_order_and_every_task_once() -> N
     assert [len(c) for c in chunks] == [128, 128, 44]
     assert ids([task for chunk in chunks for task in chunk]) == [f"t{i}" for i in range(300)]
     assert dispatch_chunks(tasks[:5], 128) == [tasks[:5]] and dispatch_chunks([], 128) == []
+
+
+def test_a_steps_first_chunk_can_be_smaller_so_work_starts_sooner() -> None:
+    """The first chunk alone takes `first` tasks (never more than `size`); the rest go `size` at a time, in
+    plan order, every task once."""
+    tasks = plan(*(t(f"t{i}") for i in range(300))).tasks
+    chunks = dispatch_chunks(tasks, 128, first=16)
+    assert [len(c) for c in chunks] == [16, 128, 128, 28]
+    assert ids([task for chunk in chunks for task in chunk]) == [f"t{i}" for i in range(300)]
+    assert [len(c) for c in dispatch_chunks(tasks, 128, first=500)] == [128, 128, 44]
+    assert dispatch_chunks(tasks[:5], 128, first=16) == [tasks[:5]] and dispatch_chunks([], 128, first=16) == []
