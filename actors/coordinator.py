@@ -178,14 +178,18 @@ class Coordinator:
         run = self.runs.get(run_id) or self.finished.get(run_id)
         return list(run.results.values()) if run else []
 
-    async def events(self, run_id: str, since: int = 0) -> list[JournalEvent]:
+    async def events(self, run_id: str, since: int = 0, types: list[str] | None = None) -> list[JournalEvent]:
         """The events of `run_id` after seq `since`, in order ([] for a run not (yet) known here).
 
         Any client may follow any run by polling with the last seq it saw: the
         events are the run's journal, so seq has no gaps and ends with run_finished.
+        `types` keeps only events of those types: a client that only keeps
+        what finished (`api.execute` with no callback) asks for `task_finished`,
+        a third of a run's events to pickle here and unpickle there.
         """
         run = self.runs.get(run_id) or self.finished.get(run_id)
-        return run.journal.since(since) if run else []
+        events = run.journal.since(since) if run else []
+        return events if types is None else [e for e in events if e.type in types]
 
     async def task_event(self, run_id: str, event: LiveEvent) -> None:
         """A specialist reports a task's attempt as it happens (`Assignment.run_id` names the run), and a

@@ -144,7 +144,8 @@ def execute(
     if priority_class is not None:
         runnable = runnable.model_copy(update={"priority_class": priority_class})
     # Nobody to call back: the report carries every result, so the events left at the end are not fetched
-    # (one round trip to the coordinator less per run; a one-task plan's latency is mostly such trips).
+    # (one round trip to the coordinator less per run; a one-task plan's latency is mostly such trips), and
+    # those polled meanwhile are only the finished results (kept for RunInterrupted / RunCancelled).
     follow = _follow(coordinator, runnable, run_id, journal, poll, last_events=bool(on_event or on_result))
     seen: set[str] = set()
     try:
@@ -203,11 +204,12 @@ def _follow(
     last_events: bool = True,
 ) -> Generator[JournalEvent, None, RunReport]:
     """Submit the run, then yield its events from the coordinator's journal until the run returns (with
-    `last_events`, also those not yet read when it returns)."""
+    `last_events`, also those not yet read when it returns; without, nobody listens: only task_finished
+    events are polled, what an interrupted run hands back)."""
     run_id = run_id or uuid.uuid4().hex[:12]
     method = coordinator.run_plan if isinstance(runnable, OrchestrationPlan) else coordinator.run_pattern
     ref = method.remote(runnable, run_id, journal=journal)
-    events = _Events(coordinator, run_id)
+    events = _Events(coordinator, run_id, None if last_events else ["task_finished"])
     try:
         while not ray.wait([ref], timeout=poll)[0]:
             yield from events.poll()
@@ -233,17 +235,21 @@ def _follow(
 
 
 class _Events:
-    """One client's cursor over a run's events: the last seq read, and each task's latest result."""
+    """One client's cursor over a run's events (those of `types`, None: all): the last seq read, and each
+    task's latest result."""
 
-    def __init__(self, coordinator: ActorHandle, run_id: str) -> None:
+    def __init__(self, coordinator: ActorHandle, run_id: str, types: list[str] | None = None) -> None:
         self.coordinator = coordinator
         self.run_id = run_id
+        self.types = types
         self.seq = 0
         self.results: dict[str, TaskResult] = {}
 
     def poll(self) -> list[JournalEvent]:
         try:
-            events: list[JournalEvent] = ray.get(self.coordinator.events.remote(self.run_id, self.seq), timeout=30)
+            events: list[JournalEvent] = ray.get(
+                self.coordinator.events.remote(self.run_id, self.seq, self.types), timeout=30
+            )
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             return []
         for event in events:

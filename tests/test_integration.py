@@ -170,6 +170,45 @@ def test_coordinator_dying_mid_run_keeps_finished_results(sims, coordinator) -> 
         raise AssertionError("the run should have been interrupted")
 
 
+def test_execute_without_callbacks_polls_only_finished_results_and_keeps_them_when_the_coordinator_dies(
+    sims, coordinator
+) -> None:
+    """Nobody listens, so the driver's polls ask for task_finished events only (the simulator is a real HTTP
+    server); a coordinator killed mid-run still hands back what had finished."""
+    import threading
+
+    from teamorch.errors import RunInterrupted
+
+    quick = sims(name="quick", tokens_per_second=2000)
+    slow = sims(name="slow", tokens_per_second=2)
+    handle = coordinator(sim_team([(quick, 1), (slow, 1)], [{"name": "Analyst", "options": {"num_predict": 20}}]))
+    three = OrchestrationPlan.model_validate(
+        {"problem": "p", "tasks": [{"task_id": f"t{i}", "specialist": "Analyst", "server": "quick"} for i in range(3)]}
+    )
+    done = api.execute(handle, three, run_id="whole")
+    assert done.success
+    finished = ray.get(handle.events.remote("whole", 0, ["task_finished"]))
+    assert sorted(e.result.task_id for e in finished) == ["t0", "t1", "t2"]
+    assert {e.type for e in finished} == {"task_finished"}
+    assert len(ray.get(handle.events.remote("whole", 0))) > len(finished)  # queued, started, run events too
+    plan = OrchestrationPlan.model_validate(
+        {
+            "problem": "p",
+            "tasks": [
+                {"task_id": "fast", "specialist": "Analyst", "server": "quick"},
+                {"task_id": "stuck", "specialist": "Analyst", "server": "slow"},
+            ],
+        }
+    )
+    threading.Timer(1.0, ray.kill, args=(handle,)).start()
+    try:
+        api.execute(handle, plan, poll=0.1)
+    except RunInterrupted as exc:
+        assert [r.task_id for r in exc.finished] == ["fast"] and exc.finished[0].output
+    else:
+        raise AssertionError("the run should have been interrupted")
+
+
 def test_stalled_server_fails_over_before_the_task_deadline(sims, coordinator) -> None:
     stuck = sims(name="stuck", stall=True)
     fine = sims(name="fine")
