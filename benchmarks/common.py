@@ -9,6 +9,7 @@ on both sides of every comparison.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -121,6 +122,13 @@ def _serve_from_stdin() -> None:
 
 
 # ------------------------------------------------------------------------------ Ray, teams
+
+
+def no_options(module: str, doc: str | None) -> None:
+    """For a benchmark that takes no options: `--help` prints what it measures and exits, anything else is an
+    error (exit 2), instead of starting a run of many minutes with the argument ignored."""
+    first = (doc or "").strip().splitlines()
+    argparse.ArgumentParser(prog=f"python -m {module}", description=first[0] if first else None).parse_args()
 
 
 def ensure_ray() -> None:

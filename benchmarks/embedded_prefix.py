@@ -161,4 +161,7 @@ def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import no_options
+
+    no_options("benchmarks.embedded_prefix", __doc__)
     main()

@@ -141,4 +141,7 @@ def render(rows: Sequence[Sequence[Any]]) -> str:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import no_options
+
+    no_options("benchmarks.priority", __doc__)
     main()

@@ -474,4 +474,7 @@ def summary(outcomes: list[Outcome], bound: Bound) -> str:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import no_options
+
+    no_options("benchmarks.routing", __doc__)
     main()

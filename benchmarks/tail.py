@@ -231,4 +231,7 @@ def main() -> dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from benchmarks.common import no_options
+
+    no_options("benchmarks.tail", __doc__)
     main()
