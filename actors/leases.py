@@ -236,5 +236,5 @@ class LeaseClient:
 def _unused(lease: Lease) -> LeaseOutcome:
     """The release of a lease granted after its caller gave up: no request was sent, nothing to learn."""
     return LeaseOutcome(
-        lease_id=lease.lease_id, outcome="cancelled", model="", error="granted after its caller gave up"
+        lease_id=lease.lease_id, outcome="cancelled", model="", error="granted after its caller gave up", sent=False
     )

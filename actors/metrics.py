@@ -124,7 +124,10 @@ class FleetMetrics:
         self._observed.append((self.queue_wait, max(0.0, waited), {"server": server}))
 
     def lease_released(self, server: str, done: LeaseOutcome) -> None:
-        """One attempt on `server`; timings and tokens only of successful ones, as a failure's would skew them."""
+        """One attempt on `server`; timings and tokens only of successful ones, as a failure's would skew them.
+        A lease that went back unused is no attempt: no request reached the server."""
+        if not done.sent:
+            return
         tags = {"server": server, "model": done.model}
         self._count(self.attempts, 1, {**tags, "outcome": done.outcome})
         if not done.ok:

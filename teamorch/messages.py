@@ -404,6 +404,7 @@ class LeaseOutcome(_Model):
     cached_tokens: int | None = None  # of which the server found in its cache; None: it does not say
     prompt_eval_seconds: float | None = None  # the server's prompt evaluation time (prompt_eval_duration)
     load_seconds: float | None = None  # time the server spent loading the model for this request
+    sent: bool = True  # False: the lease went back unused (granted after its caller gave up), no request was sent
 
     @property
     def ok(self) -> bool:

@@ -129,6 +129,10 @@ def test_metrics_reach_the_prometheus_endpoint(ray_cluster: None) -> None:
         _ok(latency=0.3, ttft=0.08, tokens=40, prompt=100, cached=60),
         _ok(latency=3.0, ttft=0.4, tokens=20, prompt=50, cached=None),
         LeaseOutcome(lease_id="l3", outcome="busy", model=MODEL, latency=0.01, error="503"),
+        # a lease granted after its caller gave up goes back unused (`actors/leases.py`): no request, no attempt
+        LeaseOutcome(
+            lease_id="l4", outcome="cancelled", model=MODEL, error="granted after its caller gave up", sent=False
+        ),
     ]
     load = ServerLoad(
         name=SERVER, slots=4, effective_slots=3, in_flight=2, waiting=5, ewma_token_seconds=0.02, circuit="open"
@@ -145,5 +149,7 @@ def test_metrics_reach_the_prometheus_endpoint(ray_cluster: None) -> None:
                 break
             time.sleep(1.0)
         assert {k: scraped.get(k) for k in EXPECTED} == EXPECTED
+        attempts = {dict(tags).get("outcome") for name, tags in scraped if name == "ray_teamorch_attempts_total"}
+        assert attempts == {"ok", "busy"}
     finally:
         ray.kill(recorder)
