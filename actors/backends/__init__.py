@@ -95,20 +95,17 @@ class HttpBackend(Backend):
             self._ssl = httpx.create_ssl_context()
         return self._ssl
 
-    def _new_client(self, connections: int) -> httpx.AsyncClient:
-        return httpx.AsyncClient(
-            base_url=self.config.url or "",
-            headers=self.config.headers,
-            timeout=httpx.Timeout(None, connect=self.config.connect_timeout, read=self.config.read_timeout),
-            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
-            verify=self._ssl_context(),
-        )
-
     @property
     def client(self) -> httpx.AsyncClient:
         # Created lazily so it binds to the actor's own event loop.
         if self._client is None:
-            self._client = self._new_client(2)
+            self._client = httpx.AsyncClient(
+                base_url=self.config.url or "",
+                headers=self.config.headers,
+                timeout=httpx.Timeout(**self._timeout),
+                limits=httpx.Limits(max_connections=2, max_keepalive_connections=2),
+                verify=self._ssl_context(),
+            )
         return self._client
 
     @asynccontextmanager
