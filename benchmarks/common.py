@@ -131,6 +131,16 @@ def no_options(module: str, doc: str | None) -> None:
     argparse.ArgumentParser(prog=f"python -m {module}", description=first[0] if first else None).parse_args()
 
 
+def cpu_seconds(pid: int | str = "self") -> float:
+    """CPU seconds (user + system, every thread, Ray's own included) process `pid` has used so far (Linux /proc;
+    0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def ensure_ray() -> None:
     """One local Ray instance per benchmark process (starting one costs ~6 s; every benchmark reuses it)."""
     import ray

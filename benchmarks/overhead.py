@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import pickle
 import tempfile
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import httpx
 import ray
 
-from benchmarks.common import MODEL, SIM_NOTE, Fleet, ensure_ray, percentile, sim_team, table
+from benchmarks.common import MODEL, SIM_NOTE, Fleet, cpu_seconds, ensure_ray, percentile, sim_team, table
 from teamorch import api
 from teamorch.messages import JournalSpec, OrchestrationPlan
 from teamorch.sim import SimConfig
@@ -144,16 +143,6 @@ def _rss(coordinator: Any) -> int:
     return int(ray.get(coordinator.__ray_call__.remote(lambda _self: _own_rss())))
 
 
-def _cpu_seconds(pid: int | str = "self") -> float:
-    """CPU seconds (user + system, every thread) process `pid` has used so far (Linux /proc; 0 elsewhere)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def _processes(coordinator: Any) -> dict[str, Any]:
     """The team's actors by role, for reading their CPU inside each one's process."""
     balancer, servers, specialists = ray.get(
@@ -167,9 +156,9 @@ def _processes(coordinator: Any) -> dict[str, Any]:
 
 def _cpu(actors: dict[str, Any], fleet: Fleet) -> dict[str, float]:
     """CPU seconds so far of each actor's process, of this driver and of the simulator's process."""
-    cpu = {role: float(ray.get(h.__ray_call__.remote(lambda _self: _cpu_seconds()))) for role, h in actors.items()}
-    cpu["driver (api.execute)"] = _cpu_seconds()
-    cpu["simulator (HTTP server, not teamorch)"] = _cpu_seconds(fleet.pid) if fleet.pid else 0.0
+    cpu = {role: float(ray.get(h.__ray_call__.remote(lambda _self: cpu_seconds()))) for role, h in actors.items()}
+    cpu["driver (api.execute)"] = cpu_seconds()
+    cpu["simulator (HTTP server, not teamorch)"] = cpu_seconds(fleet.pid) if fleet.pid else 0.0
     return cpu
 
 

@@ -45,7 +45,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 from teamorch.messages import Lease, LeaseCalls, LeaseGrant, LeaseGrants, LeaseOutcome, LeaseRequest, ServerLoad
@@ -264,15 +263,6 @@ def _actor_team(servers: int, slots: int, planner: str) -> Any:
     )
 
 
-def _cpu_seconds(pid: int) -> float:
-    """CPU seconds process `pid` has used, all its threads (Ray's own included): Linux `/proc`, else 0."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
 @dataclass
 class _Window:
     """What the clients saw while counting: the monotonic time of each grant, when the balancer had received
@@ -307,6 +297,7 @@ async def _actor_clients(
     measures both so).
     """
 
+    from benchmarks.common import cpu_seconds
     from teamorch.actors.leases import LeaseClient
 
     grants: list[float] = []
@@ -346,11 +337,11 @@ async def _actor_clients(
     await asyncio.sleep(0)  # every acquire submitted
     await client.drain()  # and, batched, the asks sent with them have reached the balancer
     loads = await balancer.snapshot.remote()
-    queued_at, waiting, cpu = time.monotonic(), loads[0].waiting if loads else 0, _cpu_seconds(pid)
+    queued_at, waiting, cpu = time.monotonic(), loads[0].waiting if loads else 0, cpu_seconds(pid)
     calls = client.calls + unbatched[0]
     while time.monotonic() < queued_at + ACTOR_SECONDS and not all(t.done() for t in tasks):
         await asyncio.sleep(0.1)
-    ended, cpu = time.monotonic(), _cpu_seconds(pid) - cpu
+    ended, cpu = time.monotonic(), cpu_seconds(pid) - cpu
     calls = client.calls + unbatched[0] - calls
     failed = [t.exception() for t in tasks if t.done() and not t.cancelled() and t.exception() is not None]
     for task in tasks:
