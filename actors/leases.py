@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import time
 import uuid
 from typing import TYPE_CHECKING
 
@@ -35,7 +36,17 @@ import ray
 
 from teamorch.actors import TurnBatch
 from teamorch.errors import NoServerAvailable
-from teamorch.messages import Lease, LeaseAsk, LeaseCalls, LeaseGrant, LeaseGrants, LeaseOutcome, LeaseRequest
+from teamorch.messages import (
+    ChatResponse,
+    Lease,
+    LeaseAsk,
+    LeaseCalls,
+    LeaseGrant,
+    LeaseGrants,
+    LeaseOutcome,
+    LeaseRequest,
+    Outcome,
+)
 from teamorch.policies.leases import AskBook
 
 if TYPE_CHECKING:
@@ -237,4 +248,31 @@ def _unused(lease: Lease) -> LeaseOutcome:
     """The release of a lease granted after its caller gave up: no request was sent, nothing to learn."""
     return LeaseOutcome(
         lease_id=lease.lease_id, outcome="cancelled", model="", error="granted after its caller gave up", sent=False
+    )
+
+
+def lease_outcome(
+    lease_id: str,
+    outcome: Outcome,
+    model: str,
+    started: float,
+    response: ChatResponse | None,
+    error: str | None,
+    wasted: int = 0,
+) -> LeaseOutcome:
+    """What the balancer learns from one attempt: its speed, prefill and load figures come from the response
+    (`wasted`: the tokens a cancelled hedge race loser is estimated to have generated)."""
+    return LeaseOutcome(
+        lease_id=lease_id,
+        outcome=outcome,
+        model=model,
+        latency=time.monotonic() - started,
+        ttft=response.ttft if response else None,
+        tokens=response.tokens if response else wasted,
+        eval_seconds=response.eval_seconds if response else None,
+        error=error,
+        prompt_tokens=response.prompt_tokens if response else 0,
+        cached_tokens=response.prompt_cached_tokens if response else None,
+        prompt_eval_seconds=response.prompt_eval_seconds if response else None,
+        load_seconds=response.load_seconds if response else None,
     )

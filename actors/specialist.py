@@ -23,7 +23,7 @@ from ray import ObjectRef
 from ray.actor import ActorHandle
 
 from teamorch.actors import KeyedJobs, TurnBatch, await_ref, settle_heap
-from teamorch.actors.leases import LeaseClient
+from teamorch.actors.leases import LeaseClient, lease_outcome
 from teamorch.actors.server import ChatCall, ChatOutcome, ProgressTo
 from teamorch.config import RetryConfig, SpecialistConfig
 from teamorch.errors import (
@@ -45,7 +45,6 @@ from teamorch.messages import (
     ErrorClass,
     HedgeAsk,
     Lease,
-    LeaseOutcome,
     LeaseRequest,
     Outcome,
     TaskResult,
@@ -316,7 +315,7 @@ class Specialist:
                     ),
                 )
             self._leases.release(
-                _lease_outcome(call.lease.lease_id, outcome, req.model, call.started, response, error_text, wasted)
+                lease_outcome(call.lease.lease_id, outcome, req.model, call.started, response, error_text, wasted)
             )
 
     async def _answer(self, server: str, chat: _Chat, deadline: float) -> ChatResponse:
@@ -542,30 +541,3 @@ def _tried(attempts: list[Attempt]) -> str:
     """Every server this task failed on, with its last error: a task that ran out of servers says why for each."""
     last = {a.server: a.error or a.outcome for a in attempts if a.outcome not in ("ok", "cancelled")}
     return "; ".join(f"server {server!r}: {why}" for server, why in last.items())
-
-
-def _lease_outcome(
-    lease_id: str,
-    outcome: Outcome,
-    model: str,
-    started: float,
-    response: ChatResponse | None,
-    error: str | None,
-    wasted: int = 0,
-) -> LeaseOutcome:
-    """What the balancer learns from one attempt: its speed, prefill and load figures come from the response
-    (`wasted`: the tokens a cancelled hedge race loser is estimated to have generated)."""
-    return LeaseOutcome(
-        lease_id=lease_id,
-        outcome=outcome,
-        model=model,
-        latency=time.monotonic() - started,
-        ttft=response.ttft if response else None,
-        tokens=response.tokens if response else wasted,
-        eval_seconds=response.eval_seconds if response else None,
-        error=error,
-        prompt_tokens=response.prompt_tokens if response else 0,
-        cached_tokens=response.prompt_cached_tokens if response else None,
-        prompt_eval_seconds=response.prompt_eval_seconds if response else None,
-        load_seconds=response.load_seconds if response else None,
-    )
