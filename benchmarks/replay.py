@@ -80,9 +80,11 @@ from teamorch.policies.balancing import (
     wave_deadline,
 )
 from teamorch.policies.fleet import (
+    PROBE_TOKENS,
     FleetMemory,
     Placement,
     ServerStats,
+    probe_prompt,
     recall,
     record_grant,
     record_outcome,
@@ -114,6 +116,11 @@ TARGET_X = 1.3
 TARGET_HIT = 0.85
 # The epoch seconds fleet memory is saved and recalled at (`--memory`): one instant, so nothing in it is stale.
 MEMORY_NOW = 1.0e9
+
+
+# The `Job.specialist` of a speed probe: its prompt tokens count (the simulator's counters include them, as in the
+# real benchmark's), but it is no task: not in `Result.per_server` nor in the trace.
+PROBE = "(speed probe)"
 
 
 @dataclass(frozen=True)
@@ -261,9 +268,10 @@ class Box:
         self.counts["cached_prompt_tokens"] += call.taken.cached
         end = now + prefill + gen
         slot = caches.slots.index(call.taken.slot)
-        self.spans.append(
-            Span(self.shape.name, slot, now, end, call.job.specialist, call.taken.cached, len(call.job.prompt))
-        )
+        if call.job.specialist != PROBE:
+            self.spans.append(
+                Span(self.shape.name, slot, now, end, call.job.specialist, call.taken.cached, len(call.job.prompt))
+            )
         self.push(end, lambda t: self._finish(call, prefill, gen, t))
 
     def _finish(self, call: _Call, prefill: float, gen: float, now: float) -> None:
@@ -271,7 +279,7 @@ class Box:
         model = call.job.req.model
         SlotCaches.release(call.taken.slot, now)
         self.running[model] -= 1
-        self.counts["completed"] += 1
+        self.counts["completed"] += call.job.specialist != PROBE
         self.done(call, prefill, gen, now)
         if self.victim == model and self.running[model] == 0:
             self.victim = None
@@ -333,7 +341,10 @@ class Replay:
         arrival: float = ARRIVAL_SECONDS,
         stagger: float = STAGGER_SECONDS,
         memory: FleetMemory | None = None,
+        measure: bool = True,
     ) -> None:
+        self.measure = measure and policy == "peak_ewma" and len(shapes) > 1  # as the actor decides it
+        self.probing: set[int] = set()  # speed probes not yet answered: no plan before they are
         self.work, self.policy, self.hop, self.arrival, self.stagger = work, policy, hop, arrival, stagger
         self.models = sorted({str(s.get("model", MODEL)) for s in work.specialists})
         self.events: list[tuple[float, int, Callable[[float], None]]] = []
@@ -370,6 +381,18 @@ class Replay:
         """Submit every job at t=0 (one wave, as a plan's fan-out does) and replay until the last one is released."""
         for name in self.stats:
             self._probe(name, 0.0, dispatch=False)
+        if self.measure:
+            loads = self._loads(0.0)
+            for name, stats in self.stats.items():
+                # as the actor: a server never measured, with a team model it holds already (no load to probe)
+                model = next((m for m in self.models if m in self.boxes[name].loaded()), None)
+                if stats.ewma_token_seconds is not None or model is None:
+                    continue
+                key = next(self.seq)
+                prompt = tuple(probe_prompt(name).split())  # the simulator's tokens: words
+                req = LeaseRequest(model=model, expected_tokens=PROBE_TOKENS, prompt_tokens=len(prompt))
+                self.probing.add(key)
+                self._grant(key, Job(f"probe-{name}", PROBE, req, prompt, PROBE_TOKENS), name, loads, 0.0)
         for at, job in arrivals(plan, self.arrival, self.stagger):
             self._push(at, lambda t, job=job: self._arrive(job, t))
         self._push(self.poll_interval, self._poll)
@@ -417,7 +440,7 @@ class Replay:
         self._dispatch(now)
 
     def _tick(self, now: float) -> None:
-        if self.waiters:
+        if self.waiters and not self.coalescing:  # the actor's `_replan`
             self._dispatch(now)
         if self.waiters or self.leases:
             self._push(now + TICK_SECONDS, self._tick)
@@ -425,7 +448,8 @@ class Replay:
     def _poll(self, now: float) -> None:
         for name in self.stats:
             self._probe(name, now, dispatch=False)
-        self._dispatch(now)
+        if not self.coalescing:
+            self._dispatch(now)
         if self.waiters or self.leases:
             self._push(now + self.poll_interval, self._poll)
 
@@ -434,7 +458,7 @@ class Replay:
             healthy=True, checked_at=now, models_present=self.models, models_loaded=self.boxes[name].loaded()
         )
         record_probe(self.stats[name], probe, now)
-        if dispatch:
+        if dispatch and not self.coalescing:
             self._dispatch(now)
 
     def _caches(self, now: float) -> dict[str, list[SlotState]]:
@@ -445,6 +469,8 @@ class Replay:
         return {name: stats.prefix.states(remaining[name]) for name, stats in self.stats.items()}
 
     def _dispatch(self, now: float) -> None:
+        if self.probing:
+            return
         for _round in range(len(self.waiters) + 1):
             if not self.waiters or not self._round(now):
                 return
@@ -503,6 +529,10 @@ class Replay:
             load_seconds=call.load_wait or None,
         )
         record_outcome(self.stats[lease.server], outcome, lease.placed.cold, now, 1.0, lease.placed)
+        if call.lease in self.probing:
+            self.probing.discard(call.lease)
+            self._dispatch(now)
+            return
         self.end = max(self.end, now)
         self.left -= 1
         if call.load_wait:  # the balancer asks the server what it holds after a load
@@ -537,12 +567,13 @@ def replay(
     stagger: float = STAGGER_SECONDS,
     live: bool = False,
     memory: bool = False,
+    measure: bool = True,
 ) -> Result:
     """`memory`: replay the run once first and start from what it taught (the fleet memory it would save)."""
     learned = learn(case, policy, planner, live, stagger) if memory else None
-    return Replay(case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger, memory=learned).run(
-        jobs(case.work, tasks(case.work)), trace
-    )
+    return Replay(
+        case.work, case.shapes, policy, planner=planner, live=live, stagger=stagger, memory=learned, measure=measure
+    ).run(jobs(case.work, tasks(case.work)), trace)
 
 
 def learn(case: Case, policy: str, planner: bool, live: bool, stagger: float) -> FleetMemory:
@@ -590,13 +621,13 @@ def orders(case: Case, most: int = ORDERS_MOST) -> list[Case]:
 
 
 def order_rows(
-    case: Case, policy: str, planner: bool, live: bool, stagger: float, memory: bool = False
+    case: Case, policy: str, planner: bool, live: bool, stagger: float, memory: bool = False, measure: bool = True
 ) -> list[object]:
     """Replays of `case` over its server orders (`orders`), from cold or (`memory`) from the fleet memory each
     order's first run saves: x bound mean and max, hit mean and min, and how many orders meet both issue 10
     targets (x bound <= TARGET_X, hit rate >= TARGET_HIT)."""
     bound = bound_of(case)
-    runs = [replay(c, policy, planner, False, stagger, live, memory) for c in orders(case)]
+    runs = [replay(c, policy, planner, False, stagger, live, memory, measure) for c in orders(case)]
     xs = [r.makespan / bound for r in runs]
     hits = [r.hit_rate for r in runs]
     met = sum(1 for x, h in zip(xs, hits, strict=True) if x <= TARGET_X and h >= TARGET_HIT)
@@ -613,6 +644,11 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
     parser.add_argument("--trace", action="store_true", help="print each slot's timeline")
     parser.add_argument(
         "--memory", action="store_true", help="start from the fleet memory a first run saves (a long-lived team)"
+    )
+    parser.add_argument(
+        "--blind",
+        action="store_true",
+        help="no speed probe per server before the first plan (the balancer's measure_first: false)",
     )
     parser.add_argument("--only", help="workload prefix ('shared', 'multi') or fleet label to replay")
     parser.add_argument(
@@ -632,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
         for case in cases():
             if case.workload.startswith("shared") and (not args.only or args.only in (case.label, "shared")):
                 rows += [
-                    order_rows(case, p, args.planner, args.live, args.stagger, args.memory)
+                    order_rows(case, p, args.planner, args.live, args.stagger, args.memory, not args.blind)
                     for p in args.policy or ["peak_ewma"]
                 ]
         start = "from fleet memory" if args.memory else "from cold"
@@ -645,7 +681,9 @@ def main(argv: Sequence[str] | None = None) -> list[list[object]]:
             continue
         bound, floor = bound_of(case), floor_of(case)
         for policy in args.policy or ["peak_ewma"]:
-            result = replay(case, policy, args.planner, args.trace, args.stagger, args.live, args.memory)
+            result = replay(
+                case, policy, args.planner, args.trace, args.stagger, args.live, args.memory, not args.blind
+            )
             rows.append(
                 [
                     case.workload,

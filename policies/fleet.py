@@ -444,6 +444,16 @@ MEMORY_MAX_AGE = 7 * 24 * 3600.0
 REMEMBERED_ALPHA = 0.7
 
 
+# `balancer.measure_first`: the speed probe a server never measured answers before the first plan. Enough prompt and
+# output for a prefill and a token rate, little enough to cost the run one tiny request per server.
+PROBE_WORDS, PROBE_TOKENS = 32, 8
+
+
+def probe_prompt(server: str) -> str:
+    """The probe's prompt: named after its server (its request log says what it was), shared with no task."""
+    return f"Speed probe for {server}: " + " ".join(f"w{i}" for i in range(PROBE_WORDS))
+
+
 class RememberedServer(BaseModel):
     """What is carried from one run to the next for one server: its speeds, nothing about its health.
 

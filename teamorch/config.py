@@ -118,6 +118,16 @@ class BalancerConfig(_Model):
     request (`teamorch.policies.fleet.remember`): a path, `true` for
     `.teamorch/fleet.json`, `false` for none. Unset, `teamorch run` keeps it
     next to its runs directory and the Python API keeps none.
+
+    `measure_first` (on by default): before its first plan, the balancer
+    has each server it knows nothing about (no fleet memory of it) answer one
+    short speed probe (a 32-token prompt, 8 tokens out, with a team model
+    the server already holds), so the first requests are placed by measured
+    speeds. Without it, each server's first request is its probe, chosen
+    before any answer, and which specialist's prompt lands on which server
+    (and stays cached there) depends on the order the servers are listed
+    (`python -m benchmarks.replay --orders`). A one-server fleet has nothing
+    to choose and is not probed.
     """
 
     policy: Policy = "peak_ewma"
@@ -128,6 +138,7 @@ class BalancerConfig(_Model):
     hedge_min_samples: int = Field(default=10, ge=1)
     hedge_min_seconds: float = Field(default=0.1, ge=0)
     fleet_memory: bool | str | None = None
+    measure_first: bool = True
     # Runs of two priority classes on one team: how long the batch class may go without a grant while
     # interactive requests are served first (`teamorch.policies.priority`).
     aging_seconds: float = Field(default=30.0, gt=0)

@@ -8,6 +8,10 @@ from teamorch.config import TeamConfig
 from teamorch.messages import OrchestrationPlan
 from teamorch.sim import SimServer
 
+# A team's `balancer` setting for tests that count requests on the simulators as tasks: no speed probe per server
+# before the first plan (`measure_first`, tested in test_measure_first.py), so every request there is a task's.
+NO_PROBES = {"measure_first": False}
+
 
 def sim_team(servers: list[tuple[SimServer, int]], specialists: list[dict[str, Any]], **extra: Any) -> TeamConfig:
     """A team whose servers are the given simulators (with their slots)."""

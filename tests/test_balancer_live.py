@@ -11,7 +11,7 @@ import yaml
 from teamorch import api
 from teamorch.cli import main
 from teamorch.messages import OrchestrationPlan
-from tests.helpers import fan, sim_team
+from tests.helpers import NO_PROBES, fan, sim_team
 
 
 def test_peak_ewma_sends_less_work_to_the_slow_server(sims, coordinator) -> None:
@@ -86,7 +86,9 @@ def test_a_specialists_second_task_goes_where_its_prompt_is_cached(sims, coordin
     # go to the server whose slot holds it, not to the idle one, and that server must say it reused it.
     role = "You review payment code for money-losing bugs. " + "Check each branch that moves money. " * 50
     boxes = [sims(name=n, slots=1, tokens_per_second=400, ttft=0.01, prefill_tps=200) for n in ("a", "b")]
-    team = sim_team([(b, 1) for b in boxes], [{"name": "A", "system_prompt": role}], balancer={"policy": "peak_ewma"})
+    team = sim_team(
+        [(b, 1) for b in boxes], [{"name": "A", "system_prompt": role}], balancer={**NO_PROBES, "policy": "peak_ewma"}
+    )
     plan = OrchestrationPlan.model_validate(
         {
             "problem": "p",

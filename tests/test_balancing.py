@@ -476,14 +476,29 @@ def test_a_cold_balancer_plans_once_the_wave_stops_arriving_a_busy_measured_one_
 
 
 def test_an_idle_measured_fleet_waits_for_a_wave_but_not_for_a_lone_arrival() -> None:
-    """Speeds from fleet memory: the first plan still decides every slot's first prefix, so it waits for the wave
-    (planned at its first few arrivals, fleet C's replay paid 12 cold prefills instead of 9)."""
-    idle = [srv("a", ewma_ttft=0.1, ewma_token_seconds=0.01), srv("b", ewma_ttft=0.1, ewma_token_seconds=0.01)]
+    """A measured fleet gone idle: a plan at the wave's first few arrivals decides slots the rest needed, so it
+    waits for the wave (planned at its first few arrivals, fleet C's replay paid 12 cold prefills instead of 9)."""
+    served = {"ewma_ttft": 0.1, "ewma_token_seconds": 0.01, "completed": 5}
+    idle = [srv("a", **served), srv("b", **served)]
     assert wave_deadline(idle, first=10.0, now=10.0, delay=0.005) == pytest.approx(10.005)
     assert wave_deadline(idle, first=10.0, now=10.004, delay=0.005) == pytest.approx(10.004 + COLD_QUIET_SECONDS)
     assert wave_deadline(idle, first=10.0, now=11.0, delay=0.005) == pytest.approx(10.0 + COLD_WAVE_SECONDS)
     # a fleet answering in about a millisecond (delay 1 % of that) waits a few delays, not COLD_QUIET_SECONDS
     assert wave_deadline(idle, first=10.0, now=10.0001, delay=0.00001) == pytest.approx(10.0001 + 0.0001)
+
+
+def test_the_first_wave_on_measured_speeds_is_held_as_a_cold_one() -> None:
+    """Speeds from fleet memory or from the speed probes (at most one answer per server): the team's first plan
+    decides every slot's first prefix, so even a lone arrival or a millisecond fleet waits as on a cold start."""
+    probed = [srv(n, ewma_ttft=0.1, ewma_token_seconds=0.01, completed=1) for n in ("a", "b")]
+    cold = [srv("a"), srv("b")]
+    for now, delay in ((10.0, 0.005), (10.004, 0.005), (10.0001, 0.00001), (11.0, 0.005)):
+        assert wave_deadline(probed, 10.0, now, delay) == pytest.approx(
+            min(10.0 + COLD_WAVE_SECONDS, max(10.0 + COLD_COALESCE_SECONDS, now + COLD_QUIET_SECONDS))
+        )
+        assert wave_deadline(probed, 10.0, now, delay) >= wave_deadline(cold, 10.0, now, delay)
+    served = [probed[0].model_copy(update={"completed": 2}), probed[1]]
+    assert wave_deadline(served, 10.0, 10.0, 0.005) == pytest.approx(10.005)  # a task answered: as before
 
 
 def test_coalesce_delay_is_a_small_fraction_of_the_quickest_service_capped() -> None:

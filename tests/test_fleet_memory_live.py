@@ -1,6 +1,7 @@
 """Fleet memory across runs, through real actors against Ollama-API simulators (teamorch.sim: loopback HTTP).
 
-Two consecutive cold runs on one fleet: the first knows nothing and probes every server with a short job;
+Two consecutive cold runs on one fleet (no speed probes before the first plan: `measure_first` off, so memory is all
+that is known): the first knows nothing and probes every server with a short job;
 the second starts from what the first saved and sends its first requests to the fast server only. The
 simulators' own counters say where requests went.
 """
@@ -19,7 +20,7 @@ from teamorch.config import TeamConfig
 from teamorch.messages import OrchestrationPlan
 from teamorch.policies.fleet import MEMORY_VERSION, FleetMemory, RememberedServer, parse_memory
 from teamorch.sim import SimServer
-from tests.helpers import fan, sim_team
+from tests.helpers import NO_PROBES, fan, sim_team
 
 
 def one_run(team: TeamConfig, plan: OrchestrationPlan) -> None:
@@ -53,7 +54,7 @@ def fleet(sims: Any) -> tuple[SimServer, SimServer]:
 def test_the_second_run_starts_from_what_the_first_learned(sims, ray_cluster, tmp_path: Path) -> None:
     fast, slow = fleet(sims)
     memory = tmp_path / "fleet.json"
-    team = sim_team([(fast, 1), (slow, 1)], [{"name": "A"}], balancer={"fleet_memory": str(memory)})
+    team = sim_team([(fast, 1), (slow, 1)], [{"name": "A"}], balancer={**NO_PROBES, "fleet_memory": str(memory)})
     one_run(team, fan(2))
     assert (fast.stats()["requests"], slow.stats()["requests"]) == (1, 1), "a cold start probes both servers"
     raw = saved(memory, servers=2)
@@ -67,7 +68,7 @@ def test_a_corrupt_memory_file_is_ignored_and_replaced(sims, ray_cluster, tmp_pa
     fast, slow = fleet(sims)
     memory = tmp_path / "fleet.json"
     memory.write_text("{not json")
-    team = sim_team([(fast, 1), (slow, 1)], [{"name": "A"}], balancer={"fleet_memory": str(memory)})
+    team = sim_team([(fast, 1), (slow, 1)], [{"name": "A"}], balancer={**NO_PROBES, "fleet_memory": str(memory)})
     one_run(team, fan(2))
     assert (fast.stats()["requests"], slow.stats()["requests"]) == (1, 1), "started unmeasured, as with no file"
     saved(memory, servers=2)

@@ -10,7 +10,7 @@ import ray
 
 from teamorch import api
 from teamorch.messages import OrchestrationPlan
-from tests.helpers import sim_team
+from tests.helpers import NO_PROBES, sim_team
 
 
 def fan_plan(n: int, specialist: str = "Analyst", **extra) -> OrchestrationPlan:
@@ -23,7 +23,7 @@ def test_work_split_across_servers_never_over_slots(sims, coordinator) -> None:
     # max_queue=0: any request beyond the simulator's slots is refused with 503 and counted.
     a = sims(name="a", slots=1, max_queue=0, tokens_per_second=200)
     b = sims(name="b", slots=2, max_queue=0, tokens_per_second=200)
-    team = sim_team([(a, 1), (b, 2)], [{"name": "Analyst", "options": {"num_predict": 40}}])
+    team = sim_team([(a, 1), (b, 2)], [{"name": "Analyst", "options": {"num_predict": 40}}], balancer=NO_PROBES)
     report = api.execute(coordinator(team), fan_plan(9))
     assert report.success, report
     stats_a, stats_b = a.stats(), b.stats()

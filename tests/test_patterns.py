@@ -23,7 +23,7 @@ from teamorch.messages import (
     PipelineSpec,
     TaskResult,
 )
-from tests.helpers import sim_team
+from tests.helpers import NO_PROBES, sim_team
 
 
 def my_synthesis(results: list[TaskResult]) -> dict[str, Any]:
@@ -148,7 +148,9 @@ def test_first_result_cancels_losers_and_closes_their_requests(sims, coordinator
     fast = sims(name="fast", tokens_per_second=1000)
     slow1 = sims(name="slow1", tokens_per_second=5)
     slow2 = sims(name="slow2", tokens_per_second=5)
-    team = sim_team([(fast, 1), (slow1, 1), (slow2, 1)], [{"name": "Solver", "options": {"num_predict": 50}}])
+    team = sim_team(
+        [(fast, 1), (slow1, 1), (slow2, 1)], [{"name": "Solver", "options": {"num_predict": 50}}], balancer=NO_PROBES
+    )
     plan = OrchestrationPlan.model_validate(
         {
             "problem": "p",

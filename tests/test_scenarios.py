@@ -51,7 +51,10 @@ def test_scenario_runs_on_a_team_file(path: Path, sims, coordinator, tmp_path: P
     assert [s.name for s in team.servers] == ["ollama01", "ollama02"]
     report = api.execute(coordinator(team), runnable)
     assert report.success, [(t.task_id, t.error) for t in report.tasks]
-    assert one.stats()["completed"] + two.stats()["completed"] == len(report.tasks)
+    logs = [entry for sim in (one, two) for entry in sim.stats()["requests_log"]]
+    probes = sum(1 for entry in logs if entry["prompt"].startswith("Speed probe for "))
+    assert probes == 2  # `measure_first`: each server answered one speed probe before the run's first task
+    assert one.stats()["completed"] + two.stats()["completed"] == len(report.tasks) + probes
 
 
 def test_cli_run_writes_json_and_exit_code(
@@ -112,6 +115,7 @@ def test_ctrl_c_cancels_in_flight_requests_and_keeps_results(sims, ray_cluster, 
         "servers": [{"name": "quick", "url": quick.url}, {"name": "slow", "url": slow.url}],
         "default_model": "gemma3:270m",
         "specialists": [{"name": "A", "options": {"num_predict": 40}}],
+        "balancer": {"measure_first": False},  # the slow box's speed probe would be the request in flight
     }
     tasks = [
         {"task_id": "done_soon", "specialist": "A", "server": "quick"},
