@@ -23,6 +23,7 @@ Run: `.venv/bin/python -m benchmarks.overhead` (part of `make bench`).
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import pickle
@@ -41,6 +42,8 @@ from teamorch.sim import SimConfig
 LATENCY_SAMPLES = 200
 PLAN_SAMPLES = 100
 CHAIN = 100
+# The idle gap before each call of the idle round-trip rows: about what each actor of a chain step waits between turns.
+IDLE_SECONDS = 0.005
 BURST = 500
 MEMORY_PLANS = 4
 SPECIALISTS = [{"name": "Analyst", "system_prompt": "You analyse.", "options": {"num_predict": 1}}]
@@ -104,21 +107,24 @@ class _Echo:
     async def echo(self, value: int) -> int:
         return value
 
-    async def round_trips(self, peer: Any, n: int) -> list[float]:
-        """Sequential calls to `peer` from inside an actor (as teamorch's actors call each other), in seconds."""
+    async def round_trips(self, peer: Any, n: int, idle: float = 0.0) -> list[float]:
+        """Sequential calls to `peer` from inside an actor (as teamorch's actors call each other), in seconds;
+        with `idle`, both actors sleep that long between two calls (as each actor of a chain waits for the others)."""
         out = []
         for i in range(n + 20):
+            if idle:
+                await asyncio.sleep(idle)
             began = time.perf_counter()
             await peer.echo.remote(i)
             out.append(time.perf_counter() - began)
         return out[20:]  # the first ones set the connection up
 
 
-def ray_round_trips(n: int) -> list[float]:
+def ray_round_trips(n: int, idle: float = 0.0) -> list[float]:
     """Ray's floor for one hop between two async actors on this machine (a chain step makes three in a row)."""
     caller, peer = ray.remote(_Echo).remote(), ray.remote(_Echo).remote()
     try:
-        return list(ray.get(caller.round_trips.remote(peer, n)))
+        return list(ray.get(caller.round_trips.remote(peer, n, idle)))
     finally:
         for actor in (caller, peer):
             ray.kill(actor)
@@ -179,6 +185,7 @@ def main() -> dict[str, Any]:
         direct = direct_latencies(url, LATENCY_SAMPLES)
         d50 = percentile(direct, 50)
         hops = ray_round_trips(LATENCY_SAMPLES)
+        idle_hops = ray_round_trips(LATENCY_SAMPLES, idle=IDLE_SECONDS)
         team = sim_team(fleet, SPECIALISTS)
         coordinator = api.start_coordinator(team)
         try:
@@ -234,10 +241,14 @@ def main() -> dict[str, Any]:
             (percentile(server_calls, 50) - d50) * 1e3,
         ],
     ]
-    hop50 = percentile(hops, 50)
+    hop50, idle50 = percentile(hops, 50), percentile(idle_hops, 50)
+    idle_ms = f"{IDLE_SECONDS * 1e3:g} ms"
     rows += [
         ["Ray: one round trip between two async actors (echo)", len(hops), hop50 * 1e3, percentile(hops, 99) * 1e3, ""],
+        [f"Ray: the same after {idle_ms} idle", len(idle_hops), idle50 * 1e3, percentile(idle_hops, 99) * 1e3, ""],
         ["Ray: a chain step's floor (3 round trips in a row)", "", 3 * hop50 * 1e3, "", 3 * hop50 * 1e3],
+        [f"  the same, each after {idle_ms} idle", "", 3 * idle50 * 1e3, "", 3 * idle50 * 1e3],
+        [f"  any design's (2 round trips, after {idle_ms} idle)", "", 2 * idle50 * 1e3, "", 2 * idle50 * 1e3],
     ]
     burst_rows = [
         [
@@ -272,8 +283,11 @@ def main() -> dict[str, Any]:
             "",
             table(["path", "samples", "p50 ms", "p99 ms", "added p50 ms"], rows),
             f"({CHAIN}-task chain wall {chain_wall:.2f} s.) A chain step waits for three answered Ray calls in a "
-            "row (the result to the coordinator and the next task out, `acquire`, `chat`): the last row is what "
-            "they cost before teamorch does anything, measured in this run.",
+            "row (the result to the coordinator and the next task out, `acquire`, `chat`): the floor rows are "
+            "what they cost before teamorch does anything, measured in this run. In a chain each actor sits idle "
+            "between its turns, and a call to an idle actor process costs more (its threads wake up): hence the "
+            "idle rows. Any design with specialist and server actors apart makes at least two round trips per "
+            "task (coordinator -> specialist, specialist -> server actor), the last row.",
             "",
             table(["dispatch throughput", "tasks", "wall s", "tasks/s", "middle 80% tasks/s", "succeeded"], burst_rows),
             "All runs use the coordinator already warmed by the latency runs; the first two journal in memory "
