@@ -105,7 +105,9 @@ def test_a_restarted_balancer_never_grants_a_slot_it_cannot_account_for(sims, co
     assert report.success, [t.error for t in report.tasks]
     assert sim.stats()["max_in_flight"] == 1
     assert per_task(log(sim), 3, completed=True) == {"t0": 1, "t1": 1, "t2": 1}
-    assert ray.get(handle.servers_load.remote())[0].in_flight == 0  # the old lease's release freed its slot
+    # The old lease's release frees its slot. Releases are one-way and may land just after the report (seen once
+    # in a full `make test` on 2 cores: in_flight 1 read right after it): wait for it, 15 s at most.
+    wait_for(lambda: ray.get(handle.servers_load.remote())[0].in_flight == 0)
 
 
 def test_a_restarted_server_is_back_in_rotation_within_one_poll_interval(sims, coordinator) -> None:
