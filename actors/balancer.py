@@ -84,6 +84,7 @@ from teamorch.policies.fleet import (
     load_fresh_until,
     newest,
     parse_memory,
+    probe_model,
     probe_prompt,
     recall,
     record_grant,
@@ -297,14 +298,8 @@ class LoadBalancer:
         if len(self.servers) < 2:
             return
         models = [s.model for s in self.team.specialists if s.model]
-        targets = {}
-        for name, stats in self.servers.items():
-            if not stats.healthy or stats.ewma_token_seconds is not None or name not in self.handles:
-                continue
-            loaded = stats.models_loaded
-            model = next((m for m in models if loaded is None or m in loaded), None)
-            if model is not None:
-                targets[name] = model
+        targets = {name: probe_model(stats, models) for name, stats in self.servers.items() if name in self.handles}
+        targets = {name: model for name, model in targets.items() if model is not None}
         if not targets:
             return
         probes = [asyncio.create_task(self._speed_probe(name, model)) for name, model in targets.items()]

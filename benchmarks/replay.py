@@ -84,6 +84,7 @@ from teamorch.policies.fleet import (
     FleetMemory,
     Placement,
     ServerStats,
+    probe_model,
     probe_prompt,
     recall,
     record_grant,
@@ -384,9 +385,8 @@ class Replay:
         if self.measure:
             loads = self._loads(0.0)
             for name, stats in self.stats.items():
-                # as the actor: a server never measured, with a team model it holds already (no load to probe)
-                model = next((m for m in self.models if m in self.boxes[name].loaded()), None)
-                if stats.ewma_token_seconds is not None or model is None:
+                model = probe_model(stats, self.models)  # as the actor decides it (`_probe` above: what it holds)
+                if model is None:
                     continue
                 key = next(self.seq)
                 prompt = tuple(probe_prompt(name).split())  # the simulator's tokens: words

@@ -454,6 +454,16 @@ def probe_prompt(server: str) -> str:
     return f"Speed probe for {server}: " + " ".join(f"w{i}" for i in range(PROBE_WORDS))
 
 
+def probe_model(stats: ServerStats, models: Sequence[str]) -> str | None:
+    """The model a server's speed probe uses: the first of the team's `models` it holds already; None when it is
+    not to be probed (unhealthy, measured already, or holding none of them: the probe would pay, and maybe evict
+    for, a load). The balancer actor and `benchmarks.replay` both ask this."""
+    if not stats.healthy or stats.ewma_token_seconds is not None:
+        return None
+    loaded = stats.models_loaded
+    return next((m for m in models if loaded is None or m in loaded), None)
+
+
 class RememberedServer(BaseModel):
     """What is carried from one run to the next for one server: its speeds, nothing about its health.
 
