@@ -314,7 +314,10 @@ class LoadBalancer:
         prompt = probe_prompt(name)
         req = LeaseRequest(model=model, server=name, expected_tokens=PROBE_TOKENS, prompt_tokens=count_tokens(prompt))
         future, _own = self._ask(req, None, None)
-        lease = await future
+        try:
+            lease = await future
+        except NoServerAvailable:  # it went down or out of rotation since the health poll: nothing to measure
+            return
         started = time.monotonic()
         chat = ChatRequest(
             model=model, messages=[{"role": "user", "content": prompt}], options={"num_predict": PROBE_TOKENS}

@@ -88,12 +88,15 @@ def test_a_server_known_from_fleet_memory_is_not_probed(sims, ray_cluster, tmp_p
         api.stop_coordinator(handle)
 
 
-def test_a_dead_server_does_not_hold_the_first_plan(sims, ray_cluster) -> None:
+def test_a_server_down_at_start_is_not_probed_and_the_live_one_is(sims, ray_cluster) -> None:
     slow, fast = fleet(sims)
     team = sim_team([(slow, 1), (fast, 1)], [{"name": "A"}])
     slow.stop()  # unreachable from the start: the health poll marks it, the probe goes to the live one only
     handle = api.start_coordinator(team)
     try:
+        rows = loads(handle)
+        assert rows["slow"].failed == 0, "no probe was sent to the server the health poll found down"
+        assert rows["fast"].ewma_token_seconds is not None  # the live one was measured
         report = api.execute(handle, fan(2))
         assert report.success
         assert {t.server for t in report.tasks} == {"fast"}
