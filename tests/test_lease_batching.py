@@ -8,6 +8,8 @@ calls it answered (`lease_counters`) and the slots it has out (`snapshot`): the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import time
 from typing import Any
 
 import pytest
@@ -40,6 +42,17 @@ def _done(lease: Lease) -> LeaseOutcome:
 
 async def _in_flight(balancer: Any) -> int:
     return sum(row.in_flight for row in await balancer.snapshot.remote())
+
+
+async def _restarted(balancer: Any, old_epoch: str | None, timeout: float = 30.0) -> None:
+    """Return once Ray has restarted `balancer`: it answers with an epoch other than `old_epoch`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ray.exceptions.RayError):
+            if await balancer.__ray_call__.remote(lambda b: b.epoch) != old_epoch:
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the balancer did not come back within {timeout:g}s")
 
 
 @pytest.mark.parametrize("policy", ["peak_ewma", "least_loaded"])
@@ -128,7 +141,12 @@ def test_a_balancer_killed_mid_batch_loses_no_ask_and_grants_none_twice(ray_clus
         await asyncio.sleep(0.2)  # these two wait in the first incarnation's queue
         waiting += [asyncio.ensure_future(client.acquire(REQ)) for _ in range(2)]
         await asyncio.sleep(0)  # their asks leave in this turn's call...
+        old = client.book.epoch
         ray.kill(balancer, no_restart=False)  # ...to a balancer killed now
+        # The kill is asynchronous: a release sent at once could still reach the old incarnation, and the new one
+        # would then count its slot busy for `read_timeout` (120 s), as designed (`record_restart`). So the held
+        # leases come back once the new incarnation answers, which is what this test is about.
+        await _restarted(balancer, old)
         for lease in held:  # the new incarnation counts every slot busy until these come back
             client.release(_done(lease))
         await asyncio.wait(waiting, timeout=30, return_when=asyncio.FIRST_COMPLETED)
