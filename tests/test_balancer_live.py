@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import pytest
 import ray
 import yaml
 
 from teamorch import api
+from teamorch.actors.leases import LeaseClient
 from teamorch.cli import main
-from teamorch.messages import OrchestrationPlan
+from teamorch.messages import LeaseOutcome, LeaseRequest, OrchestrationPlan
 from tests.helpers import NO_PROBES, fan, sim_team
 
 
@@ -125,3 +128,45 @@ def test_a_sub_millisecond_coalesce_waits_one_loop_turn_not_a_timer() -> None:
         return fired, *kinds
 
     assert asyncio.run(run()) == (["short"], False, True)
+
+
+def _tick_inside_a_wave(balancer: Any) -> tuple[bool, int]:
+    """Run in the balancer actor: if a wave is being gathered, fire a tick's planning round now; (gathering, leases
+    granted so far)."""
+    if balancer._coalescing is None:
+        return False, len(balancer.leases)
+    balancer._replan()
+    return True, len(balancer.leases)
+
+
+def test_a_tick_inside_a_wave_leaves_it_to_the_coalescing_timer(sims, ray_cluster) -> None:
+    """The balancer's tick and health poll plan the queue (`_replan`), but not while a wave of asks is being
+    gathered: a tick that fell inside a team's first wave used to plan it with only the asks in so far (prefix
+    fleet B: 13-24 of 64 requests, and every slot's first prefix placed without the rest)."""
+    a = sims(name="a", slots=1, tokens_per_second=1e6, ttft=0.0)
+    b = sims(name="b", slots=1, tokens_per_second=1e6, ttft=0.0)
+    handle = api.start_coordinator(sim_team([(a, 1), (b, 1)], [{"name": "A"}], balancer=NO_PROBES))
+    try:
+        balancer = ray.get(handle.__ray_call__.remote(lambda c: c.balancer))
+        ray.get(balancer.lease_counters.remote())  # started and polled: nothing measured, so a wave is held cold
+
+        async def run() -> tuple[bool, int, int]:
+            client = LeaseClient(balancer)
+            asks = [asyncio.ensure_future(client.acquire(LeaseRequest(model="gemma3:270m"))) for _ in range(2)]
+            gathering, granted = False, 0
+            for _ in range(500):  # until the asks are in and waiting for the rest of their wave
+                gathering, granted = await balancer.__ray_call__.remote(_tick_inside_a_wave)
+                if gathering or granted:  # polled back to back: a cold wave is gathered for 20 ms at least
+                    break
+            leases = await asyncio.wait_for(asyncio.gather(*asks), 30)  # the coalescing timer grants them
+            for lease in leases:
+                client.release(LeaseOutcome(lease_id=lease.lease_id, outcome="cancelled", model="", sent=False))
+            await client.drain()
+            return gathering, granted, len({lease.server for lease in leases})
+
+        gathering, granted, servers = asyncio.run(run())
+    finally:
+        api.stop_coordinator(handle)
+    assert gathering, "the asks were granted before a tick could land inside their wave"
+    assert granted == 0, "a tick inside the wave granted part of it"
+    assert servers == 2
