@@ -14,7 +14,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvloop
 
 from teamorch.actors.backends.ollama import OllamaBackend
 from teamorch.actors.backends.wire import HIGH_WATER, Lane, httpx_error
@@ -29,7 +28,9 @@ Runner = Callable[[Coroutine[Any, Any, Any]], Any]
 
 @pytest.fixture(params=["asyncio", "uvloop"])
 def run(request: pytest.FixtureRequest) -> Runner:
-    return asyncio.run if request.param == "asyncio" else uvloop.run
+    if request.param == "asyncio":
+        return asyncio.run
+    return pytest.importorskip("uvloop").run  # a dependency except on Windows, where Ray falls back to asyncio
 
 
 def _calls(run: Runner, backend: OllamaBackend, between: object = None, n: int = 2) -> list[int]:
