@@ -62,8 +62,9 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class _Socket(asyncio.Protocol):
+    transport: asyncio.Transport  # set by `connection_made`, before `_connect` hands the socket to a `_Stream`
+
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.chunks: deque[bytes] = deque()
         self.buffered = 0
         self.paused = False  # reading paused: HIGH_WATER unread
@@ -78,7 +79,7 @@ class _Socket(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.chunks.append(data)
         self.buffered += len(data)
-        if self.buffered > HIGH_WATER and not self.paused and self.transport is not None:
+        if self.buffered > HIGH_WATER and not self.paused:
             self.transport.pause_reading()
             self.paused = True
         _wake(self.reading)
@@ -139,7 +140,7 @@ class _Stream(httpcore.AsyncNetworkStream):
             socket.chunks.appendleft(chunk[max_bytes:])
             chunk = chunk[:max_bytes]
         socket.buffered -= len(chunk)
-        if socket.paused and socket.buffered <= HIGH_WATER and socket.transport is not None and not socket.closed:
+        if socket.paused and socket.buffered <= HIGH_WATER and not socket.closed:
             socket.transport.resume_reading()
             socket.paused = False
         return chunk
@@ -148,7 +149,7 @@ class _Stream(httpcore.AsyncNetworkStream):
         socket = self._socket
         if not buffer:
             return
-        if socket.closed or socket.transport is None:
+        if socket.closed:
             raise httpcore.WriteError("connection closed")
         socket.transport.write(buffer)
         if socket.writing is not None:
@@ -160,15 +161,12 @@ class _Stream(httpcore.AsyncNetworkStream):
                 raise httpcore.WriteError(str(socket.error or "connection closed"))
 
     async def aclose(self) -> None:
-        if self._socket.transport is not None:
-            self._socket.transport.close()
+        self._socket.transport.close()
 
     def get_extra_info(self, info: str) -> Any:
         socket = self._socket
         if info == "is_readable":  # asked of an idle connection: anything there means the server closed it
             return socket.closed or bool(socket.chunks)
-        if socket.transport is None:
-            return None
         return {
             "socket": socket.transport.get_extra_info("socket"),
             "client_addr": socket.transport.get_extra_info("sockname"),
